@@ -1,0 +1,127 @@
+"""Vision towers of Qwen2-VL and Qwen2.5-VL, one module with the differences as config.
+
+Patches of all images of a batch are packed in one sequence `[P, C*T*ph*pw]` (the HF layout), padded
+to a static P. Which patch may attend to which is given by integer segment ids computed on the
+host (`models/positions.py:vision_inputs`): the frame a patch belongs to (full attention) and,
+for Qwen2.5-VL, its window. Qwen2.5-VL works in window order: patches are permuted by merge unit
+before the blocks and the merged tokens are put back in image order after the merger.
+
+Differences (transformers 5.24 is the reference):
+- Qwen2-VL: LayerNorm blocks, quick_gelu MLP (fc1/fc2), full attention everywhere, LayerNorm merger.
+- Qwen2.5-VL: RMSNorm blocks, gated SiLU MLP with biases, window attention except in
+  `fullatt_block_indexes`, RMSNorm merger.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from models.config import VisionConfig
+from models.layers import Dtype, RMSNorm, apply_rope, dense, dot_attention, layer_norm, rope_inv_freq
+
+
+@flax.struct.dataclass
+class VisionInputs:
+    """Host-computed layout of the packed patches (all int32), already in the tower's working order.
+
+    pixel_values: [P, patch_dim] in image order
+    perm:         [P] working order -> image order (identity for Qwen2-VL)
+    rot_pos:      [P, 2] (row, col) of each patch in its image, working order
+    seg_full:     [P] frame id for full attention, working order; padding rows share one id
+    seg_window:   [P] window id (= seg_full for Qwen2-VL), working order
+    unperm:       [P // merge**2] merged-token index in working order for each token in image order
+    """
+
+    pixel_values: jax.Array
+    perm: jax.Array
+    rot_pos: jax.Array
+    seg_full: jax.Array
+    seg_window: jax.Array
+    unperm: jax.Array
+
+
+def _quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+class VisionBlock(nn.Module):
+    cfg: VisionConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _norm(self, name):
+        if self.cfg.kind == "qwen2_vl":
+            return layer_norm(1e-6, self.dtype, self.param_dtype, name)
+        return RMSNorm(1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+    @nn.compact
+    def __call__(self, x, is_full, cos, sin, full_mask, window_mask):
+        """x: [P, W]; is_full: [] bool, this block attends over whole frames rather than windows."""
+        cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        p = x.shape[0]
+        h = self._norm("norm1")(x)
+        qkv = dense(3 * cfg.width, ("v_embed", "v_heads"), name="qkv", **kw)(h)
+        q, k, v = jnp.moveaxis(qkv.reshape(p, 3, cfg.num_heads, cfg.head_dim), 1, 0)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask = jnp.where(is_full, full_mask, window_mask)
+        attn = dot_attention(q[None], k[None], v[None], mask[None], self.dtype)[0]
+        x = x + dense(cfg.width, ("v_heads", "v_embed"), name="proj", **kw)(attn)
+        h = self._norm("norm2")(x)
+        if cfg.kind == "qwen2_vl":
+            h = _quick_gelu(dense(cfg.mlp_dim, ("v_embed", "v_mlp"), name="fc1", **kw)(h))
+            h = dense(cfg.width, ("v_mlp", "v_embed"), name="fc2", **kw)(h)
+        else:
+            gate = dense(cfg.mlp_dim, ("v_embed", "v_mlp"), name="gate_proj", **kw)(h)
+            up = dense(cfg.mlp_dim, ("v_embed", "v_mlp"), name="up_proj", **kw)(h)
+            h = dense(cfg.width, ("v_mlp", "v_embed"), name="down_proj", **kw)(nn.silu(gate) * up)
+        return x + h, None
+
+
+class VisionTower(nn.Module):
+    """Packed patches -> merged visual tokens `[P // merge**2, out_dim]` in image order."""
+
+    cfg: VisionConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, vi: VisionInputs):
+        cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        # Conv3d with kernel = stride = patch is a Dense over the flattened patch.
+        x = dense(cfg.width, ("v_patch", "v_embed"), use_bias=False, name="patch_embed", **kw)(
+            vi.pixel_values.astype(self.dtype)
+        )
+        x = x[vi.perm]
+        inv = rope_inv_freq(cfg.head_dim // 2, 10000.0)
+        freqs = (vi.rot_pos[..., None].astype(jnp.float32) * inv).reshape(x.shape[0], -1)
+        emb = jnp.concatenate([freqs, freqs], axis=-1)
+        cos, sin = jnp.cos(emb), jnp.sin(emb)
+        full_mask = vi.seg_full[:, None] == vi.seg_full[None, :]
+        window_mask = vi.seg_window[:, None] == vi.seg_window[None, :]
+        is_full = jnp.array(
+            [cfg.kind == "qwen2_vl" or i in cfg.fullatt_block_indexes for i in range(cfg.depth)]
+        )
+
+        block = VisionBlock
+        if self.remat:
+            block = nn.remat(block, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+        stack = nn.scan(
+            block, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.depth, metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, _ = stack(cfg, self.dtype, self.param_dtype, name="blocks")(x, is_full, cos, sin, full_mask, window_mask)
+
+        if cfg.kind == "qwen2_vl":
+            x = layer_norm(1e-6, self.dtype, self.param_dtype, "merger_ln_q")(x)
+        else:
+            x = RMSNorm(1e-6, name="merger_ln_q", **kw)(x)
+        x = x.reshape(-1, cfg.width * cfg.spatial_merge_size**2)
+        merged = cfg.width * cfg.spatial_merge_size**2
+        x = dense(merged, ("v_merge", "v_merge_out"), name="merger_mlp_0", **kw)(x)
+        x = dense(cfg.out_dim, ("v_merge_out", "embed"), name="merger_mlp_2", **kw)(nn.gelu(x, approximate=False))
+        return x[vi.unperm]
