@@ -1,0 +1,146 @@
+"""Jitted sampler: one prefill over the prompt batch (images included), then a compiled decode loop
+over a preallocated KV cache. It reads the live policy params: no weight sync, no second engine.
+
+Log-probabilities: for every sampled token we return `log softmax(logits / T)[token]`, the
+temperature-scaled policy *before* top-k / top-p truncation (truncation only decides which token
+is drawn). Greedy (T = 0) reports `log softmax(logits)[token]`. The GRPO ratio must use the same
+definition: `pr1_jax.grpo.token_logprobs(logits, tokens, temperature)`.
+
+Randomness: sample i (row i of the output, i = prompt * n + j) draws its token at step s from
+`fold_in(fold_in(key, i), s)`, so a sample's stream depends only on the seed and its index, not on
+the batch it was generated with or on how the prefill was shared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from models.causal_lm import QwenCausalLM
+from models.qwen2 import KVCache
+from models.vision import VisionInputs
+from pr1_jax.sharding import sharding_for
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    n: int = 1  # samples per prompt, sharing one prefill
+
+
+@flax.struct.dataclass
+class SampleOutput:
+    """Row i = prompt i // n, sample i % n. Positions after a row's EOS hold pad_id, logprob 0."""
+
+    tokens: jax.Array  # [B*n, max_new] int32
+    logprobs: jax.Array  # [B*n, max_new] float32
+    mask: jax.Array  # [B*n, max_new] int32, 1 on generated tokens (EOS included)
+    lengths: jax.Array  # [B*n] int32
+    steps: jax.Array  # [] int32, decode steps run (< max_new when every row stopped early)
+
+
+def filter_logits(logits, top_k: int, top_p: float):
+    """Mask (to -inf) tokens outside the top-k and outside the smallest top-p nucleus. [R, V]."""
+    if top_k <= 0 and top_p >= 1.0:
+        return logits
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    keep = jnp.ones_like(sorted_logits, bool)
+    if top_k > 0:
+        keep &= jnp.arange(logits.shape[-1]) < top_k
+    if top_p < 1.0:
+        probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above this token
+        keep &= before < top_p
+    # Threshold = the smallest kept logit; ties at the threshold are kept.
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def next_tokens(logits, keys, cfg: SamplingConfig):
+    """logits [R, V] fp32, keys [R] -> (tokens [R], logprobs [R])."""
+    if cfg.temperature == 0:
+        tokens = jnp.argmax(logits, axis=-1)
+        scaled = logits
+    else:
+        scaled = logits / cfg.temperature
+        filtered = filter_logits(scaled, cfg.top_k, cfg.top_p)
+        tokens = jax.vmap(jax.random.categorical)(keys, filtered)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    return tokens.astype(jnp.int32), logp
+
+
+def sample(module: QwenCausalLM, params, input_ids, positions, attention_mask, vision: VisionInputs | None,
+           rope_deltas, key, cfg: SamplingConfig, mesh: Mesh | None = None) -> SampleOutput:
+    """Pure function (jit it with `cfg` and `mesh` static). Inputs as from `Model.prepare_inputs`:
+    input_ids/attention_mask [B, T] left-padded, positions [3, B, T] or [B, T], rope_deltas [B].
+    With a mesh, the cache is sharded like the activations: batch over the data axes, KV heads
+    over `tensor`."""
+    b, t = input_ids.shape
+    n, new = cfg.n, cfg.max_new_tokens
+    apply = lambda *a, **k: module.apply({"params": params}, *a, **k)  # noqa: E731
+    cache = KVCache.empty(module.cfg.text, b, t + new, module.dtype)
+    if mesh is not None:
+        kv = sharding_for(("layers", "batch", "length", "kv_heads", None), cache.k.shape, mesh)
+        cache = cache.replace(k=jax.lax.with_sharding_constraint(cache.k, kv),
+                              v=jax.lax.with_sharding_constraint(cache.v, kv))
+    h, cache = apply(input_ids, positions, attention_mask, vision, cache, method=QwenCausalLM.hidden_states)
+    logits = apply(h[:, -1:], method=QwenCausalLM.logits)[:, 0].astype(jnp.float32)
+    if n > 1:
+        cache = cache.repeat(n)
+        logits = jnp.repeat(logits, n, axis=0)
+    rows = b * n
+    # The first new token sits right after the prompt's real tokens on every M-RoPE row.
+    next_pos = jnp.repeat(attention_mask.sum(-1).astype(jnp.int32) + rope_deltas, n)
+    row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(rows))
+    eos = jnp.asarray(cfg.eos_ids, jnp.int32)
+
+    def cond(state):
+        step, _, _, done, _, _ = state
+        return (step < new) & ~jnp.all(done)
+
+    def body(state):
+        step, tokens, logps, done, cache, logits = state
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
+        tok, logp = next_tokens(logits, keys, cfg)
+        tok = jnp.where(done, cfg.pad_id, tok)
+        logp = jnp.where(done, 0.0, logp)
+        tokens = tokens.at[:, step].set(tok)
+        logps = logps.at[:, step].set(logp)
+        done = done | jnp.isin(tok, eos)
+        pos = next_pos + step
+        pos = jnp.broadcast_to(pos[None, :, None], (3, rows, 1)) if positions.ndim == 3 else pos[:, None]
+        h, cache = apply(tok[:, None], pos, jnp.ones((rows, 1), jnp.int32), None, cache,
+                         method=QwenCausalLM.hidden_states)
+        logits = apply(h, method=QwenCausalLM.logits)[:, 0].astype(jnp.float32)
+        return step + 1, tokens, logps, done, cache, logits
+
+    init = (jnp.zeros((), jnp.int32), jnp.full((rows, new), cfg.pad_id, jnp.int32), jnp.zeros((rows, new), jnp.float32),
+            jnp.zeros((rows,), bool), cache, logits)
+    steps, tokens, logps, _, _, _ = jax.lax.while_loop(cond, body, init)
+    # A row's response runs up to and including its first EOS.
+    is_eos = jnp.isin(tokens, eos) & (jnp.arange(new)[None] < steps)
+    first_eos = jnp.where(is_eos.any(-1), jnp.argmax(is_eos, axis=-1) + 1, steps)
+    mask = (jnp.arange(new)[None] < first_eos[:, None]).astype(jnp.int32)
+    return SampleOutput(tokens=tokens, logprobs=logps, mask=mask, lengths=first_eos.astype(jnp.int32), steps=steps)
+
+
+class Sampler:
+    """Compiles `sample` once per (batch, prompt length, patch count) shape and config."""
+
+    def __init__(self, module: QwenCausalLM, cfg: SamplingConfig, mesh: Mesh | None = None):
+        self.module, self.cfg = module, cfg
+        self._fn = jax.jit(lambda p, ids, pos, mask, vi, deltas, key, cfg: sample(
+            module, p, ids, pos, mask, vi, deltas, key, cfg, mesh), static_argnums=(7,))
+
+    def __call__(self, params, inputs: dict, key: jax.Array, cfg: SamplingConfig | None = None) -> SampleOutput:
+        """inputs: the dict of `Model.prepare_inputs` (or the data pipeline's equivalent)."""
+        return self._fn(params, inputs["input_ids"], inputs["positions"], inputs["attention_mask"],
+                        inputs["vision"], inputs["rope_deltas"], key, cfg or self.cfg)
