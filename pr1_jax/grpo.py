@@ -1,0 +1,424 @@
+"""GRPO math in pure JAX: advantages, log-probs, PPO-clip surrogate, KL / entropy terms.
+
+Everything here is model-agnostic: the learner computes ``logits`` with whatever model it
+has, then calls :func:`token_logprobs` / :func:`entropy_from_logits` and :func:`grpo_loss`.
+All functions are jit-friendly; arguments documented as *static* (``group_size``,
+``loss_agg``, ``kind``, the :class:`GRPOLossConfig`) must be Python values, not tracers.
+
+Conventions
+-----------
+* Shapes use ``B`` (sequences in the (micro-)batch), ``G`` (samples per prompt),
+  ``T`` (response length, padded), ``V`` (vocabulary).
+* ``mask`` is ``[B, T]`` bool (or 0/1 numbers); ``True`` marks a real response token
+  that takes part in the loss. Padding / prompt positions may hold arbitrary values
+  (``-inf``, ``nan``, huge numbers) in ``logp`` / ``old_logp`` / ``ref_logp`` /
+  ``entropy``: they are replaced with zeros *before* any arithmetic via ``jnp.where``,
+  so they affect neither the loss nor its gradient (the gradient there is exactly 0).
+* All math is done in float32 regardless of input dtype.
+* Rollout layout for rewards: groups are contiguous, i.e. flat index ``b * G + g`` is
+  sample ``g`` of prompt ``b`` (the sampler repeats each prompt ``G`` times in a row).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+LossAgg = Literal["token-mean", "seq-mean-token-mean"]
+KLKind = Literal["k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl"]
+
+# verl clamps log(ratio) before exp() (core_algos.compute_policy_loss) and the k3
+# estimator (core_algos.kl_penalty "low_var_kl"); we use the same constants.
+LOG_RATIO_CLAMP = 20.0
+K3_LOG_RATIO_CLAMP = 20.0
+K3_VALUE_CLAMP = 10.0
+
+__all__ = [
+    "GRPOLossConfig",
+    "agg_loss",
+    "entropy_from_logits",
+    "group_advantages",
+    "grpo_loss",
+    "kl_penalty",
+    "masked_mean",
+    "masked_sum",
+    "policy_loss",
+    "token_logprobs",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _f32(x) -> Array:
+    return jnp.asarray(x, dtype=jnp.float32)
+
+
+def _bool_mask(mask) -> Array:
+    mask = jnp.asarray(mask)
+    return mask if mask.dtype == jnp.bool_ else mask != 0
+
+
+def masked_sum(x: Array, mask: Array, axis=None) -> Array:
+    """Sum of ``x`` over positions where ``mask`` is true (NaN/inf elsewhere are ignored).
+
+    x: [...] float, mask: broadcastable to x. Returns float32, reduced over ``axis``.
+    """
+    mask = _bool_mask(mask)
+    return jnp.sum(jnp.where(mask, _f32(x), 0.0), axis=axis)
+
+
+def masked_mean(x: Array, mask: Array, axis=None) -> Array:
+    """Mean of ``x`` over positions where ``mask`` is true.
+
+    x: [...] float, mask: broadcastable to x (bool or 0/1). ``axis=None`` reduces over all
+    elements. Values at masked-out positions are never read arithmetically (``jnp.where``),
+    so ``-inf``/``nan`` there are harmless. A slice with no valid element yields 0
+    (the denominator is clamped to >= 1), not NaN.
+    """
+    mask = _bool_mask(mask)
+    x = _f32(x)
+    num = jnp.sum(jnp.where(mask, x, 0.0), axis=axis)
+    den = jnp.sum(jnp.broadcast_to(mask, x.shape).astype(jnp.float32), axis=axis)
+    return num / jnp.maximum(den, 1.0)
+
+
+def agg_loss(
+    loss_mat: Array,
+    mask: Array,
+    loss_agg: LossAgg = "token-mean",
+    *,
+    num_tokens: Array | float | None = None,
+    num_seqs: Array | float | None = None,
+) -> Array:
+    """Aggregate a per-token loss ``loss_mat [B, T]`` into a scalar.
+
+    * ``"token-mean"``: ``sum(loss * mask) / num_tokens`` where ``num_tokens`` defaults to
+      ``mask.sum()`` of this batch (clamped >= 1). Every response token of the mini-batch
+      weighs the same (DAPO / verl default).
+    * ``"seq-mean-token-mean"``: mean over tokens within each sequence, then
+      ``sum over sequences / num_seqs``; ``num_seqs`` defaults to the number of sequences
+      in this batch with at least one valid token. Every sequence weighs the same.
+
+    Gradient accumulation: when a mini-batch is split into micro-batches, pass the
+    *global* ``num_tokens`` (total ``mask.sum()`` of the whole mini-batch) resp. the global
+    ``num_seqs``; then the micro-batch losses (and their gradients) **sum** exactly to the
+    full-batch loss. ``num_tokens`` is ignored for ``seq-mean-token-mean`` and ``num_seqs``
+    for ``token-mean``.
+    """
+    mask = _bool_mask(mask)
+    if loss_agg == "token-mean":
+        if num_tokens is None:
+            num_tokens = jnp.sum(mask.astype(jnp.float32))
+        return masked_sum(loss_mat, mask) / jnp.maximum(_f32(num_tokens), 1.0)
+    if loss_agg == "seq-mean-token-mean":
+        seq_loss = masked_mean(loss_mat, mask, axis=-1)  # [B]
+        if num_seqs is None:
+            num_seqs = jnp.sum(jnp.any(mask, axis=-1).astype(jnp.float32))
+        return jnp.sum(seq_loss) / jnp.maximum(_f32(num_seqs), 1.0)
+    raise ValueError(f"unknown loss_agg {loss_agg!r}; expected 'token-mean' or 'seq-mean-token-mean'")
+
+
+# --------------------------------------------------------------------------- advantages
+
+
+def group_advantages(
+    rewards: Array,
+    group_size: int | None = None,
+    *,
+    mean_only: bool = False,
+    eps: float = 1e-6,
+) -> Array:
+    """GRPO group-normalised advantages, one scalar per sampled response.
+
+    rewards: ``[B*G]`` (groups contiguous, see module doc) or ``[B, G]``.
+    group_size: ``G`` (static). Required for 1-D input; for 2-D input it defaults to
+      ``rewards.shape[1]`` and must match it if given.
+    Returns float32 advantages with the same shape as ``rewards``:
+
+    * default: ``(r - mean_g) / (std_g + eps)`` with the **unbiased** std (ddof=1, like
+      ``torch.std``), as in verl's ``compute_grpo_outcome_advantage``.
+    * ``mean_only=True`` (Dr.GRPO, verl ``norm_adv_by_std_in_grpo=False``): ``r - mean_g``.
+
+    Degenerate groups:
+    * A group whose rewards are all identical gets exactly 0 advantage (checked with
+      ``max == min``, so float rounding in the mean cannot leak tiny ``1e-9 / eps`` values).
+    * ``group_size == 1``: the unbiased std of one sample is undefined (0/0). We define the
+      advantage as 0 (a lone sample has no group baseline to compare against, and this is
+      also what ``r - mean`` gives); never NaN.
+    """
+    r = _f32(rewards)
+    if r.ndim == 2:
+        if group_size is not None and group_size != r.shape[1]:
+            raise ValueError(f"group_size={group_size} does not match rewards.shape={r.shape}")
+        g = r.shape[1]
+        rg = r
+    elif r.ndim == 1:
+        if group_size is None:
+            raise ValueError("group_size is required for 1-D rewards")
+        g = int(group_size)
+        if g < 1 or r.shape[0] % g != 0:
+            raise ValueError(f"rewards of length {r.shape[0]} cannot be split into groups of {g}")
+        rg = r.reshape(-1, g)
+    else:
+        raise ValueError(f"rewards must be [B*G] or [B, G], got shape {r.shape}")
+
+    if g == 1:
+        return jnp.zeros_like(r)
+
+    mean = jnp.mean(rg, axis=1, keepdims=True)
+    centred = rg - mean
+    constant = jnp.max(rg, axis=1, keepdims=True) == jnp.min(rg, axis=1, keepdims=True)
+    if mean_only:
+        adv = centred
+    else:
+        std = jnp.sqrt(jnp.sum(centred * centred, axis=1, keepdims=True) / (g - 1))
+        adv = centred / (std + eps)
+    adv = jnp.where(constant, 0.0, adv)
+    return adv.reshape(r.shape)
+
+
+# --------------------------------------------------------------------------- logits -> per-token
+
+
+def _scaled_logits(logits: Array, temperature) -> Array:
+    if isinstance(temperature, (int, float)) and temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return _f32(logits) / _f32(temperature)
+
+
+def token_logprobs(logits: Array, tokens: Array, temperature: float | Array = 1.0) -> Array:
+    """Log-probability of ``tokens`` under ``softmax(logits / temperature)``.
+
+    logits: ``[B, T, V]`` (any float dtype; upcast to float32 first), ``logits[:, t]`` must be
+      the logits that *predict* ``tokens[:, t]`` (i.e. the caller has already shifted the
+      model output by one position).
+    tokens: ``[B, T]`` int. Out-of-range ids (e.g. ``-100`` padding) are clipped into
+      ``[0, V)``; such positions must be masked out by the caller.
+    temperature: python float or scalar array, > 0.
+
+    Returns ``[B, T]`` float32: ``log_softmax(float32(logits) / temperature)[..., tokens]``.
+
+    Temperature convention: the sampler draws from ``softmax(logits / temperature)``, so the
+    behaviour policy's log-probs are those of the *tempered* distribution. The learner must
+    call this with the same ``temperature`` for ``logp``, ``old_logp`` (and ``ref_logp``) so
+    that ``ratio = exp(logp - old_logp)`` compares the same distribution family (as verl
+    does: ``logits.div_(temperature)`` before ``log_softmax``).
+    """
+    z = _scaled_logits(logits, temperature)  # [B, T, V]
+    lse = jax.nn.logsumexp(z, axis=-1)  # [B, T]
+    tok = jnp.take_along_axis(z, jnp.asarray(tokens)[..., None].astype(jnp.int32), axis=-1, mode="clip")
+    return tok[..., 0] - lse
+
+
+def entropy_from_logits(logits: Array, temperature: float | Array = 1.0) -> Array:
+    """Per-token entropy of ``softmax(logits / temperature)``.
+
+    logits: ``[..., V]``; returns ``[...]`` float32:
+    ``H = logsumexp(z) - sum(softmax(z) * z)`` with ``z = float32(logits) / temperature``
+    (same temperature convention as :func:`token_logprobs`).
+    """
+    z = _scaled_logits(logits, temperature)
+    lse = jax.nn.logsumexp(z, axis=-1)
+    p = jax.nn.softmax(z, axis=-1)
+    return lse - jnp.sum(p * z, axis=-1)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def kl_penalty(logp: Array, ref_logp: Array, kind: KLKind = "low_var_kl") -> Array:
+    """Per-token estimator of KL(pi || pi_ref) from sampled-token log-probs (verl ``kl_penalty``).
+
+    logp, ref_logp: ``[B, T]``; returns ``[B, T]`` float32 (no masking: mask via the caller,
+    e.g. :func:`grpo_loss`, which zeroes padding *before* calling this).
+
+    * ``"k1"`` / ``"kl"``: ``logp - ref_logp``
+    * ``"abs"``: ``|logp - ref_logp|``
+    * ``"k2"`` / ``"mse"``: ``0.5 * (logp - ref_logp)**2``
+    * ``"k3"`` / ``"low_var_kl"``: with ``d = clip(ref_logp - logp, -20, 20)``,
+      ``clip(exp(d) - d - 1, -10, 10)`` (Schulman's k3; clamps as in verl).
+    """
+    logp = _f32(logp)
+    ref_logp = _f32(ref_logp)
+    if kind in ("k1", "kl"):
+        return logp - ref_logp
+    if kind == "abs":
+        return jnp.abs(logp - ref_logp)
+    if kind in ("k2", "mse"):
+        return 0.5 * jnp.square(logp - ref_logp)
+    if kind in ("k3", "low_var_kl"):
+        d = jnp.clip(ref_logp - logp, -K3_LOG_RATIO_CLAMP, K3_LOG_RATIO_CLAMP)
+        return jnp.clip(jnp.exp(d) - d - 1.0, -K3_VALUE_CLAMP, K3_VALUE_CLAMP)
+    raise ValueError(f"unknown kl kind {kind!r}")
+
+
+def _sanitize(x: Array, mask: Array) -> Array:
+    """float32 ``x`` with masked-out positions replaced by 0 (value and gradient)."""
+    return jnp.where(mask, _f32(x), 0.0)
+
+
+def policy_loss(
+    logp: Array,
+    old_logp: Array,
+    advantages: Array,
+    mask: Array,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    loss_agg: LossAgg = "token-mean",
+    num_tokens: Array | float | None = None,
+    num_seqs: Array | float | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    """PPO clipped surrogate (GRPO / DAPO clip-higher).
+
+    logp: ``[B, T]`` current-policy log-probs of the sampled tokens (differentiable).
+    old_logp: ``[B, T]`` behaviour-policy log-probs (treated as constants: wrapped in
+      ``stop_gradient``).
+    advantages: ``[B]`` per-sequence (broadcast over ``T``) or ``[B, T]`` per-token.
+    mask: ``[B, T]`` valid response tokens.
+    clip_low / clip_high: ratio clipped to ``[1 - clip_low, 1 + clip_high]`` (asymmetric
+      "clip-higher" when ``clip_high > clip_low``).
+    loss_agg, num_tokens, num_seqs: see :func:`agg_loss`. For gradient accumulation pass the
+      global ``num_tokens`` (token-mean) / ``num_seqs`` (seq-mean-token-mean) of the whole
+      mini-batch and *sum* the micro-batch losses.
+
+    Per token: ``log_ratio = clip(logp - old_logp, -20, 20)`` (as verl, so ``exp`` cannot
+    overflow), ``ratio = exp(log_ratio)``,
+    ``pg = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))``
+    (= ``-min(ratio*A, clip(ratio)*A)``).
+
+    Returns ``(loss, metrics)``; metrics (all stop-gradient, float32 scalars):
+      ``pg_loss`` (== loss), ``clip_frac`` (fraction of valid tokens where the clipped term
+      is active, i.e. the token gets no gradient), ``clip_frac_low`` (``ratio < 1-clip_low``
+      and ``A < 0``), ``clip_frac_high`` (``ratio > 1+clip_high`` and ``A > 0``),
+      ``approx_kl`` (mean of ``old_logp - logp``), ``ratio_mean``.
+      Token-level metrics are divided by ``num_tokens`` when given (else the local valid-token
+      count), so with the global ``num_tokens`` they also sum across micro-batches.
+    """
+    mask = _bool_mask(mask)
+    logp = _sanitize(logp, mask)
+    old_logp = _sanitize(jax.lax.stop_gradient(old_logp), mask)
+    adv = _f32(jax.lax.stop_gradient(advantages))
+    if adv.ndim == 1:
+        adv = adv[:, None]
+    adv = jnp.where(mask, jnp.broadcast_to(adv, mask.shape), 0.0)
+
+    log_ratio = jnp.clip(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = jnp.exp(log_ratio)
+    pg_unclipped = -adv * ratio
+    pg_clipped = -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    pg = jnp.maximum(pg_unclipped, pg_clipped)
+
+    loss = agg_loss(pg, mask, loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
+
+    if num_tokens is None:
+        tok_den = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+    else:
+        tok_den = jnp.maximum(_f32(num_tokens), 1.0)
+
+    def tok_mean(x):
+        return jax.lax.stop_gradient(masked_sum(x, mask) / tok_den)
+
+    clipped_high = (ratio > 1.0 + clip_high) & (adv > 0)
+    clipped_low = (ratio < 1.0 - clip_low) & (adv < 0)
+    metrics = {
+        "pg_loss": jax.lax.stop_gradient(loss),
+        "clip_frac": tok_mean((pg_clipped > pg_unclipped).astype(jnp.float32)),
+        "clip_frac_low": tok_mean(clipped_low.astype(jnp.float32)),
+        "clip_frac_high": tok_mean(clipped_high.astype(jnp.float32)),
+        "approx_kl": tok_mean(old_logp - logp),
+        "ratio_mean": tok_mean(ratio),
+    }
+    return loss, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOLossConfig:
+    """Static (hashable) configuration of :func:`grpo_loss`.
+
+    clip_low / clip_high: PPO ratio clip ``[1 - clip_low, 1 + clip_high]``.
+    loss_agg: ``"token-mean"`` or ``"seq-mean-token-mean"`` (used for pg, KL and entropy).
+    kl_coef: weight of the KL-to-reference loss term (0 disables it; then ``ref_logp`` may
+      be ``None``).
+    kl_kind: estimator for :func:`kl_penalty`.
+    entropy_coef: weight of the entropy *bonus* (loss -= entropy_coef * entropy).
+    """
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    loss_agg: LossAgg = "token-mean"
+    kl_coef: float = 0.0
+    kl_kind: KLKind = "low_var_kl"
+    entropy_coef: float = 0.0
+
+
+def grpo_loss(
+    logp: Array,
+    old_logp: Array,
+    ref_logp: Array | None,
+    advantages: Array,
+    mask: Array,
+    entropy: Array | None = None,
+    cfg: GRPOLossConfig = GRPOLossConfig(),
+    num_tokens: Array | float | None = None,
+    num_seqs: Array | float | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    """Full GRPO objective: ``pg + kl_coef * kl - entropy_coef * entropy``.
+
+    logp, old_logp, ref_logp: ``[B, T]`` (``ref_logp`` may be ``None`` when
+      ``cfg.kl_coef == 0``; ``ref_logp`` is treated as constant).
+    advantages: ``[B]`` or ``[B, T]``; mask: ``[B, T]``.
+    entropy: optional ``[B, T]`` per-token entropy (e.g. :func:`entropy_from_logits` of the
+      current logits; differentiable). Needed when ``cfg.entropy_coef != 0``.
+    num_tokens / num_seqs: global normalisers for gradient accumulation (see
+      :func:`agg_loss`); all terms use the same aggregation, so summed micro-batch losses
+      equal the full mini-batch loss.
+
+    Returns ``(loss, metrics)`` with metrics ``loss``, ``pg_loss``, ``clip_frac``,
+    ``clip_frac_low``, ``clip_frac_high``, ``approx_kl``, ``ratio_mean``, plus ``kl`` when
+    ``ref_logp`` is given and ``entropy`` when ``entropy`` is given (aggregated like the loss).
+    """
+    mask = _bool_mask(mask)
+    pg, metrics = policy_loss(
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        clip_low=cfg.clip_low,
+        clip_high=cfg.clip_high,
+        loss_agg=cfg.loss_agg,
+        num_tokens=num_tokens,
+        num_seqs=num_seqs,
+    )
+    loss = pg
+
+    def agg(x):
+        return agg_loss(x, mask, cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
+
+    if cfg.kl_coef != 0.0 and ref_logp is None:
+        raise ValueError("cfg.kl_coef != 0 requires ref_logp")
+    if ref_logp is not None:
+        kl_tok = kl_penalty(
+            _sanitize(logp, mask), _sanitize(jax.lax.stop_gradient(ref_logp), mask), cfg.kl_kind
+        )
+        kl = agg(kl_tok)
+        metrics["kl"] = jax.lax.stop_gradient(kl)
+        if cfg.kl_coef != 0.0:
+            loss = loss + cfg.kl_coef * kl
+
+    if cfg.entropy_coef != 0.0 and entropy is None:
+        raise ValueError("cfg.entropy_coef != 0 requires entropy")
+    if entropy is not None:
+        ent = agg(_sanitize(entropy, mask))
+        metrics["entropy"] = jax.lax.stop_gradient(ent)
+        if cfg.entropy_coef != 0.0:
+            loss = loss - cfg.entropy_coef * ent
+
+    metrics["loss"] = jax.lax.stop_gradient(loss)
+    return loss, metrics

@@ -1,0 +1,420 @@
+"""GRPO math vs independent numpy references (pr1_jax/grpo.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from pr1_jax import grpo
+
+RTOL = 1e-5
+ATOL = 1e-6
+
+
+# --------------------------------------------------------------------------- numpy references
+
+
+def np_group_adv(r, g, mean_only=False, eps=1e-6):
+    r = np.asarray(r, np.float64).reshape(-1, g)
+    out = np.zeros_like(r)
+    for i, row in enumerate(r):
+        if g == 1 or np.all(row == row[0]):
+            continue
+        m = row.mean()
+        if mean_only:
+            out[i] = row - m
+        else:
+            out[i] = (row - m) / (np.std(row, ddof=1) + eps)
+    return out.reshape(-1)
+
+
+def np_log_softmax(x):
+    x = np.asarray(x, np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def np_token_logprobs(logits, tokens, temp):
+    ls = np_log_softmax(np.asarray(logits, np.float64) / temp)
+    B, T = tokens.shape
+    out = np.empty((B, T))
+    for b in range(B):
+        for t in range(T):
+            out[b, t] = ls[b, t, tokens[b, t]]
+    return out
+
+
+def np_entropy(logits, temp):
+    ls = np_log_softmax(np.asarray(logits, np.float64) / temp)
+    return -(np.exp(ls) * ls).sum(-1)
+
+
+def np_pg_tokens(logp, old, adv, cl, ch):
+    """Per-token PPO clipped loss, written elementwise with python scalars."""
+    B, T = logp.shape
+    out = np.zeros((B, T))
+    for b in range(B):
+        a = float(adv[b])
+        for t in range(T):
+            r = np.exp(float(logp[b, t]) - float(old[b, t]))
+            rc = min(max(r, 1 - cl), 1 + ch)
+            out[b, t] = -min(r * a, rc * a)
+    return out
+
+
+def np_agg(mat, mask, agg):
+    mask = np.asarray(mask, bool)
+    if agg == "token-mean":
+        return mat[mask].sum() / mask.sum()
+    seq = [mat[b][mask[b]].mean() for b in range(mat.shape[0]) if mask[b].any()]
+    return float(np.mean(seq))
+
+
+def np_kl(logp, ref, kind):
+    logp = np.asarray(logp, np.float64)
+    ref = np.asarray(ref, np.float64)
+    if kind == "k1":
+        return logp - ref
+    d = np.clip(ref - logp, -20, 20)
+    return np.clip(np.exp(d) - d - 1, -10, 10)
+
+
+def make_batch(seed, B=6, T=9, garbage=True):
+    rng = np.random.default_rng(seed)
+    old = rng.normal(-2.0, 0.5, (B, T)).astype(np.float32)
+    logp = (old + rng.normal(0.0, 0.3, (B, T))).astype(np.float32)
+    adv = rng.normal(0.0, 1.0, B).astype(np.float32)
+    lengths = rng.integers(1, T + 1, B)
+    mask = np.arange(T)[None, :] < lengths[:, None]
+    if garbage:
+        pad = ~mask
+        choices = np.array([-np.inf, np.nan, 1e30, -1e30, np.inf], np.float32)
+        logp = np.where(pad, choices[rng.integers(0, 5, (B, T))], logp).astype(np.float32)
+        old = np.where(pad, choices[rng.integers(0, 5, (B, T))], old).astype(np.float32)
+    return logp, old, adv, mask
+
+
+# --------------------------------------------------------------------------- advantages
+
+
+@pytest.mark.parametrize("mean_only", [False, True])
+def test_group_advantages_matches_numpy(mean_only):
+    rng = np.random.default_rng(0)
+    B, G = 5, 8
+    r = rng.normal(size=B * G).astype(np.float32)
+    want = np_group_adv(r, G, mean_only)
+    got = np.asarray(grpo.group_advantages(jnp.asarray(r), G, mean_only=mean_only))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    got2 = np.asarray(grpo.group_advantages(jnp.asarray(r.reshape(B, G)), mean_only=mean_only))
+    assert got2.shape == (B, G)
+    np.testing.assert_allclose(got2.reshape(-1), want, rtol=1e-5, atol=1e-6)
+    # jit with static group size
+    f = jax.jit(grpo.group_advantages, static_argnums=1, static_argnames="mean_only")
+    np.testing.assert_allclose(np.asarray(f(jnp.asarray(r), G, mean_only=mean_only)), want, rtol=1e-5, atol=1e-6)
+
+
+def test_group_advantages_unbiased_std():
+    # [0, 1]: mean 0.5, unbiased std sqrt(0.5) (biased would be 0.5 -> adv +-1)
+    adv = np.asarray(grpo.group_advantages(jnp.array([0.0, 1.0]), 2, eps=0.0))
+    np.testing.assert_allclose(adv, [-0.5 / np.sqrt(0.5), 0.5 / np.sqrt(0.5)], rtol=1e-6)
+    # per-group statistics: groups must not mix
+    adv = np.asarray(grpo.group_advantages(jnp.array([0.0, 1.0, 10.0, 30.0]), 2, eps=0.0))
+    np.testing.assert_allclose(adv, [-np.sqrt(0.5), np.sqrt(0.5), -np.sqrt(0.5), np.sqrt(0.5)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("mean_only", [False, True])
+def test_group_advantages_identical_rewards_zero(mean_only):
+    # 0.1 and 1/3 are not exactly representable: a naive mean can leave rounding residue
+    r = jnp.array([0.1] * 7 + [1 / 3] * 7 + [0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0], jnp.float32)
+    adv = np.asarray(grpo.group_advantages(r, 7, mean_only=mean_only))
+    assert np.all(np.isfinite(adv))
+    assert np.all(adv[:14] == 0.0)
+    assert np.any(adv[14:] != 0.0)
+
+
+@pytest.mark.parametrize("mean_only", [False, True])
+def test_group_advantages_group_size_one(mean_only):
+    r = jnp.array([0.3, 1.0, -2.0, 5.0])
+    adv = np.asarray(grpo.group_advantages(r, 1, mean_only=mean_only))
+    assert np.all(np.isfinite(adv)) and np.all(adv == 0.0)
+    adv2 = np.asarray(grpo.group_advantages(r.reshape(4, 1), mean_only=mean_only))
+    assert adv2.shape == (4, 1) and np.all(adv2 == 0.0)
+
+
+def test_group_advantages_bad_shape():
+    with pytest.raises(ValueError):
+        grpo.group_advantages(jnp.zeros(7), 3)
+    with pytest.raises(ValueError):
+        grpo.group_advantages(jnp.zeros((2, 4)), 3)
+
+
+# --------------------------------------------------------------------------- logits -> per-token
+
+
+@pytest.mark.parametrize("temp", [1.0, 0.7, 1.3])
+def test_token_logprobs_temperature(temp):
+    rng = np.random.default_rng(1)
+    B, T, V = 3, 5, 17
+    logits = (rng.normal(size=(B, T, V)) * 3).astype(np.float32)
+    tokens = rng.integers(0, V, (B, T))
+    want = np_token_logprobs(logits, tokens, temp)
+    got = np.asarray(grpo.token_logprobs(jnp.asarray(logits), jnp.asarray(tokens), temp))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # traced temperature under jit gives the same
+    got_jit = np.asarray(jax.jit(grpo.token_logprobs)(jnp.asarray(logits), jnp.asarray(tokens), jnp.float32(temp)))
+    np.testing.assert_allclose(got_jit, want, rtol=1e-5, atol=1e-5)
+    if temp != 1.0:  # the temperature really enters
+        assert np.max(np.abs(np_token_logprobs(logits, tokens, 1.0) - got)) > 1e-2
+
+
+def test_token_logprobs_bf16_upcast():
+    rng = np.random.default_rng(2)
+    logits = jnp.asarray(rng.normal(size=(2, 4, 300)) * 5, jnp.bfloat16)
+    tokens = jnp.asarray(rng.integers(0, 300, (2, 4)))
+    got = grpo.token_logprobs(logits, tokens, 0.9)
+    assert got.dtype == jnp.float32
+    want = np_token_logprobs(np.asarray(logits.astype(jnp.float32)), np.asarray(tokens), 0.9)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("temp", [1.0, 0.6])
+def test_entropy_from_logits(temp):
+    rng = np.random.default_rng(3)
+    logits = (rng.normal(size=(2, 6, 11)) * 2).astype(np.float32)
+    got = np.asarray(grpo.entropy_from_logits(jnp.asarray(logits), temp))
+    np.testing.assert_allclose(got, np_entropy(logits, temp), rtol=1e-5, atol=1e-5)
+    # uniform logits -> log V
+    np.testing.assert_allclose(np.asarray(grpo.entropy_from_logits(jnp.zeros((1, 11)), temp)), [np.log(11)], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- masked mean
+
+
+def test_masked_mean():
+    x = jnp.array([[1.0, 2.0, jnp.nan], [jnp.inf, 4.0, 6.0], [-jnp.inf, jnp.nan, 0.0]])
+    m = jnp.array([[1, 1, 0], [0, 1, 1], [0, 0, 0]], bool)
+    assert float(grpo.masked_mean(x, m)) == pytest.approx((1 + 2 + 4 + 6) / 4)
+    np.testing.assert_allclose(np.asarray(grpo.masked_mean(x, m, axis=-1)), [1.5, 5.0, 0.0])
+    np.testing.assert_allclose(np.asarray(grpo.masked_mean(x, m.astype(jnp.float32), axis=0)), [1.0, 3.0, 6.0])
+    assert float(grpo.masked_mean(x, jnp.zeros_like(m))) == 0.0
+
+
+# --------------------------------------------------------------------------- policy loss
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("clips", [(0.2, 0.2), (0.2, 0.28)])
+def test_policy_loss_matches_numpy_with_garbage_padding(agg, clips):
+    cl, ch = clips
+    logp, old, adv, mask = make_batch(4)
+    clean = lambda x: np.where(mask, x, 0.0)
+    want = np_agg(np_pg_tokens(clean(logp), clean(old), adv, cl, ch), mask, agg)
+
+    def f(lp):
+        return grpo.policy_loss(lp, jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask),
+                                clip_low=cl, clip_high=ch, loss_agg=agg)
+
+    (loss, met), grad = jax.value_and_grad(f, has_aux=True)(jnp.asarray(logp))
+    np.testing.assert_allclose(float(loss), want, rtol=RTOL, atol=ATOL)
+    assert float(met["pg_loss"]) == pytest.approx(float(loss))
+    grad = np.asarray(grad)
+    assert np.all(np.isfinite(grad))
+    assert np.all(grad[~mask] == 0.0)
+    assert np.any(grad[mask] != 0.0)
+    for v in met.values():
+        assert np.isfinite(float(v))
+
+    # metrics vs numpy
+    ratio = np.exp(clean(logp).astype(np.float64) - clean(old))
+    A = np.broadcast_to(adv[:, None], mask.shape)
+    hi = (ratio > 1 + ch) & (A > 0)
+    lo = (ratio < 1 - cl) & (A < 0)
+    np.testing.assert_allclose(float(met["clip_frac_high"]), hi[mask].mean(), atol=1e-6)
+    np.testing.assert_allclose(float(met["clip_frac_low"]), lo[mask].mean(), atol=1e-6)
+    np.testing.assert_allclose(float(met["clip_frac"]), (hi | lo)[mask].mean(), atol=1e-6)
+    np.testing.assert_allclose(float(met["approx_kl"]), (clean(old) - clean(logp))[mask].mean(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(met["ratio_mean"]), ratio[mask].mean(), rtol=1e-5)
+    assert 0 < float(met["clip_frac"]) < 1  # the random batch exercises both regimes
+
+    # the gradient is that of the numpy loss (finite differences on valid tokens, float64)
+    b, t = np.argwhere(mask)[0]
+    h = 1e-4
+    lp_p = clean(logp).astype(np.float64); lp_p[b, t] += h
+    lp_m = clean(logp).astype(np.float64); lp_m[b, t] -= h
+    fd = (np_agg(np_pg_tokens(lp_p, clean(old), adv, cl, ch), mask, agg)
+          - np_agg(np_pg_tokens(lp_m, clean(old), adv, cl, ch), mask, agg)) / (2 * h)
+    np.testing.assert_allclose(grad[b, t], fd, rtol=1e-3, atol=1e-5)
+
+
+def _single_token_grad(log_ratio, adv, cl=0.2, ch=0.2):
+    old = jnp.array([[-1.0]])
+    lp = old + log_ratio
+    f = lambda x: grpo.policy_loss(x, old, jnp.array([adv]), jnp.array([[True]]), clip_low=cl, clip_high=ch)
+    (loss, met), g = jax.value_and_grad(f, has_aux=True)(lp)
+    return float(g[0, 0]), met
+
+
+@pytest.mark.parametrize(
+    "ratio,adv,clipped,side",
+    [
+        (1.5, +1.0, True, "high"),   # above 1+eps with A>0: clipped, no gradient
+        (0.5, -1.0, True, "low"),    # below 1-eps with A<0: clipped, no gradient
+        (1.5, -1.0, False, None),    # above 1+eps but A<0: pessimistic min keeps the gradient
+        (0.5, +1.0, False, None),    # below 1-eps but A>0: keeps the gradient
+        (1.1, +1.0, False, None),    # inside the trust region
+        (0.9, -1.0, False, None),
+    ],
+)
+def test_clipping_kills_gradient(ratio, adv, clipped, side):
+    g, met = _single_token_grad(np.log(ratio), adv)
+    if clipped:
+        assert g == 0.0
+        assert float(met["clip_frac"]) == 1.0
+        assert float(met[f"clip_frac_{side}"]) == 1.0
+    else:
+        # d/dlogp of -A*exp(logp-old) = -A*ratio
+        assert g == pytest.approx(-adv * ratio, rel=1e-5)
+        assert float(met["clip_frac"]) == 0.0
+
+
+def test_clip_higher_asymmetric():
+    cl, ch = 0.2, 0.28
+    # 1.25 is clipped with symmetric 0.2 but not with clip_high 0.28
+    g_sym, _ = _single_token_grad(np.log(1.25), 1.0, cl, cl)
+    g_asym, met = _single_token_grad(np.log(1.25), 1.0, cl, ch)
+    assert g_sym == 0.0
+    assert g_asym == pytest.approx(-1.25, rel=1e-5) and float(met["clip_frac_high"]) == 0.0
+    g, met = _single_token_grad(np.log(1.30), 1.0, cl, ch)
+    assert g == 0.0 and float(met["clip_frac_high"]) == 1.0
+    # the low side still clips at 1 - 0.2
+    g, met = _single_token_grad(np.log(0.78), -1.0, cl, ch)
+    assert g == 0.0 and float(met["clip_frac_low"]) == 1.0
+    g, _ = _single_token_grad(np.log(0.82), -1.0, cl, ch)
+    assert g == pytest.approx(0.82, rel=1e-5)
+    # loss values: clipped value is -A*(1+ch)
+    old = jnp.array([[0.0]])
+    loss, _ = grpo.policy_loss(old + np.log(1.5), old, jnp.array([2.0]), jnp.array([[True]]), clip_low=cl, clip_high=ch)
+    assert float(loss) == pytest.approx(-2.0 * 1.28, rel=1e-6)
+
+
+def test_seq_mean_differs_from_token_mean():
+    # one long sequence with loss 1/token and one short with loss 3/token
+    logp = jnp.zeros((2, 4))
+    adv = jnp.array([-1.0, -3.0])
+    mask = jnp.array([[1, 1, 1, 1], [1, 0, 0, 0]], bool)
+    tm, _ = grpo.policy_loss(logp, logp, adv, mask, loss_agg="token-mean")
+    sm, _ = grpo.policy_loss(logp, logp, adv, mask, loss_agg="seq-mean-token-mean")
+    assert float(tm) == pytest.approx((4 * 1 + 3) / 5)
+    assert float(sm) == pytest.approx((1 + 3) / 2)
+    with pytest.raises(ValueError):
+        grpo.policy_loss(logp, logp, adv, mask, loss_agg="bogus")
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_microbatch_accumulation_equals_full_batch(agg):
+    logp, old, adv, mask = make_batch(5, B=9, T=7)
+    ref = jnp.asarray(np.random.default_rng(6).normal(-2.0, 0.5, mask.shape).astype(np.float32))
+    rng = np.random.default_rng(7)
+    ent = jnp.asarray(rng.uniform(0, 3, mask.shape).astype(np.float32))
+    cfg = grpo.GRPOLossConfig(clip_low=0.2, clip_high=0.28, loss_agg=agg, kl_coef=0.05, entropy_coef=0.01)
+    logp, old, adv, maskj = map(jnp.asarray, (logp, old, adv, mask))
+
+    @jax.jit
+    def loss_and_grad(lp, o, r, a, m, e, nt=None, ns=None):
+        f = lambda x: grpo.grpo_loss(x, o, r, a, m, e, cfg, num_tokens=nt, num_seqs=ns)[0]
+        return jax.value_and_grad(f)(lp)
+
+    def run(sl, nt=None, ns=None):
+        return loss_and_grad(logp[sl], old[sl], ref[sl], adv[sl], maskj[sl], ent[sl], nt, ns)
+
+    full_loss, full_grad = run(slice(None))
+    nt = jnp.sum(maskj)
+    ns = jnp.sum(jnp.any(maskj, -1))
+    micro = (slice(0, 3), slice(3, 6), slice(6, 9))
+    acc_loss, acc_grad = 0.0, []
+    for sl in micro:
+        l, g = run(sl, nt, ns)
+        acc_loss += l
+        acc_grad.append(g)
+    np.testing.assert_allclose(float(acc_loss), float(full_loss), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate(acc_grad), np.asarray(full_grad), rtol=1e-5, atol=1e-7)
+    if agg == "token-mean":
+        # without the global normaliser the mean of micro-batch losses is NOT the full loss
+        # (micro-batches hold different token counts). For seq-mean with equal-size
+        # micro-batches it coincides, so there is nothing to contrast.
+        naive = np.mean([float(run(sl)[0]) for sl in micro])
+        assert abs(naive - float(full_loss)) > 1e-4
+
+
+# --------------------------------------------------------------------------- KL
+
+
+def test_kl_penalty_values():
+    rng = np.random.default_rng(8)
+    logp = rng.normal(-2, 1, (4, 6)).astype(np.float32)
+    ref = rng.normal(-2, 1, (4, 6)).astype(np.float32)
+    for kind, npkind in [("k1", "k1"), ("kl", "k1"), ("k3", "k3"), ("low_var_kl", "k3")]:
+        got = np.asarray(grpo.kl_penalty(jnp.asarray(logp), jnp.asarray(ref), kind))
+        np.testing.assert_allclose(got, np_kl(logp, ref, npkind), rtol=1e-5, atol=1e-6)
+    # explicit values: d = ref - logp = 1 -> e - 2 ; d = -1 -> 1/e
+    got = np.asarray(grpo.kl_penalty(jnp.array([0.0, 0.0, -30.0, 0.0]), jnp.array([1.0, -1.0, 0.0, -50.0]), "k3"))
+    np.testing.assert_allclose(got[:2], [np.e - 2, np.exp(-1.0)], rtol=1e-6)
+    assert got[2] == 10.0  # exp(20) - 21 clamped to 10
+    assert got[3] == 10.0  # d clamped to -20: e^-20 + 19 -> clamped to 10
+    assert np.all(np.asarray(grpo.kl_penalty(jnp.asarray(logp), jnp.asarray(ref), "k3")) >= 0)
+    np.testing.assert_allclose(np.asarray(grpo.kl_penalty(jnp.array([1.0]), jnp.array([3.0]), "k1")), [-2.0])
+    with pytest.raises(ValueError):
+        grpo.kl_penalty(jnp.zeros(2), jnp.zeros(2), "k7")
+
+
+# --------------------------------------------------------------------------- combined loss
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("kl_kind", ["k1", "low_var_kl"])
+def test_grpo_loss_combination(agg, kl_kind):
+    logp, old, adv, mask = make_batch(9)
+    rng = np.random.default_rng(10)
+    ref = np.where(mask, rng.normal(-2, 0.5, mask.shape), -np.inf).astype(np.float32)
+    ent = np.where(mask, rng.uniform(0, 3, mask.shape), np.nan).astype(np.float32)
+    cfg = grpo.GRPOLossConfig(clip_low=0.2, clip_high=0.28, loss_agg=agg, kl_coef=0.1, kl_kind=kl_kind, entropy_coef=0.01)
+    clean = lambda x: np.where(mask, x, 0.0)
+    pg = np_agg(np_pg_tokens(clean(logp), clean(old), adv, 0.2, 0.28), mask, agg)
+    kl = np_agg(np_kl(clean(logp), clean(ref), "k1" if kl_kind == "k1" else "k3"), mask, agg)
+    en = np_agg(clean(ent), mask, agg)
+    want = pg + 0.1 * kl - 0.01 * en
+
+    f = jax.jit(lambda lp, e: grpo.grpo_loss(lp, jnp.asarray(old), jnp.asarray(ref), jnp.asarray(adv),
+                                             jnp.asarray(mask), e, cfg))
+    loss, met = f(jnp.asarray(logp), jnp.asarray(ent))
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(met["pg_loss"]), pg, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(met["kl"]), kl, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(met["entropy"]), en, rtol=1e-5, atol=1e-6)
+    assert set(met) >= {"loss", "pg_loss", "clip_frac", "clip_frac_low", "clip_frac_high", "kl", "entropy",
+                        "ratio_mean", "approx_kl"}
+
+    g_lp, g_ent = jax.grad(lambda lp, e: f(lp, e)[0], argnums=(0, 1))(jnp.asarray(logp), jnp.asarray(ent))
+    for g in (np.asarray(g_lp), np.asarray(g_ent)):
+        assert np.all(np.isfinite(g)) and np.all(g[~mask] == 0.0)
+    # entropy bonus gradient: -entropy_coef / num_tokens per token (token-mean)
+    if agg == "token-mean":
+        np.testing.assert_allclose(np.asarray(g_ent)[mask], -0.01 / mask.sum(), rtol=1e-5)
+
+
+def test_grpo_loss_defaults_and_errors():
+    logp, old, adv, mask = make_batch(11)
+    loss, met = grpo.grpo_loss(jnp.asarray(logp), jnp.asarray(old), None, jnp.asarray(adv), jnp.asarray(mask))
+    pl, _ = grpo.policy_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask))
+    assert float(loss) == pytest.approx(float(pl))
+    assert "kl" not in met and "entropy" not in met
+    with pytest.raises(ValueError):
+        grpo.grpo_loss(jnp.asarray(logp), jnp.asarray(old), None, jnp.asarray(adv), jnp.asarray(mask),
+                       cfg=grpo.GRPOLossConfig(kl_coef=0.1))
+    with pytest.raises(ValueError):
+        grpo.grpo_loss(jnp.asarray(logp), jnp.asarray(old), None, jnp.asarray(adv), jnp.asarray(mask),
+                       cfg=grpo.GRPOLossConfig(entropy_coef=0.1))
