@@ -1,0 +1,354 @@
+"""Tests of pr1_jax.rewards: hand-written responses with hand-computed expected rewards."""
+
+import math
+import os
+import threading
+import time
+
+import pytest
+
+from pr1_jax.rewards import (
+    BatchScores,
+    RewardConfig,
+    RewardScorer,
+    accuracy_reward,
+    extract_answer,
+    format_reward,
+    get_reward,
+    mean_metrics,
+    ngram_penalty,
+    register_reward,
+    score,
+)
+
+GOOD = "<think>\nThe legs are 3 and 4.\n</think>\n<answer>\nThe answer is \\boxed{12}.\n</answer>"
+HOSTILE = "<think>\nbig\n</think>\n<answer>\n\\boxed{9^{9^{9^{9}}}}\n</answer>"
+
+
+# Custom rewards live at module level so worker processes can unpickle them by reference.
+@register_reward("test_keyword")
+def keyword_reward(response, ground_truth, *, keyword="", **_):
+    return 1.0 if keyword and keyword in response else 0.0
+
+
+@register_reward("test_flaky")
+def flaky_reward(response, ground_truth, *, mode="ok", **_):
+    if mode == "raise":
+        raise ValueError("boom")
+    if mode == "exit":
+        os._exit(3)
+    return math.nan if mode == "nan" else 1.0
+
+
+# --- accuracy --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "response, gold",
+    [
+        (GOOD, "12"),
+        ("So the area is \\boxed{12}.", "12"),  # no tags: whole text
+        ("<answer>\n\\boxed{0.5}\n</answer>", "\\frac{1}{2}"),
+        ("<answer>\\boxed{\\frac{1}{2}}</answer>", "0.5"),
+        ("<answer>\\boxed{\\sqrt{12}}</answer>", "2\\sqrt{3}"),  # needs the gold wrapped in $..$
+        ("<answer>\\boxed{2\\sqrt{3}}</answer>", "2\\sqrt{3}"),
+        ("<answer>\\boxed{0.75}</answer>", "\\frac{3}{4}"),
+        ("<answer>\\boxed{45^\\circ}</answer>", "45"),
+        ("<answer>\\boxed{12}, that is \\boxed{12}</answer>", "12"),  # repeated, same value
+        ("<answer>The answer is 12</answer>", "12"),  # unboxed number still parses
+        # A wrong \boxed in the think block is ignored: only the (multi-line) answer counts.
+        ("<think>\nFirst guess \\boxed{13}.\n</think>\n<answer>\n\\boxed{12}\n</answer>", "12"),
+    ],
+)
+def test_accuracy_correct(response, gold):
+    assert accuracy_reward(response, gold) == 1.0
+
+
+@pytest.mark.parametrize(
+    "response, gold",
+    [
+        ("<answer>\\boxed{13}</answer>", "12"),
+        ("<answer>\\boxed{12} or \\boxed{13}</answer>", "12"),  # hedging between two values
+        ("<answer></answer>", "12"),
+        ("<answer>\n\n</answer>", "12"),
+        ("", "12"),
+        ("<answer>\\boxed{12.0001}</answer>", "12"),
+        ("<answer>\\boxed{2}</answer>", "2\\sqrt{3}"),  # bare gold must not parse as 2
+        ("<think>\n\\boxed{12}\n</think>\n<answer>\n\\boxed{13}\n</answer>", "12"),
+    ],
+)
+def test_accuracy_wrong(response, gold):
+    assert accuracy_reward(response, gold) == 0.0
+
+
+def test_extract_answer():
+    assert extract_answer("a <answer> 7 </answer> b <answer>8</answer>") == "7"
+    assert extract_answer("<answer>\nx\ny\n</answer>") == "x\ny"
+    assert extract_answer("  no tags \n") == "no tags"
+    assert extract_answer("<answer><answer>12</answer></answer>") == "<answer>12"
+    assert extract_answer("<answer>unclosed") == "<answer>unclosed"
+
+
+# --- format ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        GOOD,
+        "<think>\n\n</think>\n<answer>\n\\boxed{1}\n</answer>",  # empty think
+        "<think>\nline 1\nline 2\n</think>\n<answer>\nso\n$x=\\boxed{\\frac{1}{2}}$ done\n</answer>",
+        # The reference's lazy DOTALL groups span tags: nested / repeated tags still match.
+        "<think>\n<think>\nx\n</think>\n</think>\n<answer>\n\\boxed{1}\n</answer>",
+        "<think>\na\n</think>\n<answer>\n\\boxed{1}\n</answer>\n<answer>\n\\boxed{2}\n</answer>",
+    ],
+)
+def test_format_ok(response):
+    assert format_reward(response) == 1.0
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        "<think>reasoning\n</think>\n<answer>\n\\boxed{1}\n</answer>",  # no newline after <think>
+        "<think>\nreasoning</think>\n<answer>\n\\boxed{1}\n</answer>",  # none before </think>
+        "<think>\nreasoning\n</think><answer>\n\\boxed{1}\n</answer>",  # none between blocks
+        "<think>\nreasoning\n</think>\n<answer>\n\\boxed{1}</answer>",  # none before </answer>
+        GOOD + "\n",  # trailing newline: fullmatch on the raw text, as in the reference
+        GOOD + " Hope this helps!",
+        " " + GOOD,
+        "<think>\nreasoning\n</think>\n<answer>\n12\n</answer>",  # no \boxed
+        "<think>\nreasoning\n</think>\n<answer>\n\\boxed{}\n</answer>",  # empty \boxed
+        "<think>\n\\boxed{1}\n</think>\n<answer>\n1\n</answer>",  # \boxed only in think
+        "<answer>\n\\boxed{1}\n</answer>",  # no think block
+        "<answer>\n\\boxed{1}\n</answer>\n<think>\nx\n</think>",  # blocks swapped
+        "",
+    ],
+)
+def test_format_bad(response):
+    assert format_reward(response) == 0.0
+
+
+# --- n-gram penalty --------------------------------------------------------------------
+
+
+def test_ngram_short_responses_are_not_penalised():
+    assert ngram_penalty("a " * 19) == 0.0
+    assert ngram_penalty("a " * 20) == 0.0  # one 20-gram: 1 unique of 1
+    assert ngram_penalty("") == 0.0
+
+
+def test_ngram_exact_repetition():
+    assert ngram_penalty("a " * 21) == pytest.approx(-1.0)  # 2 grams, 1 unique: (1 - 1/2) * -2
+    # 5-word period, 40 words: 21 grams, 5 unique.
+    assert ngram_penalty("one two three four five " * 8) == pytest.approx((1 - 5 / 21) * -2)
+    assert ngram_penalty(" ".join(f"w{i}" for i in range(30))) == 0.0
+
+
+def test_ngram_is_case_insensitive_and_splits_on_any_whitespace():
+    words = [f"word{i}" for i in range(20)]
+    # Lower-cased, the second half repeats the first: 21 grams, 20 unique.
+    text = " ".join(words) + "\n" + "\t".join(w.upper() for w in words)
+    assert ngram_penalty(text) == pytest.approx((1 - 20 / 21) * -2)
+    assert ngram_penalty("One TWO three four five " * 8) == ngram_penalty("one two three four five " * 8)
+
+
+def test_ngram_options_come_from_config():
+    config = RewardConfig(
+        weights={"ngram_penalty": 1.0}, options={"ngram_penalty": {"n": 2, "max_penalty": -1.0}}
+    )
+    # Bigrams of "a a a a": 3, 1 unique.
+    assert score("a A a a", "", config=config)["ngram_penalty"] == pytest.approx(-2 / 3)
+
+
+# --- score / combine ---------------------------------------------------------------------
+
+
+def test_score_default_weights():
+    s = score(GOOD, "12", visual=0.5)
+    assert s == {
+        "accuracy": 1.0,
+        "format": 1.0,
+        "ngram_penalty": 0.0,
+        "visual": 0.5,
+        "has_visual": True,
+        "overall": pytest.approx(0.9 + 0.1 + 0.7 * 0.5),
+    }
+    s = score(GOOD, "13")
+    assert (s["visual"], s["has_visual"], s["overall"]) == (0.0, False, pytest.approx(0.1))
+
+
+def test_score_adds_ngram_penalty():
+    response = "<think>\n" + "a b c d e " * 8 + "\n</think>\n<answer>\n\\boxed{12}\n</answer>"
+    # 45 words, 26 grams; unique: 1 with <think>, 5 inside the loop, 4 reaching the tail.
+    penalty = (1 - 10 / 26) * -2
+    s = score(response, "12", visual=1.0)
+    assert s["ngram_penalty"] == pytest.approx(penalty)
+    assert s["overall"] == pytest.approx(0.9 + 0.1 + 0.7 + penalty)
+
+
+def test_score_custom_weights_and_reward():
+    config = RewardConfig(weights={"accuracy": 2.0, "test_keyword": 0.5, "visual": 1.0})
+    s = score(GOOD, "12", visual=0.25, config=config, keyword="legs")
+    assert set(s) == {"accuracy", "test_keyword", "visual", "has_visual", "overall"}
+    assert s["overall"] == pytest.approx(2.0 + 0.5 + 0.25)
+    assert score(GOOD, "12", config=config, keyword="hypotenuse")["test_keyword"] == 0.0
+
+
+def test_score_rejects_non_finite_rewards():
+    config = RewardConfig(weights={"test_flaky": 1.0})
+    assert score("x", "y", config=config)["overall"] == 1.0
+    with pytest.raises(ValueError, match="nan"):
+        score("x", "y", config=config, mode="nan")
+
+
+def test_mean_metrics_leaves_unannotated_samples_out_of_visual():
+    scores = [score(GOOD, "12", visual=0.5), score(GOOD, "12"), score(GOOD, "13", visual=1.0)]
+    means = mean_metrics(scores)
+    assert means["visual"] == pytest.approx(0.75)
+    assert means["accuracy"] == pytest.approx(2 / 3)
+    assert means["overall"] == pytest.approx((1.35 + 1.0 + 0.8) / 3)
+    assert "visual" not in mean_metrics([score(GOOD, "12")])
+
+
+# --- registry --------------------------------------------------------------------------
+
+
+def test_registry():
+    assert get_reward("accuracy") is accuracy_reward
+    assert get_reward("test_keyword") is keyword_reward
+    assert register_reward("test_keyword")(keyword_reward) is keyword_reward  # idempotent
+    with pytest.raises(ValueError, match="already registered"):
+        register_reward("accuracy")(keyword_reward)
+    with pytest.raises(ValueError, match="reserved"):
+        register_reward("visual")(keyword_reward)
+    with pytest.raises(KeyError, match="unknown reward"):
+        get_reward("no_such_reward")
+    with pytest.raises(KeyError):
+        score(GOOD, "12", config=RewardConfig(weights={"no_such_reward": 1.0}))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        RewardConfig(timeout_s=0)
+    with pytest.raises(ValueError):
+        RewardConfig(num_workers=0)
+
+
+# --- RewardScorer ----------------------------------------------------------------------
+
+RECORDS = [
+    {"response": GOOD, "ground_truth": "12", "visual": 0.5},
+    {"response": GOOD, "ground_truth": "13"},
+    {"response": "\\boxed{\\sqrt{12}}", "ground_truth": "2\\sqrt{3}", "visual": 0.0},
+    {"response": "one two three four five " * 8, "ground_truth": "1"},
+]
+
+
+def expected(records, config=RewardConfig()):
+    return [
+        score(r["response"], r["ground_truth"], visual=r.get("visual"), config=config)
+        for r in records
+    ]
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    with RewardScorer(RewardConfig(num_workers=2)) as s:
+        yield s
+
+
+def test_scorer_matches_in_process_score(scorer):
+    result = scorer.submit(RECORDS).result(timeout=60)
+    assert isinstance(result, BatchScores)
+    assert (result.timeouts, result.errors) == (0, 0)
+    assert result.scores == expected(RECORDS)
+    assert [s["overall"] for s in result.scores] == pytest.approx(
+        [1.35, 0.1, 0.9, (1 - 5 / 21) * -2]
+    )
+    assert scorer.submit([]).result(timeout=60) == BatchScores([], 0, 0)
+
+
+def test_scorer_queues_batches_in_order(scorer):
+    futures = [scorer.submit(RECORDS[i : i + 1]) for i in range(len(RECORDS))]
+    assert [f.result(timeout=60).scores[0] for f in futures] == expected(RECORDS)
+
+
+def test_scorer_passes_record_fields_to_custom_rewards():
+    config = RewardConfig(weights={"test_keyword": 1.0}, num_workers=1)
+    records = [
+        {"response": GOOD, "ground_truth": "12", "keyword": "legs"},
+        {"response": GOOD, "ground_truth": "12", "keyword": "cosine"},
+    ]
+    with RewardScorer(config) as s:
+        scores = s.submit(records).result(timeout=60).scores
+    assert [x["test_keyword"] for x in scores] == [1.0, 0.0]
+
+
+def test_scorer_and_score_work_off_the_main_thread():
+    # math-verify's own timeouts use signal.alarm, which raises off the main thread.
+    outcome = {}
+
+    def body():
+        outcome["score"] = score(GOOD, "12")
+        with RewardScorer(RewardConfig(num_workers=1)) as s:
+            outcome["batch"] = s.submit(RECORDS).result(timeout=60)
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join(timeout=90)
+    assert not thread.is_alive()
+    assert outcome["score"]["overall"] == pytest.approx(1.0)
+    assert outcome["batch"].scores == expected(RECORDS)
+
+
+def test_hung_verification_is_bounded_and_the_worker_replaced():
+    # One worker: the sample after the hostile one can only be scored by its replacement.
+    config = RewardConfig(timeout_s=1.0, num_workers=1)
+    records = [
+        {"response": HOSTILE, "ground_truth": "12", "visual": 1.0},
+        {"response": GOOD, "ground_truth": "12"},
+    ]
+    s = RewardScorer(config)
+    start = time.monotonic()
+    result = s.submit(records).result(timeout=60)  # a hang fails here (close() would wait)
+    elapsed = time.monotonic() - start
+    again = s.submit(records[1:]).result(timeout=60)
+    s.close()
+    assert (result.timeouts, result.errors) == (1, 0)
+    hostile, good = result.scores
+    assert hostile["accuracy"] == 0.0
+    assert hostile["format"] == 1.0  # the other terms of the sample are still scored
+    assert hostile["overall"] == pytest.approx(0.1 + 0.7)
+    assert good["overall"] == pytest.approx(1.0)
+    assert 1.0 <= elapsed < 30.0
+    assert (again.timeouts, again.scores[0]["overall"]) == (0, pytest.approx(1.0))
+
+
+def test_scorer_counts_errors_and_survives_crashes():
+    config = RewardConfig(weights={"test_flaky": 1.0}, num_workers=1)
+    modes = ["ok", "raise", "exit", "nan", "ok"]
+    records = [{"response": "x", "ground_truth": "y", "mode": m} for m in modes]
+    with RewardScorer(config) as s:
+        result = s.submit(records).result(timeout=60)
+    assert (result.timeouts, result.errors) == (0, 3)
+    assert [x["test_flaky"] for x in result.scores] == [1.0, 0.0, 0.0, 0.0, 1.0]
+
+
+def test_scorer_rejects_bad_input_in_the_caller(scorer):
+    with pytest.raises(KeyError):
+        scorer.submit([{"response": GOOD}])
+    register_reward("test_lambda")(lambda response, ground_truth, **_: 1.0)
+    with pytest.raises(ValueError, match="module-level"):
+        RewardScorer(RewardConfig(weights={"test_lambda": 1.0}))
+
+
+def test_scorer_close():
+    s = RewardScorer(RewardConfig(num_workers=1))
+    future = s.submit(RECORDS[:1])
+    s.close()  # waits for submitted batches
+    assert future.result(timeout=0).scores == expected(RECORDS[:1])
+    s.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        s.submit(RECORDS)
+    assert not any(w.proc.is_alive() for w in s._workers)
