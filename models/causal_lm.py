@@ -44,13 +44,14 @@ class QwenCausalLM(nn.Module):
             self.visual = VisionTower(self.cfg.vision, remat=self.remat, **kw)
 
     def hidden_states(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None,
-                      cache: KVCache | None = None):
-        """input_ids: [B, T] int; positions: [3, B, T] (VLM) or [B, T]; attention_mask: [B, T].
-        Returns final hidden states [B, T, E] and the extended cache (None without one)."""
+                      cache: KVCache | None = None, branches=None):
+        """input_ids: [B, T] int; positions: [3, B, T] (VLM) or [B, T]; attention_mask: [B, T];
+        branches: see `Qwen2Decoder`. Returns final hidden states [B, T, E] and the extended
+        cache (None without one)."""
         x = self.embed_tokens(input_ids)
         if vision is not None:
             x = scatter_image_features(x, input_ids, self.visual(vision), self.cfg.image_token_id)
-        return self.decoder(x, positions, attention_mask, cache)
+        return self.decoder(x, positions, attention_mask, cache, branches)
 
     def logits(self, h):
         """[B, T, E] -> [B, T, V]."""
@@ -59,6 +60,6 @@ class QwenCausalLM(nn.Module):
         return self.lm_head(h)
 
     def __call__(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None,
-                 cache: KVCache | None = None):
-        h, cache = self.hidden_states(input_ids, positions, attention_mask, vision, cache)
+                 cache: KVCache | None = None, branches=None):
+        h, cache = self.hidden_states(input_ids, positions, attention_mask, vision, cache, branches)
         return self.logits(h), cache

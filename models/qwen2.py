@@ -102,8 +102,14 @@ class Qwen2Decoder(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, attention_mask, cache: KVCache | None = None):
-        """x: [B, T, E]; positions: [3, B, T] or [B, T]; attention_mask: [B, T] (0 = left padding)."""
+    def __call__(self, x, positions, attention_mask, cache: KVCache | None = None, branches=None):
+        """x: [B, T, E]; positions: [3, B, T] or [B, T]; attention_mask: [B, T] (0 = left padding).
+
+        branches: optional [B, T] int for prefix sharing in one pass: a token of branch k > 0 sees
+        the shared prefix (branch 0) and earlier tokens of branch k only, so several continuations
+        of one prefix are scored as if each were its own sequence (give them the positions they
+        would have there). Not combined with a cache.
+        """
         t = x.shape[1]
         attention_mask = attention_mask.astype(bool)
         if cache is None:
@@ -115,7 +121,12 @@ class Qwen2Decoder(nn.Module):
         k_slot = jnp.arange(kv_mask.shape[1])
         causal = k_slot[None, :] <= q_slot[:, None]
         # A padding query would see no key at all; letting it see itself keeps softmax finite.
-        mask = (kv_mask[:, None, :] & causal[None]) | (k_slot[None, :] == q_slot[:, None])[None]
+        mask = kv_mask[:, None, :] & causal[None]
+        if branches is not None:
+            if cache is not None:
+                raise ValueError("branches cannot be combined with a KV cache")
+            mask &= (branches[:, None, :] == 0) | (branches[:, None, :] == branches[:, :, None])
+        mask |= (k_slot[None, :] == q_slot[:, None])[None]
         cos, sin = rope_cos_sin(self.cfg, positions)
 
         layer = DecoderLayer

@@ -206,3 +206,21 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(hf_checkpoint, arch):
     expected = n_valid - 1 + inputs["rope_deltas"]
     last = pos[..., -1]
     assert np.array_equal(last if last.ndim == 1 else last[0], expected)
+
+
+def test_branches_score_continuations_as_separate_sequences(hf_checkpoint):
+    """prefix | a | b packed with branch ids gives, on a and b, the logits of prefix+a and prefix+b."""
+    hf, path = hf_checkpoint("qwen2")
+    model = load_pretrained(path)
+    rng = np.random.default_rng(6)
+    prefix, a, b = rng.integers(0, 120, 6), rng.integers(0, 120, 3), rng.integers(0, 120, 4)
+    ids = np.concatenate([prefix, a, b])[None]
+    branches = np.array([[0] * 6 + [1] * 3 + [2] * 4])
+    positions = np.array([list(range(6)) + list(range(6, 9)) + list(range(6, 10))])
+    logits, _ = model.module.apply({"params": model.params}, ids, positions, np.ones_like(ids), branches=branches)
+    logits = np.asarray(logits)[0]
+    for cont, sl in ((a, slice(6, 9)), (b, slice(9, 13))):
+        seq = np.concatenate([prefix, cont])[None]
+        ref = hf_logits(hf, seq, np.ones_like(seq))[0]
+        assert np.abs(logits[:6] - ref[:6]).max() <= TOL
+        assert np.abs(logits[sl] - ref[6:]).max() <= TOL
