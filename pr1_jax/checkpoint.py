@@ -1,0 +1,72 @@
+"""Training checkpoints: Orbax `CheckpointManager` around the train state and a JSON sidecar.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a run killed
+mid-save leaves the previous step as the latest one; we never read a partial step. The JSON part
+carries what is not an array: the data iterator state, the config, the RNG seed lineage.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointRestoreError(RuntimeError):
+    """A step that cannot be restored; the message names it and the other steps on disk."""
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, keep: int = 3):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        """Blocks until the step is on disk (the caller may exit right after, e.g. on SIGTERM)."""
+        self._manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
+        )
+        self._manager.wait_until_finished()
+        log.info("saved checkpoint step %d to %s", step, self.directory)
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+        """(state, meta) of `step` (default: the latest). `abstract_state` gives shapes, dtypes and
+        shardings (a tree of jax.ShapeDtypeStruct with `sharding`), so arrays land where they
+        belong without a host copy of the whole state."""
+        steps = self.steps()
+        if step is None:
+            if not steps:
+                raise CheckpointRestoreError(f"{self.directory}: no complete checkpoint")
+            step = steps[-1]
+        if step not in steps:
+            raise CheckpointRestoreError(f"{self.directory}: no complete checkpoint for step {step}; have {steps}")
+        try:
+            out = self._manager.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+            )
+            state = out["state"]
+            # Reading is lazy in places; touch every array so corruption surfaces here, not mid-step.
+            jax.block_until_ready(state)
+        except Exception as e:  # noqa: BLE001 - any failure to read a step is reported the same way
+            earlier = [s for s in steps if s < step]
+            hint = f"; earlier complete steps: {earlier} (resume one with resume_step=<step>)" if earlier else ""
+            raise CheckpointRestoreError(
+                f"{self.directory}: step {step} cannot be restored: {type(e).__name__}: {e}{hint}"
+            ) from e
+        return state, dict(out["meta"])
+
+    def close(self) -> None:
+        self._manager.close()
