@@ -90,6 +90,10 @@ def _require(d: dict, key: str, where: str):
 
 def _text_config(d: dict, where: str) -> TextConfig:
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "mrope"):
+        # YaRN / linear / dynamic scaling would load fine and give wrong logits: refuse instead.
+        raise ConfigError(f"{where}: rope type {rope_type!r} is not supported (only default and mrope)")
     theta = rope.get("rope_theta", d.get("rope_theta", 1e6))
     mrope = rope.get("mrope_section")
     n_heads = _require(d, "num_attention_heads", where)

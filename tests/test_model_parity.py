@@ -224,3 +224,12 @@ def test_branches_score_continuations_as_separate_sequences(hf_checkpoint):
         ref = hf_logits(hf, seq, np.ones_like(seq))[0]
         assert np.abs(logits[:6] - ref[:6]).max() <= TOL
         assert np.abs(logits[sl] - ref[6:]).max() <= TOL
+
+
+def test_unsupported_rope_scaling_is_refused(hf_checkpoint, tmp_path):
+    _, path = hf_checkpoint("qwen2")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="rope type 'yarn' is not supported"):
+        load_pretrained(tmp_path)
