@@ -21,7 +21,9 @@ def tiny_config(arch: str, **over):
     if arch == "qwen2":
         return transformers.Qwen2Config(**{**TEXT, "rope_theta": 10000.0, **over})
     ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND)
-    text = {**TEXT, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}, "rope_theta": 10000.0}
+    half = TEXT["hidden_size"] // TEXT["num_attention_heads"] // 2
+    section = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]  # 16/24/24 at head_dim 128
+    text = {**TEXT, "rope_scaling": {"type": "mrope", "mrope_section": section}, "rope_theta": 10000.0}
     if arch == "qwen2_vl":
         vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2)
         return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **ids, **over)

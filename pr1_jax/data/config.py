@@ -1,0 +1,199 @@
+"""`DataConfig`: every knob of the data pipeline, from record columns to batch shapes.
+
+Defaults follow the Perception-R1 reference run: the paper's parquet columns (`problem`,
+`answer`, `images`, `visual_key_info`), image pixels in [3136, 1806336], prompts of at most
+4096 tokens. To train on the full Perception-R1 data, point `paths` at its parquet file(s)
+(or a directory of them) and leave the column names as they are; to train on JSONL, set
+`image_column`/`annotations_column` to that file's keys (see `pr1_jax/data/README.md`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+# Qwen2-VL vision geometry (the same for Qwen2.5-VL).
+PATCH_SIZE = 14
+MERGE_SIZE = 2
+TEMPORAL_PATCH_SIZE = 2
+PATCH_DIM = 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE  # 1176
+
+# Written for this project: the paper's output contract (think, then answer with \boxed{}).
+DEFAULT_FORMAT_PROMPT = (
+        "First think through the problem step by step inside <think> </think> tags. "
+        "Then give the final answer inside <answer> </answer> tags, "
+        "with the answer itself written in \\boxed{}."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Configuration of record reading, prompt building, image processing and batching.
+
+    Record source
+        paths: parquet / JSONL file(s) or directories of them (`*.parquet`, `*.jsonl`).
+        format: "auto" (by file extension), "parquet" or "jsonl".
+        id_column .. annotations_column: column (parquet) or key (JSONL) names. A missing id
+            column falls back to "<file stem>:<row>". The image column may hold a path, raw bytes,
+            a `{"bytes":..., "path":...}` struct (Hugging Face `datasets` Image layout), or a list
+            of those. Annotations may be a list of strings or `<info1>..</info1>`-tagged text.
+        image_root: directory that relative image paths are resolved against (default: the
+            directory of the record file).
+        require_image: records without any image are skipped (`missing_image`).
+
+    Prompt
+        tokenizer_path: directory with tokenizer files (a Hugging Face checkpoint directory or
+            `tests/fixtures/qwen2_tokenizer`), or a single `tokenizer.json` file.
+        chat_template_path: a `.jinja` file overriding the tokenizer's chat template (a
+            `chat_template.jinja` inside `tokenizer_path` is picked up automatically).
+        format_prompt: the think/answer/boxed instruction; `format_prompt_placement` puts it in
+            the system turn ("system") or appends it to the problem text after a space ("user",
+            what the paper's public training script does, with the template's default system turn).
+        image_placeholder: regex for image placeholders inside the problem text (the paper's
+            parquet writes "<image>"); each match becomes an image slot in the user turn. With no
+            placeholder, the images come first, then the text.
+
+    Images
+        min_pixels, max_pixels: smart-resize bounds (paper: 3136 and 1806336).
+        max_images_per_record: records with more images are skipped (`too_many_images`).
+        max_patches_per_record: records whose images give more patch rows are skipped
+            (`too_many_patches`); the effective limit is also capped by
+            patch_rows_per_batch // batch_size, so any batch fits its patch budget.
+
+    Batching (static shapes)
+        batch_size: prompts per batch (per host).
+        max_prompt_length: longer prompts (image tokens included) are skipped (`prompt_too_long`).
+        length_buckets: allowed padded prompt lengths; a batch is left-padded to the smallest
+            bucket holding its longest prompt. Default: powers of two from 64, capped by and
+            ending in max_prompt_length.
+        patch_rows_per_batch: rows of `pixel_values` in every batch (zero-padded). Default:
+            batch_size * max_images_per_record * the patch rows of a max_pixels image.
+        images_per_batch: rows of `image_grid_thw` (zero-padded). Default:
+            batch_size * max_images_per_record.
+        drop_remainder: drop a final partial batch (True) or pad it with invalid rows.
+
+    Order
+        seed, shuffle, num_epochs (None = repeat forever; each epoch reshuffled with seed+epoch).
+        shard_index / shard_count: per-host shard; None = jax.process_index()/process_count()
+            (so call jax.distributed.initialize() before building a pipeline on several hosts).
+
+    Workers
+        worker_count: decoding processes (0 = in the main process). read_threads: threads per
+            process. worker_buffer_size: per-worker prefetch buffer (examples).
+
+    Errors
+        strict: raise `BadRecordError` naming the record instead of skipping it.
+    """
+
+    paths: str | Sequence[str] = ()
+    format: str = "auto"
+    id_column: str | None = "id"
+    problem_column: str = "problem"
+    answer_column: str = "answer"
+    image_column: str = "images"
+    annotations_column: str | None = "visual_key_info"
+    image_root: str | None = None
+    require_image: bool = True
+
+    tokenizer_path: str = ""
+    chat_template_path: str | None = None
+    format_prompt: str = DEFAULT_FORMAT_PROMPT
+    format_prompt_placement: str = "system"
+    image_placeholder: str = r"<image\d*>"
+
+    min_pixels: int = 3136
+    max_pixels: int = 1806336
+    max_images_per_record: int = 1
+    max_patches_per_record: int | None = None
+
+    batch_size: int = 8
+    max_prompt_length: int = 4096
+    length_buckets: Sequence[int] | None = None
+    patch_rows_per_batch: int | None = None
+    images_per_batch: int | None = None
+    drop_remainder: bool = True
+
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = 1
+    shard_index: int | None = None
+    shard_count: int | None = None
+
+    worker_count: int = 0
+    read_threads: int = 4
+    worker_buffer_size: int = 8
+
+    strict: bool = False
+
+    def __post_init__(self):
+        if self.format not in ("auto", "parquet", "jsonl"):
+            raise ValueError(f"format must be auto, parquet or jsonl, got {self.format!r}")
+        if self.format_prompt_placement not in ("system", "user"):
+            raise ValueError(
+                    f"format_prompt_placement must be 'system' or 'user', got {self.format_prompt_placement!r}")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.min_pixels <= 0 or self.max_pixels < self.min_pixels:
+            raise ValueError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
+        if self.max_images_per_record < 0:
+            raise ValueError("max_images_per_record must be >= 0")
+        if self.length_buckets is not None:
+            b = list(self.length_buckets)
+            if not b or b != sorted(b) or b[0] <= 0:
+                raise ValueError(f"length_buckets must be positive and ascending, got {b}")
+        if self.patch_rows_per_batch is not None and self.patch_rows_per_batch % (MERGE_SIZE * MERGE_SIZE):
+            raise ValueError(f"patch_rows_per_batch must be a multiple of {MERGE_SIZE * MERGE_SIZE} "
+                             f"(the vision merger's block), got {self.patch_rows_per_batch}")
+        if (self.shard_index is None) != (self.shard_count is None):
+            raise ValueError("set both shard_index and shard_count, or neither")
+
+    # ---- derived sizes -------------------------------------------------------------------
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """Padded prompt lengths, ascending; the last one is >= max_prompt_length."""
+        if self.length_buckets is not None:
+            b = tuple(int(x) for x in self.length_buckets)
+            if b[-1] < self.max_prompt_length:
+                b = b + (self.max_prompt_length,)
+            return b
+        b, n = [], 64
+        while n < self.max_prompt_length:
+            b.append(n)
+            n *= 2
+        b.append(self.max_prompt_length)
+        return tuple(b)
+
+    @property
+    def max_patches_per_image(self) -> int:
+        """Patch rows of the largest image that smart-resize can produce under max_pixels."""
+        factor = PATCH_SIZE * MERGE_SIZE
+        # smart_resize keeps h*w <= max_pixels with h, w multiples of 28 (for aspect <= 200).
+        return max(self.max_pixels // (factor * factor), 1) * MERGE_SIZE * MERGE_SIZE
+
+    @property
+    def patch_rows(self) -> int:
+        """Rows of `pixel_values` in every batch."""
+        if self.patch_rows_per_batch is not None:
+            return int(self.patch_rows_per_batch)
+        return self.batch_size * max(self.max_images_per_record, 1) * self.max_patches_per_image
+
+    @property
+    def image_slots(self) -> int:
+        """Rows of `image_grid_thw` in every batch."""
+        if self.images_per_batch is not None:
+            return int(self.images_per_batch)
+        return self.batch_size * max(self.max_images_per_record, 1)
+
+    @property
+    def patch_limit_per_record(self) -> int:
+        """Most patch rows one record may bring (so that any batch fits `patch_rows`); a
+        multiple of merge_size**2, like every image's patch count."""
+        limit = self.patch_rows // self.batch_size
+        if self.max_patches_per_record is not None:
+            limit = min(limit, int(self.max_patches_per_record))
+        return limit - limit % (MERGE_SIZE * MERGE_SIZE)
+
+    @property
+    def image_limit_per_record(self) -> int:
+        return min(self.max_images_per_record, self.image_slots // self.batch_size)

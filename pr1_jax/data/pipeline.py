@@ -1,0 +1,173 @@
+"""The grain pipeline: record files -> shuffled, sharded, static-shape batches.
+
+::
+
+    RecordSource (raw rows)                         grain.MapDataset.source
+      -> this host's shard (even split, remainder dropped)          [start:end]
+      -> shuffle(seed), reshuffled every epoch (seed + epoch)       .shuffle
+      -> repeat(num_epochs)                                         .repeat
+      -> ExampleProcessor: decode + resize + tokenize,              .map (1:1, never raises:
+         bad rows become Skipped markers                              bad rows -> Skipped)
+      -> threads / worker processes                                 .to_iter_dataset / .mp_prefetch
+      -> SkipAndBatch: count + log skips (or raise when strict),    (main process)
+         collate batch_size examples into static shapes
+
+Every element before the batcher maps 1:1 to a shard position, so the batches do not depend
+on `worker_count` or `read_threads`, and skip counting/logging/raising happens in the main
+process whatever the workers do.
+
+Use::
+
+    ds = make_dataset(config)      # a grain.IterDataset of batch dicts
+    it = iter(ds)                  # a BatchIterator (grain DatasetIterator)
+    batch = next(it)
+    state = it.get_state()         # JSON-serialisable; also Orbax-checkpointable (it.save/load)
+    ...
+    it = iter(make_dataset(config)); it.set_state(state)   # resumes with the same next batch
+    it.skip_counts                 # {reason: count} over all batches delivered so far
+
+With `num_epochs=None` the stream is infinite (train for a number of steps). On several
+hosts each host reads its own shard; skips make hosts' streams uneven, so multi-host
+training should use `num_epochs=None` and a step count.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Any
+
+import grain
+
+from pr1_jax.data import records as rec
+from pr1_jax.data.batching import collate
+from pr1_jax.data.config import DataConfig
+from pr1_jax.data.processing import Example, ExampleProcessor, Skipped
+
+logger = logging.getLogger(__name__)
+
+
+def shard_options(config: DataConfig) -> grain.sharding.ShardOptions:
+    """This host's shard: the configured one, else jax.process_index() of jax.process_count()."""
+    if config.shard_index is not None:
+        return grain.sharding.ShardOptions(config.shard_index, config.shard_count, drop_remainder=True)
+    return grain.sharding.ShardByJaxProcess(drop_remainder=True)
+
+
+def shard_bounds(num_records: int, options: grain.sharding.ShardOptions) -> tuple[int, int]:
+    """[start, end) of this shard's records: contiguous, equal sizes, the remainder dropped
+    (grain's even split with drop_remainder=True)."""
+    per_shard = num_records // options.shard_count
+    return per_shard * options.shard_index, per_shard * (options.shard_index + 1)
+
+
+def make_example_dataset(config: DataConfig, tokenizer: Any = None,
+                         processor: ExampleProcessor | None = None) -> grain.IterDataset:
+    """The per-record stream (Example or Skipped), before batching."""
+    source = rec.RecordSource(config)
+    ds = grain.MapDataset.source(source)
+    start, end = shard_bounds(len(source), shard_options(config))
+    ds = ds[start:end]
+    if len(ds) == 0:
+        raise ValueError(f"shard {shard_options(config)} of {len(source)} records is empty")
+    if config.shuffle:
+        ds = ds.shuffle(seed=config.seed)
+    if config.num_epochs != 1:
+        ds = ds.repeat(config.num_epochs)
+    ds = ds.map(processor or ExampleProcessor(config, tokenizer))
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=config.read_threads,
+        prefetch_buffer_size=max(2 * config.read_threads, 1) if config.read_threads else 0))
+    if config.worker_count > 0:
+        _ensure_absl_flags_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
+    return it_ds
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags; outside `absl.app.run` nobody parses them,
+    so take the defaults (what `app.run` would do with no command-line flags)."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_dataset(config: DataConfig, tokenizer: Any = None) -> "SkipAndBatchIterDataset":
+    """Batches of static shapes (see `pr1_jax.data.batching` for the dict)."""
+    proc = ExampleProcessor(config, tokenizer)
+    return SkipAndBatchIterDataset(make_example_dataset(config, processor=proc), config, proc.pad_token_id)
+
+
+def make_iterator(config: DataConfig, tokenizer: Any = None, state: dict | None = None) -> "BatchIterator":
+    """`iter(make_dataset(config))`, restored to `state` if given."""
+    it = iter(make_dataset(config, tokenizer))
+    if state is not None:
+        it.set_state(state)
+    return it
+
+
+class SkipAndBatchIterDataset(grain.IterDataset):
+    """Drops Skipped markers (counted, logged; raised when strict) and collates batches."""
+
+    def __init__(self, parent: grain.IterDataset, config: DataConfig, pad_id: int):
+        super().__init__(parent)
+        self._config = config
+        self._pad_id = pad_id
+
+    def __iter__(self) -> "BatchIterator":
+        return BatchIterator(self._parent.__iter__(), self._config, self._pad_id)
+
+    def __str__(self) -> str:
+        return f"SkipAndBatchIterDataset(batch_size={self._config.batch_size})"
+
+
+class BatchIterator(grain.DatasetIterator):
+    """Iterator of batch dicts. State = the parent's state + the skip counters."""
+
+    def __init__(self, parent: grain.DatasetIterator, config: DataConfig, pad_id: int):
+        super().__init__(parent)
+        self._config = config
+        self._pad_id = pad_id
+        self._skips: collections.Counter = collections.Counter()
+
+    @property
+    def skip_counts(self) -> dict[str, int]:
+        """{reason: number of skipped records} over everything consumed so far (a record
+        skipped in several epochs counts once per epoch)."""
+        return dict(self._skips)
+
+    def __next__(self) -> dict:
+        cfg = self._config
+        examples: list[Example] = []
+        skipped: list[tuple[str, str]] = []
+        while len(examples) < cfg.batch_size:
+            try:
+                el = next(self._parent)
+            except StopIteration:
+                break
+            if isinstance(el, Skipped):
+                if cfg.strict:
+                    raise el.error()
+                self._skips[el.reason] += 1
+                skipped.append((el.record_id, el.reason))
+                logger.warning("skipping record %r: %s (%s) [%s skipped so far: %d]",
+                               el.record_id, el.reason, el.detail, el.reason, self._skips[el.reason])
+                continue
+            examples.append(el)
+        if not examples or (len(examples) < cfg.batch_size and cfg.drop_remainder):
+            raise StopIteration
+        batch = collate(examples, cfg, self._pad_id)
+        batch["skipped"] = skipped
+        return batch
+
+    def get_state(self) -> dict:
+        return {"parent": self._parent.get_state(), "skip_counts": dict(self._skips)}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self._skips = collections.Counter({k: int(v) for k, v in state.get("skip_counts", {}).items()})
+
+    def __str__(self) -> str:
+        return f"BatchIterator(batch_size={self._config.batch_size})"

@@ -1,0 +1,204 @@
+"""Record -> arrays equals the Hugging Face Qwen2-VL processor path, bit for bit."""
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pr1_jax.data.config import DEFAULT_FORMAT_PROMPT, DataConfig
+from pr1_jax.data.processing import (ExampleProcessor, build_messages, expand_image_tokens, load_tokenizer,
+                                     make_image_processor, num_patches)
+from pr1_jax.data.records import BAD_IMAGE, TOO_MANY_PATCHES, BadRecordError, ImageRef, Record
+
+TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "qwen2_tokenizer"
+GEO3K = Path(__file__).parent / "fixtures" / "geometry3k"
+PAPER_PIXELS = dict(min_pixels=3136, max_pixels=1806336)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(TOKENIZER_DIR)
+
+
+def hf_processor(tokenizer, config):
+    """transformers' own Qwen2VLProcessor built from the pieces (no torchvision needed: the
+    video-processor class check is the only thing that wants it, and we pass no video)."""
+    from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+
+    class _NoVideoQwen2VLProcessor(Qwen2VLProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return type(None)
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    return _NoVideoQwen2VLProcessor(image_processor=make_image_processor(config), tokenizer=tokenizer,
+                                    video_processor=None, chat_template=tokenizer.chat_template)
+
+
+def _png(img: Image.Image, fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _noise(w, h, mode="RGB", seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    if mode == "L":
+        return Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8), "L")
+    if mode == "RGBA":
+        return Image.fromarray(rng.integers(0, 256, (h, w, 4), dtype=np.uint8), "RGBA")
+    if mode == "P":
+        return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB").convert("P")
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+
+
+CASES = {
+    # name: (encoded image bytes, expectation on the pixel count)
+    "plain_150x100": (_png(_noise(150, 100)), "inside"),
+    "under_min_37x41": (_png(_noise(37, 41, seed=1)), "under_min"),
+    "over_max_2000x1500": (_png(_noise(2000, 1500, seed=2)), "over_max"),
+    "tall_30x900": (_png(_noise(30, 900, seed=3)), "inside"),
+    "wide_640x56": (_png(_noise(640, 56, seed=4)), "inside"),
+    "gray_L_97x203": (_png(_noise(97, 203, "L", seed=5)), "inside"),
+    "rgba_geometry3k": ((GEO3K / "14" / "img_diagram.png").read_bytes(), "inside"),
+    "palette_P_120x90": (_png(_noise(120, 90, "P", seed=6)), "inside"),
+    "jpeg_333x222": (_png(_noise(333, 222, seed=7), "JPEG"), "inside"),
+}
+
+
+def _reference(tokenizer, config, record, images):
+    proc = hf_processor(tokenizer, config)
+    text = proc.apply_chat_template(build_messages(record.problem, len(images), config), tokenize=False,
+                                    add_generation_prompt=True)
+    return proc(text=[text], images=images or None, return_tensors="np")
+
+
+def _assert_same(ex, ref):
+    np.testing.assert_array_equal(ex.input_ids, ref["input_ids"][0])
+    assert (ref["attention_mask"][0] == 1).all()
+    np.testing.assert_array_equal(ex.mm_token_type_ids, ref["mm_token_type_ids"][0])
+    np.testing.assert_array_equal(ex.image_grid_thw, ref["image_grid_thw"])
+    assert ex.pixel_values.dtype == np.float32 and ex.pixel_values.shape[1] == 1176
+    np.testing.assert_array_equal(ex.pixel_values, ref["pixel_values"])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_hf_processor(tokenizer, name):
+    data, where = CASES[name]
+    config = DataConfig(tokenizer_path=str(TOKENIZER_DIR), **PAPER_PIXELS, max_prompt_length=16384)
+    record = Record(id=name, problem="In the figure, A B = 30. Find x.", answer="5", images=(ImageRef(data=data),))
+    ex = ExampleProcessor(config, tokenizer).process(record)
+    ref = _reference(tokenizer, config, record, [Image.open(io.BytesIO(data))])
+    _assert_same(ex, ref)
+
+    src = Image.open(io.BytesIO(data))
+    t, gh, gw = ex.image_grid_thw[0]
+    pixels = int(gh * gw * 14 * 14)
+    assert t == 1 and gh % 2 == 0 and gw % 2 == 0
+    assert config.min_pixels <= pixels <= config.max_pixels
+    if where == "under_min":
+        assert src.width * src.height < config.min_pixels
+    if where == "over_max":
+        assert src.width * src.height > config.max_pixels
+    n_img_tokens = int(ex.mm_token_type_ids.sum())
+    assert n_img_tokens == gh * gw // 4
+    assert ex.num_patches == num_patches(src.height, src.width, config)
+
+
+@pytest.mark.parametrize("placement", ["system", "user"])
+def test_prompt_text_and_placement(tokenizer, placement):
+    config = DataConfig(tokenizer_path=str(TOKENIZER_DIR), format_prompt_placement=placement)
+    record = Record(id="r", problem="Find x.", answer="5", images=(ImageRef(data=_png(_noise(60, 60))),))
+    text = ExampleProcessor(config, tokenizer).prompt_text(record)
+    vision = "<|vision_start|><|image_pad|><|vision_end|>"
+    if placement == "system":
+        expected = (f"<|im_start|>system\n{DEFAULT_FORMAT_PROMPT}<|im_end|>\n"
+                    f"<|im_start|>user\n{vision}Find x.<|im_end|>\n<|im_start|>assistant\n")
+    else:
+        expected = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                    f"<|im_start|>user\n{vision}Find x. {DEFAULT_FORMAT_PROMPT}<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    assert text == expected
+    for word in ("<think>", "</think>", "<answer>", "</answer>", "\\boxed{}"):
+        assert word in DEFAULT_FORMAT_PROMPT
+
+
+def test_image_placeholder_same_prompt(tokenizer):
+    """'<image>Find x.' (the paper's parquet) and 'Find x.' give the same prompt."""
+    config = DataConfig(tokenizer_path=str(TOKENIZER_DIR))
+    img = (ImageRef(data=_png(_noise(60, 60))),)
+    proc = ExampleProcessor(config, tokenizer)
+    a = proc.process(Record("a", "<image>Find x.", "5", img))
+    b = proc.process(Record("b", "Find x.", "5", img))
+    np.testing.assert_array_equal(a.input_ids, b.input_ids)
+
+
+def test_two_images_with_placeholders_match_hf(tokenizer):
+    config = DataConfig(tokenizer_path=str(TOKENIZER_DIR), max_images_per_record=2, **PAPER_PIXELS)
+    d1, d2 = _png(_noise(90, 60, seed=11)), _png(_noise(50, 140, seed=12))
+    record = Record("two", "Compare <image1> with <image2>: which is taller?", "2",
+                    (ImageRef(data=d1), ImageRef(data=d2)))
+    ex = ExampleProcessor(config, tokenizer).process(record)
+    ref = _reference(tokenizer, config, record, [Image.open(io.BytesIO(d)) for d in (d1, d2)])
+    _assert_same(ex, ref)
+    assert ex.image_grid_thw.shape == (2, 3)
+
+
+def test_placeholder_count_mismatch_is_invalid(tokenizer):
+    config = DataConfig(tokenizer_path=str(TOKENIZER_DIR), max_images_per_record=2)
+    img = ImageRef(data=_png(_noise(60, 60)))
+    with pytest.raises(BadRecordError, match="placeholders"):
+        ExampleProcessor(config, tokenizer).process(Record("m", "<image> and <image> and <image>", "1", (img, img)))
+
+
+def test_expand_image_tokens():
+    ids = np.array([1, 9, 2, 9, 3])
+    out = expand_image_tokens(ids, 9, np.array([[1, 4, 6], [1, 2, 2]]))
+    np.testing.assert_array_equal(out, [1] + [9] * 6 + [2] + [9] + [3])
+    with pytest.raises(ValueError):
+        expand_image_tokens(ids, 9, np.array([[1, 2, 2]]))
+
+
+def test_bad_images_and_patch_limit(tokenizer):
+    config = DataConfig(tokenizer_path=str(TOKENIZER_DIR), batch_size=1, patch_rows_per_batch=256)
+    proc = ExampleProcessor(config, tokenizer)
+    good = _png(_noise(200, 200))
+    for data in (b"not an image", good[: len(good) // 2], b""):
+        with pytest.raises(BadRecordError) as e:
+            proc.process(Record("corrupt", "Find x.", "1", (ImageRef(data=data or b"\0"),)))
+        assert e.value.reason == BAD_IMAGE and "corrupt" in str(e.value)
+    with pytest.raises(BadRecordError) as e:
+        proc.process(Record("gone", "Find x.", "1", (ImageRef(path="/nonexistent/x.png"),)))
+    assert e.value.reason == BAD_IMAGE
+    with pytest.raises(BadRecordError) as e:  # 200x200 -> 14*14 = 196 patches fits; 400x400 does not
+        proc.process(Record("big", "Find x.", "1", (ImageRef(data=_png(_noise(400, 400))),)))
+    assert e.value.reason == TOO_MANY_PATCHES and "big" in str(e.value)
+    assert proc.process(Record("ok", "Find x.", "1", (ImageRef(data=good),))).num_patches == 196
+
+
+def test_tokenizer_fixture_reproduces_reference_vectors(tokenizer):
+    inp = (TOKENIZER_DIR / "test_vectors.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    out = (TOKENIZER_DIR / "test_vectors.out").read_text().split("\n")
+    assert len(inp) == 47
+    for text, ids in zip(inp, out):
+        assert tokenizer.encode(text, add_special_tokens=False) == [int(x) for x in ids.split()], repr(text)
+
+
+def test_tokenizer_from_json_file_equals_dir(tokenizer):
+    tok2 = load_tokenizer(TOKENIZER_DIR / "tokenizer.json")
+    assert tok2.pad_token_id == tokenizer.pad_token_id == 151643
+    assert tok2.eos_token_id == tokenizer.eos_token_id == 151645
+    assert tok2.convert_tokens_to_ids("<|image_pad|>") == 151655
+    assert tok2.chat_template == tokenizer.chat_template
+    text = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Find x, given ∠ABC = 40°.<|im_end|>"
+    assert tok2(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+
+def test_lazy_tokenizer_loading_from_config():
+    """No tokenizer given: the processor loads it from tokenizer_path on first use."""
+    config = DataConfig(tokenizer_path=str(TOKENIZER_DIR))
+    proc = ExampleProcessor(config)
+    ex = proc.process(Record("lazy", "Find x.", "5", (ImageRef(data=_png(_noise(60, 60))),)))
+    assert ex.num_tokens > 0 and proc.pad_token_id == 151643
