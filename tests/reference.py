@@ -25,9 +25,9 @@ def tiny_config(arch: str, **over):
     section = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]  # 16/24/24 at head_dim 128
     text = {**TEXT, "rope_scaling": {"type": "mrope", "mrope_section": section}, "rope_theta": 10000.0}
     if arch == "qwen2_vl":
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2)
+        vision = dict(depth=2, embed_dim=32, hidden_size=TEXT["hidden_size"], num_heads=4, mlp_ratio=2)
         return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **ids, **over)
-    vision = dict(depth=3, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=4,
+    vision = dict(depth=3, hidden_size=32, out_hidden_size=TEXT["hidden_size"], intermediate_size=48, num_heads=4,
                   window_size=56, fullatt_block_indexes=[1])
     return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids, **over)
 
