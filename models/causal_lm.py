@@ -7,6 +7,7 @@ tokens replace the embeddings at `image_token_id` positions, in order of appeara
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
@@ -16,11 +17,19 @@ from models.vision import VisionInputs, VisionTower
 
 
 def scatter_image_features(x, input_ids, features, image_token_id: int):
-    """x: [B, T, E]; features: [M, E] visual tokens in order. The k-th image token of the
-    row-major flattened batch takes features[k] (features beyond the image tokens are padding)."""
+    """x: [B, T, E]. Visual tokens replace the embeddings at image tokens, in order:
+
+    features [M, E] (packed for the whole batch): the k-th image token of the row-major
+        flattened batch takes features[k];
+    features [B, M, E] (per row): the k-th image token of row b takes features[b, k].
+    Features beyond the image tokens are padding."""
     is_img = input_ids == image_token_id
-    idx = jnp.cumsum(is_img.reshape(-1)).reshape(is_img.shape) - 1
-    feats = features.astype(x.dtype)[jnp.clip(idx, 0, features.shape[0] - 1)]
+    if features.ndim == 2:
+        idx = jnp.cumsum(is_img.reshape(-1)).reshape(is_img.shape) - 1
+        feats = features.astype(x.dtype)[jnp.clip(idx, 0, features.shape[0] - 1)]
+    else:
+        idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, features.shape[1] - 1)
+        feats = jnp.take_along_axis(features.astype(x.dtype), idx[..., None], axis=1)
     return jnp.where(is_img[..., None], feats, x)
 
 
@@ -41,16 +50,23 @@ class QwenCausalLM(nn.Module):
                 text.vocab_size, use_bias=False, kernel_init=param_init(("embed", "vocab")), **kw
             )
         if self.cfg.vision is not None:
-            self.visual = VisionTower(self.cfg.vision, remat=self.remat, **kw)
+            # Vectorised over a leading group axis with shared params: one group holds a whole
+            # batch's packed patches (sampler), or one sequence's (learner, sharded by sequence).
+            tower = nn.vmap(VisionTower, variable_axes={"params": None}, split_rngs={"params": False})
+            self.visual = tower(self.cfg.vision, remat=self.remat, **kw)
 
     def hidden_states(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None,
                       cache: KVCache | None = None, branches=None):
         """input_ids: [B, T] int; positions: [3, B, T] (VLM) or [B, T]; attention_mask: [B, T];
-        branches: see `Qwen2Decoder`. Returns final hidden states [B, T, E] and the extended
-        cache (None without one)."""
+        branches: see `Qwen2Decoder`. vision: the batch's packed patches (`pixel_values`
+        [P, patch_dim]) or per-row patches (every field with a leading B axis). Returns final
+        hidden states [B, T, E] and the extended cache (None without one)."""
         x = self.embed_tokens(input_ids)
         if vision is not None:
-            x = scatter_image_features(x, input_ids, self.visual(vision), self.cfg.image_token_id)
+            per_row = vision.pixel_values.ndim == 3
+            groups = vision if per_row else jax.tree.map(lambda a: a[None], vision)
+            features = self.visual(groups)
+            x = scatter_image_features(x, input_ids, features if per_row else features[0], self.cfg.image_token_id)
         return self.decoder(x, positions, attention_mask, cache, branches)
 
     def logits(self, h):
