@@ -1,0 +1,291 @@
+"""The GRPO learner: batch layout, log-probs against the sampler, micro-batching, the mesh, frozen
+vision, remat, the NaN guard, and that a few updates really optimise a reward."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import load_pretrained
+from pr1_jax.grpo import group_advantages
+from pr1_jax.learner import (Learner, LearnerConfig, apply_update, init_state, loss_and_grads, lr_schedule,
+                             make_module, make_optimizer, response_logprobs, train_batch_from_samples)
+from pr1_jax.sampling import SampleOutput, Sampler, SamplingConfig
+from pr1_jax.sharding import make_mesh
+from reference import vlm_batch
+
+N_SAMPLES = 2
+TEMP = 0.8
+EOS = tuple(range(2, 20))  # many stop tokens: response lengths vary, so token counts matter
+PAD = 0
+PATCHES = 32  # patch rows per sequence; the largest prompt below has 24
+GRIDS = [[(1, 4, 6)], [(1, 4, 4), (1, 2, 2)], [], [(1, 2, 2)]]
+TEXT = [(2, 4), (1, 5), (6, 0), (3, 3)]
+# eps 1e-6 (not 1e-8): Adam's first step is g / (|g| + eps), which would blow float-rounding noise
+# in near-zero gradients up to lr-sized parameter differences between summation orders.
+BASE = LearnerConfig(lr=1e-3, eps=1e-6, warmup_ratio=0.0, temperature=TEMP)
+
+
+class Setup:
+    """One tiny Qwen2-VL rollout (4 prompts x 2 samples = 8 sequences) and compiled functions,
+    cached per config (compiling dominates the run time of these tests)."""
+
+    def __init__(self, path):
+        self.model = load_pretrained(path)
+        ids, mask, _, pv, thw = vlm_batch(GRIDS, TEXT, np.random.default_rng(4))
+        self.ids, self.mask, self.pv, self.thw = ids, mask, pv, thw
+        self.inputs = self.model.prepare_inputs(ids, mask, pv, thw)
+        scfg = SamplingConfig(max_new_tokens=6, eos_ids=EOS, pad_id=PAD, temperature=TEMP, n=N_SAMPLES)
+        self.sampler = Sampler(self.model.module, scfg)
+        self.out = self.sampler(self.model.params, self.inputs, jax.random.key(1))
+        rewards = np.random.default_rng(0).uniform(size=len(GRIDS) * N_SAMPLES)
+        self.adv = np.asarray(group_advantages(jnp.asarray(rewards), N_SAMPLES))
+        self.batch = self.make_batch(self.out, self.adv)
+        self._fns: dict = {}
+
+    def make_batch(self, out, adv):
+        return train_batch_from_samples(self.model.config, self.inputs, out, N_SAMPLES, self.pv, self.thw,
+                                        num_patches=PATCHES, advantages=adv)
+
+    def _cached(self, key, build):
+        if key not in self._fns:
+            self._fns[key] = build()
+        return self._fns[key]
+
+    def grads(self, cfg: LearnerConfig, batch=None, params=None):
+        """(grads, metrics) of `loss_and_grads`, unsharded."""
+        module = make_module(self.model.config, cfg)
+        fn = self._cached(("grads", cfg), lambda: jax.jit(lambda p, b: loss_and_grads(p, b, cfg, module)))
+        return fn(self.model.params if params is None else params, self.batch if batch is None else batch)
+
+    def update_fn(self, cfg: LearnerConfig):
+        """(jitted apply_update, optimizer); shared by configs that differ only in the loss pass."""
+        opt_cfg = dataclasses.replace(cfg, micro_batch_size=None, remat=False, recompute_old_logprobs=False)
+
+        def build():
+            tx = make_optimizer(opt_cfg, 10)
+            return jax.jit(functools.partial(apply_update, cfg=opt_cfg, tx=tx, lr_fn=lr_schedule(opt_cfg, 10))), tx
+
+        return self._cached(("update", opt_cfg), build)
+
+    def run_step(self, cfg: LearnerConfig, batch=None, state=None):
+        """The unsharded reference step: `loss_and_grads` then `apply_update` (= `train_step`)."""
+        fn, tx = self.update_fn(cfg)
+        state = init_state(self.model.params, tx) if state is None else state
+        grads, metrics = self.grads(cfg, batch, state.params)
+        return fn(state, grads, metrics)
+
+    def learner(self, cfg: LearnerConfig, shape) -> Learner:
+        return self._cached(("learner", cfg, shape), lambda: Learner(self.model.config, cfg, make_mesh(shape), 10))
+
+
+@pytest.fixture(scope="module")
+def setup(hf_checkpoint):
+    return Setup(hf_checkpoint("qwen2_vl")[1])
+
+
+def _max_diff(a, b):
+    return max(float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_batch_layout(setup):
+    b, out, inputs = setup.batch, setup.out, setup.inputs
+    lengths = np.asarray(out.lengths)
+    assert len(set(lengths.tolist())) > 2, lengths  # the rollout really has ragged responses
+    t = setup.ids.shape[1]
+    r = out.tokens.shape[1]
+    n_valid = setup.mask.sum(-1)
+    for i in range(b["input_ids"].shape[0]):
+        p = i // N_SAMPLES
+        assert np.array_equal(b["input_ids"][i, :t], setup.ids[p])
+        assert np.array_equal(b["input_ids"][i, t:], np.asarray(out.tokens[i]))
+        assert np.array_equal(b["attention_mask"][i], np.concatenate([setup.mask[p], np.asarray(out.mask[i])]))
+        assert np.array_equal(b["positions"][:, i, :t], inputs["positions"][:, p])
+        k = np.arange(r)
+        want = np.where(k < lengths[i], n_valid[p] + inputs["rope_deltas"][p] + k, 0)
+        assert np.array_equal(b["positions"][:, i, t:], np.broadcast_to(want, (3, r)))
+    # Sequence i carries exactly the images of prompt i // n, laid out as for that prompt alone.
+    offsets = np.cumsum([0] + [sum(int(np.prod(g)) for g in row) for row in GRIDS])
+    first_grid = np.cumsum([0] + [len(row) for row in GRIDS])
+    for i in range(b["input_ids"].shape[0]):
+        p = i // N_SAMPLES
+        vi = jax.tree.map(lambda x: x[i], b["vision"])
+        real = offsets[p + 1] - offsets[p]
+        assert np.array_equal(vi.pixel_values[:real], setup.pv[offsets[p]:offsets[p + 1]])
+        assert not vi.pixel_values[real:].any()
+        if real:
+            alone = setup.model.prepare_inputs(setup.ids[p:p + 1], setup.mask[p:p + 1],
+                                               setup.pv[offsets[p]:offsets[p + 1]],
+                                               setup.thw[first_grid[p]:first_grid[p + 1]], num_patches=PATCHES)
+            for f in ("perm", "rot_pos", "seg_full", "seg_window", "unperm"):
+                assert np.array_equal(getattr(vi, f), getattr(alone["vision"], f)), f
+    with pytest.raises(ValueError, match="num_patches"):
+        train_batch_from_samples(setup.model.config, inputs, out, N_SAMPLES, setup.pv, setup.thw, num_patches=20)
+
+
+
+FROZEN = dataclasses.replace(BASE, freeze_vision=True, recompute_old_logprobs=True)
+
+
+def test_logprobs_equal_sampler_and_first_step_ratio_is_one(setup):
+    module = make_module(setup.model.config, BASE)
+    logp, ent = jax.jit(lambda p, b: response_logprobs(module, p, b, TEMP))(setup.model.params, setup.batch)
+    m = np.asarray(setup.out.mask).astype(bool)
+    assert np.abs(np.asarray(logp) - np.asarray(setup.out.logprobs))[m].max() <= 1e-4
+    assert np.all(np.asarray(ent)[m] > 0)
+    state, metrics = setup.run_step(BASE)
+    assert abs(float(metrics["ratio_mean"]) - 1.0) <= 1e-4
+    assert float(metrics["ratio_max"]) <= 1 + 1e-4 and float(metrics["ratio_min"]) >= 1 - 1e-4
+    assert float(metrics["clip_frac"]) == 0.0
+    assert float(metrics["logprob_diff_max"]) <= 1e-4
+    assert float(metrics["entropy"]) == pytest.approx(float(np.asarray(ent)[m].mean()), rel=1e-5)
+    assert float(metrics["num_tokens"]) == m.sum()
+    # token-mean at ratio 1: loss = -sum_i A_i * len_i / num_tokens
+    want = -(setup.adv * m.sum(-1)).sum() / m.sum()
+    assert float(metrics["loss"]) == pytest.approx(want, abs=1e-5)
+    assert int(state.step) == 1 and int(state.skipped) == 0 and float(metrics["skipped"]) == 0.0
+    assert float(metrics["lr"]) == pytest.approx(BASE.lr)
+
+
+def test_recomputed_old_logprobs(setup):
+    """The old policy from the current params: ratio exactly 1, the sampler's distance reported."""
+    _, metrics = setup.run_step(FROZEN)
+    _, ref = setup.run_step(BASE)
+    assert float(metrics["ratio_max"]) == 1.0 and float(metrics["ratio_min"]) == 1.0
+    assert 0 < float(metrics["logprob_diff_max"]) <= 1e-4
+    assert float(metrics["logprob_diff_mean"]) <= float(metrics["logprob_diff_max"])
+    assert float(metrics["logprob_diff_max"]) == pytest.approx(float(ref["logprob_diff_max"]), abs=1e-6)
+    assert float(metrics["loss"]) == pytest.approx(float(ref["loss"]), abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2"])
+def test_logprobs_equal_sampler_other_archs(hf_checkpoint, arch):
+    model = load_pretrained(hf_checkpoint(arch)[1])
+    rng = np.random.default_rng(5)
+    if arch == "qwen2":
+        ids = rng.integers(3, 120, (2, 7))
+        mask = np.ones_like(ids)
+        mask[1, :3] = 0
+        pv = thw = None
+    else:  # window attention: a 8x8-patch image spans several windows
+        ids, mask, _, pv, thw = vlm_batch([[(1, 8, 8)], [(1, 4, 4), (1, 4, 8)]], [(2, 1), (1, 2)], rng)
+    inputs = model.prepare_inputs(ids, mask, pv, thw)
+    out = Sampler(model.module, SamplingConfig(max_new_tokens=5, eos_ids=EOS, pad_id=PAD, temperature=1.0, n=2))(
+        model.params, inputs, jax.random.key(2))
+    batch = train_batch_from_samples(model.config, inputs, out, 2, pv, thw)
+    assert batch["positions"].ndim == (2 if arch == "qwen2" else 3)
+    logp, _ = jax.jit(lambda p, b: response_logprobs(model.module, p, b, 1.0))(model.params, batch)
+    m = np.asarray(out.mask).astype(bool)
+    assert np.abs(np.asarray(logp) - np.asarray(out.logprobs))[m].max() <= 1e-4
+
+
+@pytest.mark.parametrize("shape,micro", [((1, 8, 1), None), ((2, 2, 2), 4)])
+def test_sharded_step_equals_unsharded(setup, shape, micro):
+    cfg = dataclasses.replace(BASE, micro_batch_size=micro)
+    ref_state, ref = setup.run_step(BASE)  # unsharded, one batch
+    learner = setup.learner(cfg, shape)
+    state = learner.init_state(setup.model.params)
+    batch = learner.global_batch(setup.batch)
+    assert batch["input_ids"].sharding.spec[0] is not None  # really split over the data axes
+    assert batch["positions"].sharding.spec[1] is not None
+    assert batch["vision"].pixel_values.sharding.spec[0] is not None
+    state, metrics = learner.step(state, batch)
+    q = state.params["decoder"]["layers"]["q_proj"]["kernel"]
+    assert q.sharding == learner.param_shardings["decoder"]["layers"]["q_proj"]["kernel"]
+    assert len(q.sharding.device_set) == 8 and q.addressable_shards[0].data.size < q.size
+    moments = [x for kp, x in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
+               if "'q_proj']['kernel']" in jax.tree_util.keystr(kp)]
+    assert len(moments) == 2 and all(x.sharding == q.sharding for x in moments)  # Adam's mu, nu
+    assert float(metrics["loss"]) == pytest.approx(float(ref["loss"]), abs=1e-5)
+    assert float(metrics["grad_norm"]) == pytest.approx(float(ref["grad_norm"]), rel=1e-5)
+    assert _max_diff(state.params, ref_state.params) <= 1e-5
+    assert _max_diff(state.params, setup.model.params) > 0.5 * BASE.lr  # the step moved the params
+    assert _max_diff(state.opt_state, ref_state.opt_state) <= 1e-5
+    assert int(state.step) == 1
+
+
+def test_micro_batches_equal_one_batch(setup):
+    micro = dataclasses.replace(BASE, micro_batch_size=2)  # 4 micro-batches of 2 sequences
+    g_ref, m_ref = setup.grads(BASE)
+    g_mic, m_mic = setup.grads(micro)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g_ref))
+    assert _max_diff(g_mic, g_ref) <= 1e-5 * scale
+    for k in ("loss", "pg_loss", "entropy", "ratio_mean", "clip_frac", "logprob_diff_mean", "num_tokens"):
+        assert float(m_mic[k]) == pytest.approx(float(m_ref[k]), abs=1e-6), k
+    assert float(m_mic["logprob_diff_max"]) == pytest.approx(float(m_ref["logprob_diff_max"]), abs=1e-6)
+    ref_state, ref = setup.run_step(BASE)
+    state, metrics = setup.run_step(micro)
+    assert float(metrics["grad_norm"]) == pytest.approx(float(ref["grad_norm"]), rel=1e-5)
+    assert _max_diff(state.params, ref_state.params) <= 1e-5
+
+
+def test_remat_gives_the_same_grads(setup):
+    g_ref, m_ref = setup.grads(BASE)
+    g_remat, m_remat = setup.grads(dataclasses.replace(BASE, remat=True))
+    assert _max_diff(g_remat, g_ref) <= 1e-6
+    assert float(m_remat["loss"]) == pytest.approx(float(m_ref["loss"]), abs=1e-7)
+
+
+def test_frozen_vision(setup):
+    state, _ = setup.run_step(FROZEN)
+    before = setup.model.params
+    bits = lambda x: np.asarray(x).view(np.uint32)  # noqa: E731
+    for a, b in zip(jax.tree.leaves(state.params["visual"]), jax.tree.leaves(before["visual"])):
+        assert np.array_equal(bits(a), bits(b))
+    for key in ("decoder", "embed_tokens", "lm_head"):
+        for a, b in zip(jax.tree.leaves(state.params[key]), jax.tree.leaves(before[key])):
+            assert float(jnp.max(jnp.abs(a - b))) > 0.5 * BASE.lr
+    # No optimizer moments for the tower: the state holds two moments of the text params only.
+    n_text = sum(x.size for k, v in before.items() if k != "visual" for x in jax.tree.leaves(v))
+    n_state = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+    assert n_state == 2 * n_text
+    # The same step without freezing moves the tower: the checks above can fail.
+    trained, _ = setup.run_step(BASE)
+    assert _max_diff(trained.params["visual"], before["visual"]) > 0.5 * BASE.lr
+
+
+def test_nan_guard_skips_the_step(setup):
+    bad = dict(setup.batch, advantages=setup.adv.copy())
+    bad["advantages"][3] = np.nan
+    _, tx = setup.update_fn(BASE)
+    state0 = init_state(setup.model.params, tx)
+    state, metrics = setup.run_step(BASE, bad, state0)
+    assert float(metrics["skipped"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
+    assert int(state.skipped) == 1 and int(state.step) == 0
+    assert _max_diff(state.params, state0.params) == 0.0
+    assert _max_diff(state.opt_state, state0.opt_state) == 0.0
+    # The next good batch is applied on top, and counts as the first update.
+    state, metrics = setup.run_step(BASE, setup.batch, state)
+    assert float(metrics["skipped"]) == 0.0 and int(state.step) == 1 and int(state.skipped) == 1
+    assert _max_diff(state.params, state0.params) > 0.5 * BASE.lr
+
+
+def test_updates_raise_the_probability_of_rewarded_tokens(setup):
+    """Reward = fraction of response tokens in a set S (a third of the vocabulary); a few GRPO
+    steps on the mesh (sample with the live params, reward, advantages, update) must raise the
+    probability mass of S at the first response position."""
+    model, inputs = setup.model, setup.inputs
+    rewarded = np.arange(20, 62)
+    learner = setup.learner(BASE, (1, 8, 1))
+    first = jax.jit(lambda p: jax.nn.softmax(model.module.apply(
+        {"params": p}, inputs["input_ids"], inputs["positions"], inputs["attention_mask"], inputs["vision"])[0][:, -1]))
+    mass = lambda params: float(first(jax.device_get(params))[:, rewarded].sum(-1).mean())  # noqa: E731
+    m0 = mass(model.params)
+    state = learner.init_state(model.params)
+    key = jax.random.key(0)
+    rewards_seen = []
+    for _ in range(12):
+        key, sub = jax.random.split(key)
+        out = setup.sampler(jax.device_get(state.params), inputs, sub)
+        tokens, m = np.asarray(out.tokens), np.asarray(out.mask)
+        rewards = (np.isin(tokens, rewarded) & (m > 0)).sum(-1) / np.maximum(m.sum(-1), 1)
+        rewards_seen.append(rewards.mean())
+        adv = np.asarray(group_advantages(jnp.asarray(rewards, jnp.float32), N_SAMPLES))
+        state, metrics = learner.step(state, learner.global_batch(setup.make_batch(out, adv)))
+        assert float(metrics["skipped"]) == 0.0
+    m1 = mass(state.params)
+    assert m1 > m0 + 0.02, (m0, m1, rewards_seen)
