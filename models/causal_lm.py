@@ -16,14 +16,14 @@ from models.qwen2 import KVCache, Qwen2Decoder
 from models.vision import VisionInputs, VisionTower
 
 
-def scatter_image_features(x, input_ids, features, image_token_id: int):
-    """x: [B, T, E]. Visual tokens replace the embeddings at image tokens, in order:
+def scatter_image_features(x, is_img, features):
+    """x: [B, T, E]; is_img: [B, T] bool, the image-token slots. Visual tokens replace the
+    embeddings there, in order:
 
     features [M, E] (packed for the whole batch): the k-th image token of the row-major
         flattened batch takes features[k];
     features [B, M, E] (per row): the k-th image token of row b takes features[b, k].
     Features beyond the image tokens are padding."""
-    is_img = input_ids == image_token_id
     if features.ndim == 2:
         idx = jnp.cumsum(is_img.reshape(-1)).reshape(is_img.shape) - 1
         feats = features.astype(x.dtype)[jnp.clip(idx, 0, features.shape[0] - 1)]
@@ -56,17 +56,22 @@ class QwenCausalLM(nn.Module):
             self.visual = tower(self.cfg.vision, remat=self.remat, **kw)
 
     def hidden_states(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None,
-                      cache: KVCache | None = None, branches=None):
+                      cache: KVCache | None = None, branches=None, image_mask=None):
         """input_ids: [B, T] int; positions: [3, B, T] (VLM) or [B, T]; attention_mask: [B, T];
         branches: see `Qwen2Decoder`. vision: the batch's packed patches (`pixel_values`
         [P, patch_dim]) or per-row patches (every field with a leading B axis). Returns final
-        hidden states [B, T, E] and the extended cache (None without one)."""
+        hidden states [B, T, E] and the extended cache (None without one).
+        image_mask: [B, T] bool, the slots that take visual tokens (default: every image token;
+        a scorer of sampled responses passes the prompt's only, since a generated image token
+        was fed to the sampler as a plain embedding)."""
         x = self.embed_tokens(input_ids)
         if vision is not None:
             per_row = vision.pixel_values.ndim == 3
             groups = vision if per_row else jax.tree.map(lambda a: a[None], vision)
             features = self.visual(groups)
-            x = scatter_image_features(x, input_ids, features if per_row else features[0], self.cfg.image_token_id)
+            if image_mask is None:
+                image_mask = input_ids == self.cfg.image_token_id
+            x = scatter_image_features(x, image_mask, features if per_row else features[0])
         return self.decoder(x, positions, attention_mask, cache, branches)
 
     def logits(self, h):

@@ -281,9 +281,11 @@ def response_logprobs(module: QwenCausalLM, params, batch: Batch, temperature: f
     apply = functools.partial(module.apply, {"params": params})
     r = batch["response_mask"].shape[1]
     ids = batch["input_ids"]
-    h, _ = apply(ids, batch["positions"], batch["attention_mask"], batch.get("vision"),
-                 method=QwenCausalLM.hidden_states)
     t = ids.shape[1] - r
+    # Only the prompt's image tokens take visual features: the sampler fed generated ones as text.
+    image_mask = (ids == module.cfg.image_token_id) & (jnp.arange(ids.shape[1]) < t)[None]
+    h, _ = apply(ids, batch["positions"], batch["attention_mask"], batch.get("vision"),
+                 image_mask=image_mask, method=QwenCausalLM.hidden_states)
     logits = apply(h[:, t - 1:t + r - 1], method=QwenCausalLM.logits)  # [N, R, V]
     logp = token_logprobs(logits, ids[:, t:], temperature)
     ent_in = logits if entropy_grad else jax.lax.stop_gradient(logits)

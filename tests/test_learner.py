@@ -289,3 +289,16 @@ def test_updates_raise_the_probability_of_rewarded_tokens(setup):
         assert float(metrics["skipped"]) == 0.0
     m1 = mass(state.params)
     assert m1 > m0 + 0.02, (m0, m1, rewards_seen)
+
+
+def test_generated_image_tokens_are_scored_as_text(setup):
+    """A sampled <|image_pad|> was fed to the sampler as a plain embedding; the learner must not
+    put visual features there, or its log-probs drift from the sampler's after that token."""
+    image_token = setup.model.config.image_token_id
+    cfg = SamplingConfig(max_new_tokens=24, eos_ids=(-1,), pad_id=PAD, temperature=8.0, n=N_SAMPLES)
+    out = Sampler(setup.model.module, cfg)(setup.model.params, setup.inputs, jax.random.key(3))
+    assert (np.asarray(out.tokens) == image_token).any(), "the test needs a generated image token"
+    batch = setup.make_batch(out, setup.adv)
+    logp, _ = jax.jit(lambda p, b: response_logprobs(setup.model.module, p, b, 8.0))(setup.model.params, batch)
+    m = np.asarray(out.mask).astype(bool)
+    assert np.abs(np.asarray(logp) - np.asarray(out.logprobs))[m].max() <= 1e-4
