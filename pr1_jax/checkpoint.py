@@ -68,5 +68,18 @@ class Checkpointer:
             ) from e
         return state, dict(out["meta"])
 
+    def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
+        """Only the `params` of a train state (e.g. to export): the optimizer state stays on disk."""
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.steps():
+            raise CheckpointRestoreError(f"{self.directory}: no complete checkpoint for step {step}; have {self.steps()}")
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item={"params": abstract_params}, partial_restore=True)))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointRestoreError(f"{self.directory}: params of step {step} cannot be restored: "
+                                         f"{type(e).__name__}: {e}") from e
+        return out["state"]["params"]
+
     def close(self) -> None:
         self._manager.close()
