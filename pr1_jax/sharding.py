@@ -37,6 +37,10 @@ RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+class MeshError(ValueError):
+    """A mesh shape that the available devices cannot fill."""
+
+
 def make_mesh(shape: Sequence[int] = (1, -1, 1), axes: Sequence[str] = MESH_AXES, devices=None) -> Mesh:
     """A mesh over all (or the given) devices; one entry of `shape` may be -1 (the rest).
 
@@ -46,12 +50,14 @@ def make_mesh(shape: Sequence[int] = (1, -1, 1), axes: Sequence[str] = MESH_AXES
     devices = list(jax.devices() if devices is None else devices)
     shape = list(shape)
     if shape.count(-1) > 1:
-        raise ValueError(f"mesh shape {shape}: at most one -1")
+        raise MeshError(f"mesh shape {shape}: at most one -1")
     known = int(np.prod([s for s in shape if s != -1]))
     if -1 in shape:
+        if len(devices) % known:
+            raise MeshError(f"mesh shape {tuple(shape)}: {len(devices)} devices are not a multiple of {known}")
         shape[shape.index(-1)] = len(devices) // known
     if int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, have {len(devices)}")
+        raise MeshError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, have {len(devices)}")
     return jax.make_mesh(tuple(shape), tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(axes),
                          devices=devices)
 
