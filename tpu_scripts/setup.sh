@@ -3,7 +3,7 @@
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 root="$(cd "$(dirname "$0")/.." && pwd)"
-tar -C "$root" --exclude=.git --exclude=runs --exclude=.venv -czf /tmp/pr1-jax.tgz .
+run tar -C "$root" --exclude=.git --exclude=runs --exclude=.venv -czf /tmp/pr1-jax.tgz .
 gtpu scp /tmp/pr1-jax.tgz "$TPU_NAME":/tmp/pr1-jax.tgz --worker=all
 on_all "mkdir -p ~/$REPO_DIR && tar -C ~/$REPO_DIR -xzf /tmp/pr1-jax.tgz && cd ~/$REPO_DIR && \
   python3 -m venv .venv && . .venv/bin/activate && pip install -q -U pip && \
