@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # Create a TPU VM pod slice (queued resources are better for large slices; see README).
 set -euo pipefail
 source "$(dirname "$0")/common.sh"

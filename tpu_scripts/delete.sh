@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 gtpu delete "$TPU_NAME" --quiet

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # Start training on every worker (one process per host; jax.distributed finds its peers on TPU).
 # Usage: bash tpu_scripts/launch.sh configs/paper_qwen25vl7b_v5p.yaml [key=value ...]
 set -euo pipefail

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # Tail the log of worker 0 (metrics JSONL and TensorBoard files are in the run directory).
 set -euo pipefail
 source "$(dirname "$0")/common.sh"

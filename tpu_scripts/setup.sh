@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # Copy this checkout to every worker and install it with JAX for TPU.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # SIGTERM every trainer: each saves a checkpoint at the next step boundary, then exits.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
