@@ -352,3 +352,18 @@ def test_scorer_close():
     with pytest.raises(RuntimeError, match="closed"):
         s.submit(RECORDS)
     assert not any(w.proc.is_alive() for w in s._workers)
+
+
+def test_nested_braces_in_boxed():
+    r = "<think>\nx\n</think>\n<answer>\n\\boxed{\\frac{\\sqrt{3}}{2}}\n</answer>"
+    assert accuracy_reward(r, "\\frac{\\sqrt{3}}{2}") == 1.0
+    assert accuracy_reward(r, "\\frac{\\sqrt{2}}{2}") == 0.0
+    assert format_reward(r) == 1.0
+
+
+def test_crlf_newlines():
+    """The paper's format regex wants \\n; a CRLF response fails the format (as the reference
+    does) while its answer is still verified."""
+    r = "<think>\r\nAB = 5\r\n</think>\r\n<answer>\r\n\\boxed{5}\r\n</answer>"
+    assert format_reward(r) == 0.0
+    assert accuracy_reward(r, "5") == 1.0
