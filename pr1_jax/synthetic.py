@@ -28,13 +28,24 @@ the pixels); the figure still varies in count and kind, and all three facts are 
 the visual reward has room beyond the answer. :func:`chance_accuracy` gives the chance level of
 any config.
 
-Visual annotations are phrased like the paper's: "There are 3 shapes.", "The shapes are red.",
-"The shapes are circles." (singular for one shape).
+Visual annotations are short canonical sentences, one per fact: "Number of shapes: three.",
+"Each shape is drawn in red.", "Each shape is a circle." Every sentence ends with its value,
+the token before the value (":", " in", " a") is that sentence's alone, every value is a word
+that appears in no other sentence (counts are words, so they never collide with the boxed
+answer), and the colour and kind sentences do not depend on the count (a response that gets
+the count wrong can still state the colour in exactly the annotation's words). So whether a
+response states an annotation is a lookup of one word after one cue, which a tiny judge learns
+in a couple of minutes (see `pr1_jax.warm_start`).
 
-Besides the dataset this module makes the text the warm starts need:
+Besides the dataset this module makes the text the warm starts need. Both state facts with
+exactly the annotation sentences (:func:`fact_sentence`), so "does the response state this
+annotation" is "does the response contain this sentence": a matching task a tiny judge learns
+in a couple of minutes, and one that a policy warm-started on the same sentences is judged on
+fairly in RL (the visual reward then measures whether it states the figure's true facts).
 
 * :func:`judge_pairs`: (response, annotation, label) for the judge's warm start; positives
-  state the annotation's fact (varied phrasings), negatives state another value or nothing.
+  state the annotation's sentence, negatives state the same sentence with another value or
+  leave the fact out.
 * :func:`sft_response`: format-exact responses for the policy's warm start, whose answer and
   stated facts are *not* read from the figure (random by default), so that RL has accuracy and
   visual reward left to gain.
@@ -170,20 +181,23 @@ def png_bytes(img: Image.Image) -> bytes:
 
 # ---- facts as text -----------------------------------------------------------------------
 
-def _shapes(n: int) -> str:
-    return "shape" if n == 1 else "shapes"
+ATTRIBUTES = ("count", "color", "kind")
 
 
-def _kind_noun(kind: str, n: int) -> str:
-    return kind if n == 1 else kind + "s"
+def fact_sentence(attr: str, value) -> str:
+    """The one sentence that states a fact, in annotations and responses alike."""
+    if attr == "count":
+        return f"Number of shapes: {NUMBER_WORDS[value]}."
+    if attr == "color":
+        return f"Each shape is drawn in {value}."
+    if attr == "kind":
+        return f"Each shape is a {value}."
+    raise ValueError(f"unknown attribute {attr!r}")
 
 
 def annotations(fig: Figure) -> list[str]:
-    """The figure's visual annotations, paper style: count, colour, kind."""
-    n = fig.count
-    if n == 1:
-        return ["There is 1 shape.", f"The shape is {fig.color}.", f"The shape is a {fig.kind}."]
-    return [f"There are {n} shapes.", f"The shapes are {fig.color}.", f"The shapes are {fig.kind}s."]
+    """The figure's visual annotations: count, colour, kind."""
+    return [fact_sentence(a, getattr(fig, a)) for a in ATTRIBUTES]
 
 
 def _choices_text(names: Sequence[str]) -> str:
@@ -264,55 +278,14 @@ def write_dataset(out_dir: str | os.PathLike, n: int, seed: int, split: str = "t
 
 # ---- responses: the policy's warm start and the judge's --------------------------------
 
-def _number(rng: np.random.Generator, n: int) -> str:
-    """A count as a digit or a word (both appear in responses; the judge must accept both)."""
-    return str(n) if rng.random() < 0.5 else NUMBER_WORDS[n]
+NO_FACTS = "I look at the figure."  # the think text of a response that states no fact
 
 
-def _cap(s: str) -> str:
-    return s[:1].upper() + s[1:]
-
-
-def _count_sentence(rng, n: int) -> str:
-    w, s = _number(rng, n), _shapes(n)
-    be = "is" if n == 1 else "are"
-    return [f"There {be} {w} {s}.", f"I count {w} {s}.", f"The figure has {w} {s}.",
-            f"{_cap(w)} {s} {be} drawn.", f"The number of shapes is {w}."][int(rng.integers(5))]
-
-
-def _color_sentence(rng, color: str, n: int | None) -> str:
-    """n is the count the response also states, or None: then the phrasing says nothing
-    about the number of shapes (so a response that omits the count cannot imply it)."""
-    forms = [f"The colour is {color}.", f"Everything is drawn in {color}.", f"The fill colour is {color}."]
-    if n is not None:
-        forms.append(f"The shape is {color}." if n == 1 else f"The shapes are {color}.")
-    return forms[int(rng.integers(len(forms)))]
-
-
-def _kind_sentence(rng, kind: str, n: int | None) -> str:
-    forms = [f"Every shape is a {kind}.", f"The shape type is {kind}.", f"Each shape is a {kind}."]
-    if n is not None:
-        forms.append(f"The shape is a {kind}." if n == 1 else f"The shapes are {kind}s.")
-    return forms[int(rng.integers(len(forms)))]
-
-
-def _think(rng: np.random.Generator, stated: dict, ans: str) -> str:
-    """Think text stating exactly the facts in `stated` ({"count"?, "color"?, "kind"?})."""
-    n = stated.get("count")
-    if len(stated) == 3 and rng.random() < 0.3:
-        facts = [f"I see {_number(rng, n)} {stated['color']} {_kind_noun(stated['kind'], n)}."]
-    else:
-        facts = []
-        if "count" in stated:
-            facts.append(_count_sentence(rng, n))
-        if "color" in stated:
-            facts.append(_color_sentence(rng, stated["color"], n))
-        if "kind" in stated:
-            facts.append(_kind_sentence(rng, stated["kind"], n))
-        facts = [facts[i] for i in rng.permutation(len(facts))]
-    opening = ["", "Let me look at the figure.", "I look at the image."][int(rng.integers(3))]
-    closing = [f"So the answer is {ans}.", f"The answer is {ans}."][int(rng.integers(2))]
-    return " ".join(s for s in [opening, *facts, closing] if s)
+def think_text(stated: dict, order: Sequence[str] = ATTRIBUTES) -> str:
+    """Think text stating exactly the facts in `stated` ({"count"?, "color"?, "kind"?}), one
+    `fact_sentence` each, in `order` (canonical: count, colour, kind)."""
+    facts = [fact_sentence(a, stated[a]) for a in order if a in stated]
+    return " ".join(facts) if facts else NO_FACTS
 
 
 def format_response(think: str, ans: str) -> str:
@@ -324,30 +297,29 @@ def _values(cfg: TaskConfig) -> dict[str, list]:
     return {"count": list(range(1, cfg.max_count + 1)), "color": list(cfg.colors), "kind": list(cfg.kinds)}
 
 
-def _fact(fig: Figure, attr: str):
-    return getattr(fig, attr)
+def _pick(rng: np.random.Generator, values: Sequence):
+    return values[int(rng.integers(len(values)))]
 
 
 def sft_response(rng: np.random.Generator, question: str, cfg: TaskConfig = TaskConfig(), *,
                  figure: Figure | None = None, p_true: float = 0.0, p_state: float = 0.6) -> str:
     """A warm-start target for the policy: the exact output format, a uniformly random valid
-    answer, and think text stating each fact with probability `p_state`, the figure's true
-    value with probability `p_true` (needs `figure`), else a uniformly random value (right by
-    chance). Nothing in it is read from the image by default: the warm start teaches the format
-    and the vocabulary, and leaves grounding to RL."""
-    choices = answer_choices(question, cfg)
-    ans = choices[int(rng.integers(len(choices)))]
+    answer, and think text stating each fact (canonical sentence, canonical order) with
+    probability `p_state`, the figure's true value with probability `p_true` (needs `figure`),
+    else a uniformly random value (right by chance). Nothing in it is read from the image by
+    default: the warm start teaches the format and the sentences, and leaves grounding to RL."""
+    ans = _pick(rng, answer_choices(question, cfg))
     stated = {}
     for attr, values in _values(cfg).items():
         if rng.random() < p_state:
             if figure is not None and rng.random() < p_true:
-                stated[attr] = _fact(figure, attr)
+                stated[attr] = getattr(figure, attr)
             else:
-                stated[attr] = values[int(rng.integers(len(values)))]
-    return format_response(_think(rng, stated, ans), ans)
+                stated[attr] = _pick(rng, values)
+    return format_response(think_text(stated), ans)
 
 
-def sft_pairs(n: int, seed: int, cfg: TaskConfig = TaskConfig(), *, p_true: float = 0.0
+def sft_pairs(n: int, seed: int, cfg: TaskConfig = TaskConfig(), *, p_true: float = 0.0, p_state: float = 0.6
               ) -> list[tuple[Record, str]]:
     """n (record, warm-start response) pairs from their own seed stream ("sft" split)."""
     rng = split_rng(seed, "sft")
@@ -357,41 +329,80 @@ def sft_pairs(n: int, seed: int, cfg: TaskConfig = TaskConfig(), *, p_true: floa
         q = cfg.questions[int(rng.integers(len(cfg.questions)))]
         rec = Record(id=f"sft-{i:05d}", problem=question_text(q, cfg), answer=answer(q, fig, cfg),
                      images=(ImageRef(data=png_bytes(draw(fig, cfg))),), annotations=tuple(annotations(fig)))
-        out.append((rec, sft_response(rng, q, cfg, figure=fig, p_true=p_true)))
+        out.append((rec, sft_response(rng, q, cfg, figure=fig, p_true=p_true, p_state=p_state)))
     return out
 
 
-def judge_pairs(rng: np.random.Generator, n: int, cfg: TaskConfig = TaskConfig()
-                ) -> list[tuple[str, str, int]]:
+def judge_pairs(rng: np.random.Generator, n: int, cfg: TaskConfig = TaskConfig(), *,
+                p_other: float = 0.6, p_omit: float = 0.5) -> list[tuple[str, str, int]]:
     """n (response, annotation, label) triples for the judge's warm start, half of them
-    positive (label 1: the response states the annotation's fact).
+    positive (label 1: the response contains the annotation's sentence).
 
-    Each triple draws a random figure and one of its annotations. A positive states that fact
-    (in one of several phrasings); a negative states another value of the same attribute or,
-    half the time, says nothing about it. Other facts appear at random (right or wrong), and
-    the boxed answer is random, so only the statement of the annotated fact decides the label.
+    Each triple draws a random figure and one of its annotations. A positive states that fact;
+    a negative states another value of the same attribute in the same sentence or, with
+    probability `p_omit`, leaves the attribute out. Each other fact is stated with probability
+    `p_other` (right or wrong at random), the sentences come in random order and the boxed
+    answer is random, so only the statement of the annotated fact decides the label.
     """
     labels = np.array([1, 0] * (n // 2) + [1] * (n % 2))[rng.permutation(n)]
-    attrs = ("count", "color", "kind")
     values = _values(cfg)
     out = []
     for label in labels:
         fig = make_figure(rng, cfg)
-        k = int(rng.integers(3))
-        attr = attrs[k]
+        k = int(rng.integers(len(ATTRIBUTES)))
+        attr = ATTRIBUTES[k]
         stated = {}
-        for other in attrs:
-            if other != attr and rng.random() < 0.6:
-                stated[other] = (_fact(fig, other) if rng.random() < 0.5
-                                 else values[other][int(rng.integers(len(values[other])))])
-        wrong = [v for v in values[attr] if v != _fact(fig, attr)]
+        for other in ATTRIBUTES:
+            if other != attr and rng.random() < p_other:
+                stated[other] = getattr(fig, other) if rng.random() < 0.5 else _pick(rng, values[other])
+        wrong = [v for v in values[attr] if v != getattr(fig, attr)]
         if label:
-            stated[attr] = _fact(fig, attr)
-        elif wrong and rng.random() < 0.5:
-            stated[attr] = wrong[int(rng.integers(len(wrong)))]
-        stated = {a: stated[a] for a in attrs if a in stated}  # canonical order for _think
-        q = cfg.questions[int(rng.integers(len(cfg.questions)))]
-        choices = answer_choices(q, cfg)
-        ans = choices[int(rng.integers(len(choices)))]
-        out.append((format_response(_think(rng, stated, ans), ans), annotations(fig)[k], int(label)))
+            stated[attr] = getattr(fig, attr)
+        elif wrong and rng.random() >= p_omit:
+            stated[attr] = _pick(rng, wrong)
+        order = [ATTRIBUTES[i] for i in rng.permutation(len(ATTRIBUTES))]
+        ans = _pick(rng, answer_choices(_pick(rng, cfg.questions), cfg))
+        out.append((format_response(think_text(stated, order), ans), annotations(fig)[k], int(label)))
+    return out
+
+
+def judge_examples(rng: np.random.Generator, n: int, cfg: TaskConfig = TaskConfig(), *, p_true: float = 0.5,
+                   p_omit: float = 0.5, single: bool = False) -> list[tuple[str, list[str], list[int]]]:
+    """n (response, annotations, labels) for the judge's warm start in the layout it is used in:
+    one response with all of its figure's annotations (count, colour, kind), each labelled 1
+    when the response contains that annotation's sentence.
+
+    Each fact is stated with its true value with probability `p_true` (label 1); otherwise it is
+    left out with probability `p_omit`, else stated with another value in the same sentence
+    (label 0). The sentences come in random order and the boxed answer is random.
+
+    single: the easy first stage of a curriculum instead: the response states one fact (true
+    with probability `p_true`, else another value) and nothing else, and only that fact's
+    annotation is asked.
+    """
+    values = _values(cfg)
+    out = []
+    for _ in range(n):
+        fig = make_figure(rng, cfg)
+        if single:
+            k = int(rng.integers(len(ATTRIBUTES)))
+            attr = ATTRIBUTES[k]
+            true = getattr(fig, attr)
+            label = int(rng.random() < p_true)
+            value = true if label else _pick(rng, [v for v in values[attr] if v != true])
+            ans = _pick(rng, answer_choices(_pick(rng, cfg.questions), cfg))
+            out.append((format_response(think_text({attr: value}), ans), [annotations(fig)[k]], [label]))
+            continue
+        stated, labels = {}, []
+        for attr in ATTRIBUTES:
+            true = getattr(fig, attr)
+            wrong = [v for v in values[attr] if v != true]
+            if rng.random() < p_true:
+                stated[attr] = true
+            elif wrong and rng.random() >= p_omit:
+                stated[attr] = _pick(rng, wrong)
+            labels.append(int(stated.get(attr) == true))
+        order = [ATTRIBUTES[i] for i in rng.permutation(len(ATTRIBUTES))]
+        ans = _pick(rng, answer_choices(_pick(rng, cfg.questions), cfg))
+        out.append((format_response(think_text(stated, order), ans), annotations(fig), labels))
     return out

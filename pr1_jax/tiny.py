@@ -41,7 +41,7 @@ import numpy as np
 
 from pr1_jax import synthetic
 from pr1_jax.data.config import DEFAULT_FORMAT_PROMPT, DataConfig
-from pr1_jax.judge import DEFAULT_QUESTION_TEMPLATE, DEFAULT_SYSTEM_PROMPT
+from pr1_jax.judge import DEFAULT_QUESTION_TEMPLATE, DEFAULT_SYSTEM_PROMPT, JudgeConfig
 
 ASSET_VERSION = 1
 
@@ -83,8 +83,29 @@ TOKENIZER_CONFIG = {
         "errors": "replace",
 }
 
-# Judge-style instructions for the tokenizer corpus. The judge module owns its real prompt;
-# these only make its kind of wording cheap in tokens (any text still encodes, byte-level).
+# ---- the tiny judge's prompt ---------------------------------------------------------------
+
+# A short prompt for the tiny judge: the real judge's wording costs ~60 tokens a prompt, which a
+# 2-core warm start pays on every step. The statement comes last, right before the verdict, and
+# the system turn avoids the cue words of the fact sentences (" a", " in", ":"; the template's
+# default "You are a helpful assistant." has " a"). It is read through the same
+# `Judge.prompt_ids` as any judge prompt.
+TINY_JUDGE_SYSTEM = "You judge responses."
+TINY_JUDGE_TEMPLATE = "{response}\nDoes the response state this?\n{statement}"
+
+
+def judge_prompt_config(**overrides) -> JudgeConfig:
+    """The JudgeConfig of the embedded default: the short prompt above, one-token "yes"/"no"
+    answers and buckets that fit the synthetic task's responses (a warm-start response with its
+    3 annotations packs in < 96 tokens). `warm_start_judge` trains the judge on this prompt, so
+    the run's judge must use the same one."""
+    kw = dict(yes_tokens=("yes",), no_tokens=("no",), system_prompt=TINY_JUDGE_SYSTEM,
+              question_template=TINY_JUDGE_TEMPLATE, length_buckets=(64, 128, 256), annotation_buckets=(1, 2, 4),
+              max_response_tokens=192)
+    kw.update(overrides)
+    return JudgeConfig(**kw)
+
+
 # ---- tokenizer ---------------------------------------------------------------------------
 
 def tokenizer_corpus(seed: int = 0, n: int = 2000, task: synthetic.TaskConfig = synthetic.TaskConfig()
@@ -98,14 +119,20 @@ def tokenizer_corpus(seed: int = 0, n: int = 2000, task: synthetic.TaskConfig = 
     for i in range(n):
         q = all_q[i % len(all_q)]
         fig = synthetic.make_figure(rng, task)
+        # every prompt has these turns (chat-template text between the special tokens)
+        texts.extend(["system\nYou are a helpful assistant.", "\nuser\n", "\nassistant\n", TINY_JUDGE_SYSTEM])
         texts.append(synthetic.question_text(q, task))
         texts.append(DEFAULT_FORMAT_PROMPT)
         texts.append(synthetic.sft_response(rng, q, task, figure=fig, p_true=0.5))
         texts.extend(synthetic.annotations(fig))
     texts.append(DEFAULT_SYSTEM_PROMPT)
+    # every fact sentence any task config can make (other palettes, counts up to 16), twice
+    every = {"count": range(1, len(synthetic.NUMBER_WORDS)), "color": synthetic.PALETTE, "kind": synthetic.KINDS}
+    texts.extend(2 * [synthetic.fact_sentence(a, v) for a, vs in every.items() for v in vs])
     for response, annotation, label in synthetic.judge_pairs(rng, n, task):
         # The judge's own prompt (pr1_jax.judge), so it encodes in few tokens.
         texts.append(DEFAULT_QUESTION_TEMPLATE.replace("{response}", response).replace("{statement}", annotation))
+        texts.append(TINY_JUDGE_TEMPLATE.replace("{response}", response).replace("{statement}", annotation))
         texts.append(["no", "yes"][label])  # a verdict alone, as a chat judge's reply starts
     return texts
 
@@ -241,11 +268,17 @@ class TinyAssets:
     judge: str  # HF Qwen2 checkpoint directory
     train: str  # JSONL
     val: str  # JSONL
+    image_size: int = synthetic.TaskConfig.image_size  # the task's canvas side (pixels)
 
     def data_config(self, split: str = "train", **overrides) -> DataConfig:
-        """A DataConfig reading one split with the tiny tokenizer (keys of the synthetic JSONL)."""
+        """A DataConfig reading one split with the tiny tokenizer (keys of the synthetic JSONL),
+        sized for the tiny task: images kept at their own size (min = max pixels = the canvas,
+        so a 56 px figure is 16 patches, 4 image tokens, instead of the paper's 9216-patch
+        budget per image) and prompts of at most 128 tokens (the task's are ~90)."""
         kw = dict(paths={"train": self.train, "val": self.val}[split], tokenizer_path=self.tokenizer,
-                  image_column="image", annotations_column="annotations")
+                  image_column="image", annotations_column="annotations",
+                  min_pixels=self.image_size ** 2, max_pixels=self.image_size ** 2,
+                  max_prompt_length=128, length_buckets=(64, 96, 128))
         kw.update(overrides)
         return DataConfig(**kw)
 
@@ -276,11 +309,11 @@ def _cached(root: Path, spec_hash: str) -> bool:
         return False
 
 
-def _paths(root: Path) -> TinyAssets:
+def _paths(root: Path, task: synthetic.TaskConfig) -> TinyAssets:
     r = root.resolve()
     return TinyAssets(root=str(r), tokenizer=str(r / "tokenizer"), policy=str(r / "policy"),
                       judge=str(r / "judge"), train=str(r / "data" / "train.jsonl"),
-                      val=str(r / "data" / "val.jsonl"))
+                      val=str(r / "data" / "val.jsonl"), image_size=task.image_size)
 
 
 def build_tiny_assets(run_dir: str | os.PathLike, seed: int = 0, *, task: synthetic.TaskConfig = synthetic.TaskConfig(),
@@ -301,7 +334,7 @@ def build_tiny_assets(run_dir: str | os.PathLike, seed: int = 0, *, task: synthe
     spec_hash = _spec_hash(spec)
     root = Path(run_dir) / "tiny_assets"
     if _cached(root, spec_hash):
-        return _paths(root)
+        return _paths(root, task)
 
     tmp = Path(run_dir) / f"tiny_assets.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -321,7 +354,7 @@ def build_tiny_assets(run_dir: str | os.PathLike, seed: int = 0, *, task: synthe
         shutil.rmtree(tmp, ignore_errors=True)
         if not _cached(root, spec_hash):
             raise
-    return _paths(root)
+    return _paths(root, task)
 
 
 def param_count(path_or_model) -> int:

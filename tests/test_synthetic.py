@@ -62,18 +62,23 @@ def test_answers_and_annotations_agree_with_pixels(cfg):
         assert n == fig.count and colors == [fig.color] and set(kinds) == {fig.kind}
         assert len(set(cells)) == n  # one shape per merged image token
         notes = syn.annotations(fig)
-        stated_n = int(re.search(r"\d+", notes[0]).group())
+        stated_n = syn.NUMBER_WORDS.index(re.fullmatch(r"Number of shapes: (\w+)\.", notes[0]).group(1))
         assert stated_n == n and colors[0] in notes[1] and fig.kind in notes[2]
         assert syn.answer("count", fig, cfg) == str(n)
         assert cfg.colors[int(syn.answer("color", fig, cfg)) - 1] == colors[0]
         assert cfg.kinds[int(syn.answer("kind", fig, cfg)) - 1] == kinds[0]
 
 
-def test_paper_style_annotations():
+def test_canonical_annotations():
     one = syn.Figure(1, "red", "circle", ((3, 3, 20, 20),))
     many = syn.Figure(3, "blue", "triangle", ())
-    assert syn.annotations(one) == ["There is 1 shape.", "The shape is red.", "The shape is a circle."]
-    assert syn.annotations(many) == ["There are 3 shapes.", "The shapes are blue.", "The shapes are triangles."]
+    assert syn.annotations(one) == ["Number of shapes: one.", "Each shape is drawn in red.", "Each shape is a circle."]
+    assert syn.annotations(many) == ["Number of shapes: three.", "Each shape is drawn in blue.",
+                                     "Each shape is a triangle."]
+    # every sentence ends with its value, after a cue word that no other sentence has
+    cues = {a: syn.fact_sentence(a, v).split()[-2] for a, vs in syn._values(BIG).items() for v in vs}
+    assert len({syn.fact_sentence(a, v).split()[-2] for a, vs in syn._values(BIG).items() for v in vs}) == 3
+    assert cues["count"] == "shapes:" and cues["color"] == "in" and cues["kind"] == "a"
 
 
 def test_deterministic_from_seed():
@@ -121,28 +126,24 @@ def test_written_dataset_reads_back_and_processes(tmp_path, assets, tok):
 
 # ---- warm-start text ---------------------------------------------------------------------
 
-WORDS = {w: i for i, w in enumerate(syn.NUMBER_WORDS)}
+FACT_RES = {"count": r"Number of shapes: (\w+)\.", "color": r"Each shape is drawn in (\w+)\.",
+            "kind": r"Each shape is an? (\w+)\."}
 
 
 def stated_facts(response):
     """What a response's think text says, read independently of the generator."""
     think = re.search(r"<think>\n(.*)\n</think>", response, re.S).group(1)
-    think = re.sub(r"(So the answer|The answer) is \d+\.", "", think)
-    nums = {int(t) if t.isdigit() else WORDS[t.lower()]
-            for t in re.findall(r"\b(\d+|[A-Za-z]+)\b", think) if t.isdigit() or t.lower() in WORDS}
-    colors = {c for c in syn.PALETTE if re.search(rf"\b{c}\b", think)}
-    kinds = {k for k in syn.KINDS if re.search(rf"\b{k}s?\b", think)}
-    return {"count": nums, "color": colors, "kind": kinds}
+    out = {attr: set(re.findall(rx, think)) for attr, rx in FACT_RES.items()}
+    out["count"] = {syn.NUMBER_WORDS.index(w) for w in out["count"]}
+    return out
 
 
 def annotated_fact(note):
-    m = re.search(r"There (?:is|are) (\d+)", note)
-    if m:
-        return "count", int(m.group(1))
-    for c in syn.PALETTE:
-        if re.search(rf"\b{c}\b", note):
-            return "color", c
-    return "kind", next(k for k in syn.KINDS if k in note)
+    for attr, rx in FACT_RES.items():
+        m = re.fullmatch(rx, note)
+        if m:
+            return attr, syn.NUMBER_WORDS.index(m.group(1)) if attr == "count" else m.group(1)
+    raise AssertionError(note)
 
 
 def test_judge_pairs_balanced_and_labelled_right():
@@ -155,11 +156,28 @@ def test_judge_pairs_balanced_and_labelled_right():
         attr, value = annotated_fact(note)
         stated = stated_facts(response)[attr]
         assert len(stated) <= 1  # one value per fact at most
-        assert (value in stated) == bool(label), (response, note, label)
+        assert (value in stated) == bool(label) == (note in response), (response, note, label)
         if not label:
             kinds_of_negative["other value" if stated else "nothing"] += 1
     assert min(kinds_of_negative.values()) > 100
     assert syn.judge_pairs(np.random.default_rng(0), 600) == pairs
+
+
+@pytest.mark.parametrize("single", [False, True])
+def test_judge_examples_label_every_annotation(single):
+    examples = syn.judge_examples(np.random.default_rng(0), 600, single=single)
+    labels = []
+    for response, notes, ys in examples:
+        assert re.match(FORMAT_RE, response, re.S)
+        assert len(notes) == len(ys) == (1 if single else 3)
+        for note, y in zip(notes, ys):
+            attr, value = annotated_fact(note)
+            assert (value in stated_facts(response)[attr]) == bool(y) == (note in response)
+        if single:
+            assert sum(len(v) for v in stated_facts(response).values()) == 1
+        labels += ys
+    assert abs(np.mean(labels) - 0.5) < 0.05
+    assert syn.judge_examples(np.random.default_rng(0), 600, single=single) == examples
 
 
 def test_sft_responses_have_the_format_and_random_answers():
@@ -174,6 +192,13 @@ def test_sft_responses_have_the_format_and_random_answers():
     assert len(freq) == 4 and np.all(freq > 0.15)  # not tied to the figure
     always_true = [syn.sft_response(rng, "count", figure=fig, p_true=1.0, p_state=1.0) for _ in range(20)]
     assert all(stated_facts(r)["color"] == {fig.color} for r in always_true)
+    # the facts are stated in exactly the annotations' sentences (what the judge was taught)
+    assert all(all(note in r for note in syn.annotations(fig)) for r in always_true)
+    sentences = {syn.fact_sentence(a, v) for a, vs in syn._values(syn.TaskConfig()).items() for v in vs}
+    for _ in range(200):
+        think = re.search(r"<think>\n(.*)\n</think>", syn.sft_response(rng, "color"), re.S).group(1)
+        said = re.findall(r"[^.]+\.", think)
+        assert said == [syn.NO_FACTS] or all(x.strip() in sentences for x in said), think
     rec, resp = syn.sft_pairs(3, seed=0)[0]
     assert rec.images and re.match(FORMAT_RE, resp, re.S)
 

@@ -1,0 +1,237 @@
+"""Warm starts of the embedded default: the stand-ins for "Instruct" checkpoints.
+
+Both are saved as Hugging Face checkpoints in the run directory and reused when present (a
+killed warm start leaves no half checkpoint: it is written under `<out>.tmp` and renamed).
+
+Policy (`warm_start_policy`): SFT on `synthetic.sft_pairs`, prompts exactly as the data pipeline
+builds them (`TinyAssets.data_config`), targets = response + EOS. The responses have the paper's
+exact output format, state facts in the annotation sentences the judge was taught, and give
+answers that are random rather than read from the image, so the policy starts with format
+reward ~1 and accuracy ~chance (0.25), and RL has the grounding to learn.
+
+Judge (`warm_start_judge`): trained on `synthetic.judge_examples` in exactly the layout the
+judge reads at inference: `Judge.prompt_ids` rows packed by `pr1_jax.judge.pack` (one row per response,
+one prefix-sharing branch per annotation), and on exactly the quantity its verdicts threshold
+(the yes-minus-no logit margin at each branch's last token, logistic loss). Deciding whether a
+response states an annotation is a comparison (the statement's value against the value the
+response gives for that fact), which gives no first-order gradient: trained on the verdict
+alone, the tiny judge stays at chance for hundreds of steps (it only learns "is the fact
+mentioned at all"). Two things make it learn in ~2 CPU minutes:
+
+- a copy loss: inside the statement of a *positive* branch, every next statement token is
+  predictable from the response, so next-token loss there teaches the judge to look the fact
+  up in the response (an induction head); the verdict then only compares;
+- a curriculum: the first `curriculum` fraction of the steps uses responses that state one
+  fact and nothing else (`judge_examples(single=True)`), so the comparison is learned before
+  the distractor facts come in.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from models.causal_lm import QwenCausalLM
+from models.pretrained import Model, load_pretrained
+from pr1_jax import synthetic
+from pr1_jax.data.batching import collate
+from pr1_jax.data.config import DataConfig
+from pr1_jax.data.processing import ExampleProcessor
+from pr1_jax.judge import Judge, JudgeBatch, JudgeConfig, answer_logits, load_tokenizer, pack
+from pr1_jax.learner import LearnerConfig, make_optimizer
+from pr1_jax.rollout import policy_inputs
+from pr1_jax.sft import SFTTrainer, pad_targets, sft_batch, token_ids
+from pr1_jax.tiny import TinyAssets, judge_prompt_config
+
+log = logging.getLogger(__name__)
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+def _save(model: Model, params, out: Path, tokenizer_dir: str) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    Model(model.config, params).save_pretrained(tmp)
+    for name in _TOKENIZER_FILES:
+        if (Path(tokenizer_dir) / name).exists():
+            shutil.copy(Path(tokenizer_dir) / name, tmp / name)
+    tmp.rename(out)  # a killed warm start leaves no half checkpoint under the final name
+
+
+def policy_sft_batch(model: Model, proc: ExampleProcessor, data_cfg: DataConfig, pairs, response_tokens: int) -> dict:
+    """The learner batch of (record, response) pairs: each record's prompt exactly as the data
+    pipeline builds it (chat template, format prompt, image), the response's ids then EOS."""
+    tok = proc.tokenizer
+    batch = collate([proc.process(rec) for rec, _ in pairs], data_cfg, proc.pad_token_id)
+    inputs, pv, grids = policy_inputs(model, batch)
+    ids = token_ids(tok, [r for _, r in pairs], tok.convert_tokens_to_ids("<|im_end|>"))
+    if max(map(len, ids)) > response_tokens:
+        raise ValueError(f"a warm-start response of {max(map(len, ids))} tokens exceeds {response_tokens}")
+    targets = pad_targets(ids, response_tokens, proc.pad_token_id)
+    return sft_batch(model.config, inputs, targets, pv, grids, data_cfg.patch_limit_per_record)
+
+
+def warm_start_policy(assets: TinyAssets, out: Path, *, steps: int = 60, batch_size: int = 16, lr: float = 3e-3,
+                      seed: int = 0, response_tokens: int = 48, warmup_ratio: float = 0.1,
+                      p_state: float = 0.6) -> Path:
+    """SFT of the policy on `synthetic.sft_pairs`: the exact output format, facts stated in the
+    judge's sentences (each with probability `p_state`) and answers that are random, not read
+    from the image, so it starts at about chance accuracy and RL has the grounding to learn."""
+    out = Path(out)
+    if (out / "config.json").exists():
+        log.info("policy warm start: reusing %s", out)
+        return out
+    t0 = time.perf_counter()
+    model = load_pretrained(assets.policy)
+    data_cfg = assets.data_config("train", batch_size=batch_size)
+    proc = ExampleProcessor(data_cfg)
+    pairs = synthetic.sft_pairs(steps * batch_size, seed, p_state=p_state)
+    trainer = SFTTrainer(model.module, steps, lr=lr, warmup_ratio=warmup_ratio)
+    params = model.params
+    opt = trainer.init(params)
+    for s in range(steps):
+        b = policy_sft_batch(model, proc, data_cfg, pairs[s * batch_size:(s + 1) * batch_size], response_tokens)
+        params, opt, m = trainer.step(params, opt, b)
+        if s % max(1, steps // 10) == 0 or s == steps - 1:
+            log.info("policy warm start %d/%d: loss %.3f (%.0f s)", s + 1, steps, float(m["loss"]),
+                     time.perf_counter() - t0)
+    _save(model, params, out, assets.tokenizer)
+    log.info("policy warm start: %d steps in %.0f s -> %s", steps, time.perf_counter() - t0, out)
+    return out
+
+
+def judge_batch(judge: Judge, examples, length: int, k: int, copy_slots: int = 32):
+    """(packed batch, labels [B, k], copy) of (response, annotations, labels) examples.
+
+    The rows are `Judge.prompt_ids` packed by `pr1_jax.judge.pack`: exactly what the judge reads at
+    inference (one row per response, one prefix-sharing branch per annotation, the verdict at
+    each branch's last token). copy = (index [B, C], target [B, C], valid [B, C]): inside each
+    positive branch's statement, the positions that predict the next statement token, and that
+    token (a statement the response states is predictable from the response)."""
+    rows, labels = [], np.zeros((len(examples), k), np.float32)
+    index = np.zeros((len(examples), copy_slots), np.int32)
+    target = np.zeros((len(examples), copy_slots), np.int32)
+    valid = np.zeros((len(examples), copy_slots), bool)
+    for i, (response, notes, ys) in enumerate(examples):
+        row, truncated, dropped = judge.prompt_ids(response, notes)
+        if truncated or dropped or len(row.branches) > k or row.length > length:
+            raise ValueError(f"judge warm-start example {i} does not fit ({length}, {k}): {row.length} tokens, "
+                             f"{len(row.branches)} annotations, truncated={truncated}, dropped={dropped}")
+        rows.append(row)
+        labels[i, :len(ys)] = ys
+        at, c = len(row.prefix), 0
+        for branch, y in zip(row.branches, ys):
+            n = len(branch) - len(judge.pieces.tail_ids)  # the statement's tokens
+            for j in range(n - 1 if y else 0):
+                if c == copy_slots:
+                    raise ValueError(f"more than copy_slots={copy_slots} copy targets in example {i}")
+                index[i, c], target[i, c], valid[i, c] = at + j, branch[j + 1], True
+                c += 1
+            at += len(branch)
+    return pack(rows, length, k, len(rows)), labels, (index, target, valid)
+
+
+def judge_loss(params, batch: JudgeBatch, labels, copy, module, yes_ids, no_ids, copy_weight: float = 0.0):
+    """Mean logistic loss of the judge's margin (lse yes - lse no at each branch's last token,
+    as `judge.yes_no_margin`: the very quantity its verdicts threshold) against the labels,
+    over valid annotation slots, i.e. the cross-entropy of the verdict token restricted to
+    {yes, no}; plus `copy_weight` times the mean next-token loss at the copy slots."""
+    h, _ = module.apply({"params": params}, batch.input_ids, batch.positions, batch.attention_mask, None, None,
+                        batch.branches, method=QwenCausalLM.hidden_states)
+    hk = jnp.take_along_axis(h, batch.verdict_index[..., None].astype(jnp.int32), axis=1)
+    ans = answer_logits(module, params, hk, tuple(yes_ids) + tuple(no_ids))
+    ny = len(yes_ids)
+    margin = jax.nn.logsumexp(ans[..., :ny], -1) - jax.nn.logsumexp(ans[..., ny:], -1)
+    sign = 2.0 * labels - 1.0
+    nll = -jax.nn.log_sigmoid(sign * margin)
+    valid = batch.valid
+    n = jnp.maximum(valid.sum(), 1)
+    verdict_loss = jnp.where(valid, nll, 0.0).sum() / n
+    acc = jnp.where(valid, (margin > 0) == (labels > 0.5), False).sum() / n
+    metrics = {"verdict_loss": verdict_loss, "accuracy": acc}
+    loss = verdict_loss
+    if copy_weight:
+        index, target, cvalid = copy
+        hc = jnp.take_along_axis(h, index[..., None], axis=1)  # [B, C, E]
+        logp = jax.nn.log_softmax(module.apply({"params": params}, hc, method=QwenCausalLM.logits).astype(jnp.float32))
+        tok = jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+        metrics["copy_loss"] = -jnp.where(cvalid, tok, 0.0).sum() / jnp.maximum(cvalid.sum(), 1)
+        loss = loss + copy_weight * metrics["copy_loss"]
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+def judge_accuracy(judge: Judge, pairs) -> float:
+    """Fraction of (response, annotation, label) pairs whose hard verdict equals the label."""
+    out = judge([r for r, _, _ in pairs], [[a] for _, a, _ in pairs])
+    verdicts = np.array([float(v[0] > 0.5) for v in out["verdicts"]])
+    return float(np.mean(verdicts == np.array([label for _, _, label in pairs])))
+
+
+def warm_start_judge(assets: TinyAssets, out: Path, config: JudgeConfig | None = None, *, steps: int = 400,
+                     batch_size: int = 32, lr: float = 1e-3, seed: int = 0, warmup_ratio: float = 0.05,
+                     weight_decay: float = 0.0, schedule: str = "cosine", copy_weight: float = 1.0,
+                     curriculum: float = 0.3, p_omit: float = 0.5) -> Path:
+    """Trains the judge's verdicts (see the module docstring) and saves it to `out`.
+
+    config: the JudgeConfig the run's judge will use (default `tiny.judge_prompt_config()`);
+        the prompts are built with it, so it must be the same at inference.
+    steps x batch_size: responses seen (each with its annotations: 3 verdicts a response, 1 in
+        the curriculum's first stage); lr, warmup_ratio, weight_decay, schedule: the learner's
+        AdamW (grad-norm clip 1.0); copy_weight: weight of the copy loss (0 = verdicts only);
+        curriculum: fraction of the steps on single-fact responses; p_omit: share of the
+        negatives that leave the fact out (the others state another value).
+    """
+    out = Path(out)
+    if (out / "config.json").exists():
+        log.info("judge warm start: reusing %s", out)
+        return out
+    config = config or judge_prompt_config()
+    t0 = time.perf_counter()
+    model = load_pretrained(assets.judge)
+    judge = Judge.from_model(load_tokenizer(assets.tokenizer), model, config)
+    rng = np.random.default_rng([seed, 1])
+    easy = int(round(curriculum * steps))  # the curriculum's first stage
+    stages = [synthetic.judge_examples(rng, easy * batch_size, single=True),
+              synthetic.judge_examples(rng, (steps - easy) * batch_size, p_omit=p_omit)]
+    shapes = []  # (length, k) per stage
+    for examples in stages:
+        if examples:
+            length = max(judge.prompt_ids(r, notes)[0].length for r, notes, _ in examples)
+            shapes.append((-(-length // 8) * 8, max(len(notes) for _, notes, _ in examples)))
+        else:
+            shapes.append((0, 0))
+    cfg = LearnerConfig(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, max_grad_norm=1.0,
+                        schedule=schedule)
+    tx = make_optimizer(cfg, steps)
+    loss_fn = functools.partial(judge_loss, module=model.module, yes_ids=judge.yes_ids, no_ids=judge.no_ids,
+                                copy_weight=copy_weight)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def update(params, opt_state, batch, labels, copy):
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, labels, copy)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    params = model.params
+    opt = tx.init(params)
+    for s in range(steps):
+        stage = int(s >= easy)
+        i = s - easy * stage
+        batch, labels, copy = judge_batch(judge, stages[stage][i * batch_size:(i + 1) * batch_size], *shapes[stage])
+        params, opt, m = update(params, opt, batch, labels, copy)
+        if s % max(1, steps // 10) == 0 or s == steps - 1:
+            log.info("judge warm start %d/%d: verdict loss %.3f, accuracy %.3f, copy loss %.3f (%.0f s)", s + 1,
+                     steps, float(m["verdict_loss"]), float(m["accuracy"]), float(m.get("copy_loss", 0.0)),
+                     time.perf_counter() - t0)
+    _save(model, params, out, assets.tokenizer)
+    log.info("judge warm start: %d steps in %.0f s -> %s", steps, time.perf_counter() - t0, out)
+    return out
