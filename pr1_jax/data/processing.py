@@ -250,24 +250,22 @@ class ExampleProcessor:
         if len(record.images) > cfg.image_limit_per_record:
             raise BadRecordError(rid, rec.TOO_MANY_IMAGES,
                                  f"{len(record.images)} images > limit {cfg.image_limit_per_record}")
-        images = []
-        for k, ref in enumerate(record.images):
-            try:
-                img = ref.open()
-                w, h = img.size
-                if w <= 0 or h <= 0:
-                    raise ValueError(f"empty image {w}x{h}")
-                if max(h, w) / min(h, w) > 200:
-                    raise ValueError(f"aspect ratio {max(h, w) / min(h, w):.0f} > 200")
-            except Exception as e:  # PIL raises many types for corrupt data
-                raise BadRecordError(rid, rec.BAD_IMAGE, f"image {k} ({ref.describe()}): "
-                                     f"{type(e).__name__}: {e}") from None
-            images.append(img)
-
-        n_patches = sum(num_patches(img.size[1], img.size[0], cfg) for img in images)
-        if n_patches > cfg.patch_limit_per_record:
-            raise BadRecordError(rid, rec.TOO_MANY_PATCHES,
-                                 f"{n_patches} patch rows > limit {cfg.patch_limit_per_record}")
+        images = _open_images(record)
+        try:
+            n_patches = sum(num_patches(img.size[1], img.size[0], cfg) for img in images)
+            if n_patches > cfg.patch_limit_per_record:
+                raise BadRecordError(rid, rec.TOO_MANY_PATCHES,
+                                     f"{n_patches} patch rows > limit {cfg.patch_limit_per_record}")
+            for k, (ref, img) in enumerate(zip(record.images, images)):
+                try:  # decode only now: the sizes above come from the headers
+                    img.load()
+                except Exception as e:  # PIL raises many types for corrupt data
+                    raise BadRecordError(rid, rec.BAD_IMAGE, f"image {k} ({ref.describe()}): "
+                                         f"{type(e).__name__}: {e}") from None
+        except BaseException:
+            for img in images:
+                img.close()
+            raise
 
         try:
             text = self.prompt_text(record)
@@ -306,6 +304,37 @@ class ExampleProcessor:
             return Skipped(e.record_id, e.reason, e.detail)
         except Exception as e:  # never crash the loop on one record
             return Skipped(rec.record_id_of(raw, self.config), rec.INVALID_RECORD, f"{type(e).__name__}: {e}")
+
+
+def _open_images(record: Record) -> list:
+    """The record's images, headers read but pixels not decoded yet. An image with no pixels,
+    an aspect ratio > 200, or more pixels than PIL's decompression-bomb limit
+    (`PIL.Image.MAX_IMAGE_PIXELS`) is a BadRecordError(bad_image) before anything is decoded."""
+    from PIL import Image
+
+    images = []
+    try:
+        for k, ref in enumerate(record.images):
+            try:
+                img = ref.open(load=False)
+                images.append(img)
+                w, h = img.size
+                if w <= 0 or h <= 0:
+                    raise ValueError(f"empty image {w}x{h}")
+                if max(h, w) / min(h, w) > 200:
+                    raise ValueError(f"aspect ratio {max(h, w) / min(h, w):.0f} > 200")
+                limit = Image.MAX_IMAGE_PIXELS
+                if limit and w * h > limit:
+                    raise ValueError(f"{w}x{h} = {w * h} pixels > PIL.Image.MAX_IMAGE_PIXELS = {limit} "
+                                     f"(decompression-bomb limit); not decoded")
+            except Exception as e:  # PIL raises many types for corrupt data
+                raise BadRecordError(record.id, rec.BAD_IMAGE, f"image {k} ({ref.describe()}): "
+                                     f"{type(e).__name__}: {e}") from None
+    except BaseException:
+        for img in images:
+            img.close()
+        raise
+    return images
 
 
 def process_records(records: Sequence[Record], config: DataConfig, tokenizer: Any = None) -> list[Example]:

@@ -75,8 +75,9 @@ class ImageRef:
     def describe(self) -> str:
         return self.path if self.data is None else f"<{len(self.data)} bytes>"
 
-    def open(self):
-        """The decoded PIL image (pixels loaded, so truncation errors surface here)."""
+    def open(self, load: bool = True):
+        """The decoded PIL image (pixels loaded, so truncation errors surface here). With
+        `load=False` only the header is read (size and mode known, nothing decoded yet)."""
         from PIL import Image
 
         if self.data is not None:
@@ -85,7 +86,12 @@ class ImageRef:
             img = Image.open(self.path)
         else:
             raise ValueError("image reference has neither bytes nor a path")
-        img.load()
+        if load:
+            try:
+                img.load()
+            except BaseException:
+                img.close()
+                raise
         return img
 
     def read_bytes(self) -> bytes:
@@ -173,20 +179,41 @@ class _ParquetFile:
             import pyarrow.parquet as pq
 
             self._table = pq.read_table(self.path, columns=self.columns)
-        return self._table.slice(i, 1).to_pylist()[0]
+        row = self._table.slice(i, 1)
+        try:
+            return row.to_pylist()[0]
+        except UnicodeDecodeError:  # a string column holding bytes that are not UTF-8
+            return {name: _cell(row.column(name)) for name in row.column_names}
 
     def __getstate__(self):
         return {**self.__dict__, "_table": None}  # each process reads the file itself
 
 
+@dataclasses.dataclass(frozen=True)
+class NotUtf8:
+    """A parquet cell whose text is not valid UTF-8 (the row is reported as invalid_record)."""
+
+    detail: str
+
+
+def _cell(column) -> Any:
+    try:
+        return column.to_pylist()[0]
+    except UnicodeDecodeError as e:
+        return NotUtf8(str(e))
+
+
 class _JsonlFile:
+    """Lines are kept as bytes and decoded per row, so one line that is not UTF-8 is one
+    invalid record, not a file that cannot be opened."""
+
     def __init__(self, path: str):
         self.path = path
-        with open(path, encoding="utf-8") as f:
-            self._lines = [line for line in f if line.strip()]
+        with open(path, "rb") as f:
+            self._lines = [line for line in f.read().splitlines() if line.strip()]
         self.num_rows = len(self._lines)
 
-    def row(self, i: int) -> str:
+    def row(self, i: int) -> bytes:
         return self._lines[i]
 
 
@@ -288,7 +315,12 @@ def _image_refs(value: Any, base_dir: str) -> list[ImageRef]:
 
 def _row_dict(raw: RawRow) -> dict:
     data = raw.data
-    if isinstance(data, (str, bytes)):
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise BadRecordError(raw.fallback_id, INVALID_RECORD, f"line is not valid UTF-8: {e}") from None
+    if isinstance(data, str):
         try:
             data = json.loads(data)
         except ValueError as e:
@@ -305,7 +337,7 @@ def record_id_of(raw: RawRow, config: DataConfig) -> str:
     except BadRecordError:
         return raw.fallback_id
     v = data.get(config.id_column) if config.id_column else None
-    return raw.fallback_id if _is_missing(v) or v == "" else str(v)
+    return raw.fallback_id if _is_missing(v) or v == "" or isinstance(v, NotUtf8) else str(v)
 
 
 def row_to_record(raw: RawRow, config: DataConfig) -> Record:
@@ -316,9 +348,20 @@ def row_to_record(raw: RawRow, config: DataConfig) -> Record:
     """
     data = _row_dict(raw)
     rid = record_id_of(raw, config)
+    for column, v in data.items():
+        if isinstance(v, NotUtf8):
+            raise BadRecordError(rid, INVALID_RECORD, f"column {column!r} is not valid UTF-8: {v.detail}")
     try:
         problem = data.get(config.problem_column)
-        if _is_missing(problem) or not isinstance(problem, str) or not problem.strip():
+        if isinstance(problem, bytes):  # a binary column
+            try:
+                problem = problem.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BadRecordError(rid, INVALID_RECORD,
+                                     f"column {config.problem_column!r} is not valid UTF-8: {e}") from None
+        if not _is_missing(problem) and not isinstance(problem, str):
+            raise TypeError(f"column {config.problem_column!r} must be text, got {type(problem).__name__}")
+        if _is_missing(problem) or not problem.strip():
             raise BadRecordError(rid, EMPTY_PROBLEM, f"column {config.problem_column!r} is empty or missing")
         answer = _answer_text(data.get(config.answer_column))
         if answer is None:

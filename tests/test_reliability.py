@@ -1,0 +1,811 @@
+"""Reliability (issue 10): bad inputs through the real data pipeline, SIGKILL while a checkpoint is
+being written and while a step is sampling, and a 2-process x 4-device CPU run against 1 x 8.
+
+Covered elsewhere and not repeated here: SIGKILL after a checkpoint and SIGTERM (test_train.py),
+partial / corrupt checkpoint steps (test_checkpoint.py), the NaN guard (test_learner.py), the
+single bad-record kinds and strict mode (test_data_*.py), the math-verify time bound
+(test_rewards.py).
+
+At the end of the module the counts (faults injected and survived, bad inputs tried, training
+steps lost) are printed to the terminal.
+
+`python tests/test_reliability.py --mp-worker ...` is the body of one process of the
+multi-process test (it is started by the test, not by hand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+if __name__ == "__main__":  # a worker of the multi-process test: the device count comes from the parent
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "qwen2_tokenizer"
+
+COUNTS = collections.Counter()  # faults_injected, faults_survived, bad_inputs, steps_lost
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_counts(request):
+    yield
+    line = (f"reliability: faults injected {COUNTS['faults_injected']}, survived {COUNTS['faults_survived']}; "
+            f"bad inputs tried {COUNTS['bad_inputs']}; training steps lost {COUNTS['steps_lost']}")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None:
+        print(line)
+        return
+    with capture.global_and_fixture_disabled():  # past pytest's output capture, like capsys.disabled()
+        reporter.write_line("")
+        reporter.write_line(line)
+
+
+# ================================================================================================
+# 1. A bad-input corpus through make_iterator
+# ================================================================================================
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def huge_png(w: int, h: int) -> bytes:
+    """A valid 1-bit PNG of w x h white pixels (20000 x 20000 is 76 kB), written row by row without
+    ever holding the image."""
+    z = zlib.compressobj(9)
+    row = b"\x00" + b"\xff" * ((w + 7) // 8)
+    idat = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+            + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b""))
+
+
+def jpeg_with_size(data: bytes, w: int, h: int) -> bytes:
+    """A JPEG whose frame header claims w x h (the scan data stays that of the small image)."""
+    i = 2
+    while i < len(data):
+        marker, length = data[i + 1], struct.unpack(">H", data[i + 2:i + 4])[0]
+        if marker in (0xC0, 0xC1, 0xC2):  # SOF: precision (1 byte), height, width
+            return data[:i + 5] + struct.pack(">HH", h, w) + data[i + 9:]
+        i += 2 + length
+    raise ValueError("no SOF marker")
+
+
+def _encode(img, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from pr1_jax.data.processing import load_tokenizer
+
+    return load_tokenizer(TOKENIZER_DIR)
+
+
+def _data_cfg(**kw):
+    from pr1_jax.data.config import DataConfig
+
+    base = dict(tokenizer_path=str(TOKENIZER_DIR), batch_size=2, max_prompt_length=1024,
+                length_buckets=(256, 512, 1024), patch_rows_per_batch=2 * 1024, num_epochs=1, seed=0,
+                shard_index=0, shard_count=1, read_threads=2, shuffle=False, drop_remainder=False)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def _drain(config, tokenizer):
+    from pr1_jax.data.pipeline import make_iterator
+
+    it = make_iterator(config, tokenizer)
+    batches = list(it)
+    return batches, it
+
+
+def _examples(batches):
+    """{record id: (grid rows, annotations, patch rows)} of every delivered example."""
+    out = {}
+    for b in batches:
+        for row, (rid, ok) in enumerate(zip(b["record_id"], b["example_valid"])):
+            if not ok:
+                continue
+            imgs = np.flatnonzero(b["image_valid"] & (b["image_example_index"] == row))
+            grids = [tuple(int(v) for v in b["image_grid_thw"][i]) for i in imgs]
+            patches = int(sum(np.sum(b["patch_valid"] & (b["patch_image_index"] == i)) for i in imgs))
+            out[rid] = (grids, b["annotations"][row], patches)
+            assert np.isfinite(b["pixel_values"]).all()
+    return out
+
+
+def _expected_grid(w: int, h: int, config) -> tuple[int, int, int]:
+    from pr1_jax.data.processing import resized_hw
+
+    rh, rw = resized_hw(h, w, config)
+    return (1, rh // 14, rw // 14)
+
+
+class _DecodeSpy:
+    """Records the size of every image whose pixels PIL decodes (ImageFile.load)."""
+
+    def __init__(self, monkeypatch):
+        from PIL import ImageFile
+
+        self.sizes = []
+        original = ImageFile.ImageFile.load
+
+        def load(img):
+            self.sizes.append(img.size)
+            return original(img)
+
+        monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+
+    @property
+    def largest(self) -> int:
+        return max((w * h for w, h in self.sizes), default=0)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_bad_input_corpus_jsonl(tokenizer, tmp_path, monkeypatch, caplog):
+    """Every kind of bad input in one JSONL file, interleaved with the eight good sample records:
+    each bad one is skipped with its documented, counted reason or processed correctly, the
+    pipeline keeps going, and the good records all come out in file order."""
+    from PIL import Image
+
+    from pr1_jax.data import records as rec
+    from pr1_jax.data import sample
+
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8))  # w=300, h=200
+    png, jpg = _encode(rgb, "PNG"), _encode(rgb, "JPEG")
+    files = {
+        "trunc.png": png[: len(png) // 2],
+        "trunc.jpg": jpg[: len(jpg) // 2],
+        "huge20000.png": huge_png(20000, 20000),  # 4e8 pixels: 1.2 GB as RGB if decoded
+        "huge20000.jpg": jpeg_with_size(jpg, 20000, 20000),
+        "big12000.png": huge_png(12000, 12000),  # 1.44e8: over PIL's limit, under its hard error
+        "empty.png": b"",
+        "gray.png": _encode(rgb.convert("L"), "PNG"),
+        "rgba.png": _encode(rgb.convert("RGBA"), "PNG"),
+        "one.png": _encode(Image.new("RGB", (1, 1), (10, 20, 30)), "PNG"),
+        "gray16.png": _encode(Image.fromarray(rng.integers(0, 65536, (90, 120), dtype=np.uint16)), "PNG"),
+        "palette.gif": _encode(rgb.convert("P"), "GIF"),
+        "cmyk.jpg": _encode(rgb.convert("CMYK"), "JPEG"),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "a_directory").mkdir()
+
+    good = [json.loads(line) for line in Path(sample.SAMPLE_JSONL).read_text().splitlines()]
+    for g in good:
+        g["image"] = str(Path(sample.SAMPLE_DIR) / g["image"])
+    base = {"problem": "Find x.", "answer": "1", "annotations": ["AB = 1."]}
+    SKIP = object()
+
+    def row(rid, expect, **fields):
+        r = {"id": rid, **base, **fields}
+        for k, v in list(r.items()):
+            if v is SKIP:
+                del r[k]
+        return r, expect
+
+    ok = "ok"
+    # (row as a dict or raw bytes, expected: a skip reason or "ok")
+    corpus = [
+        ("\ufeff" + json.dumps({**good[0]}), ok),  # a UTF-8 byte-order mark on the first line
+        row("trunc-png", rec.BAD_IMAGE, image="trunc.png"),
+        row("trunc-jpg", rec.BAD_IMAGE, image="trunc.jpg"),
+        row("huge-png", rec.BAD_IMAGE, image="huge20000.png"),
+        row("huge-jpg", rec.BAD_IMAGE, image="huge20000.jpg"),
+        row("big-png", rec.BAD_IMAGE, image="big12000.png"),
+        (good[1], ok),
+        row("empty-file", rec.BAD_IMAGE, image="empty.png"),
+        row("directory", rec.BAD_IMAGE, image="a_directory"),
+        row("gray", ok, image="gray.png"),
+        row("rgba", ok, image="rgba.png"),
+        row("one-pixel", ok, image="one.png"),
+        row("gray16", ok, image="gray16.png"),
+        row("palette", ok, image="palette.gif"),
+        row("cmyk", ok, image="cmyk.jpg"),
+        (good[2], ok),
+        row("no-problem", rec.EMPTY_PROBLEM, problem=SKIP, image="gray.png"),
+        row("null-problem", rec.EMPTY_PROBLEM, problem=None, image="gray.png"),
+        row("number-problem", rec.INVALID_RECORD, problem=42, image="gray.png"),
+        row("null-answer", rec.MISSING_ANSWER, answer=None, image="gray.png"),
+        row("no-answer", rec.MISSING_ANSWER, answer=SKIP, image="gray.png"),
+        row("list-answer", rec.INVALID_RECORD, answer=["1"], image="gray.png"),
+        row("null-image", rec.MISSING_IMAGE, image=None),
+        row("no-image", rec.MISSING_IMAGE),
+        (good[3], ok),
+        row("null-annotations", ok, image="gray.png", annotations=None),
+        row("no-annotations", ok, image="gray.png", annotations=SKIP),
+        row(None, ok, image="gray.png"),  # null id: "<file stem>:<row>"
+        row(SKIP, ok, image="gray.png"),  # no id
+        row("open-tags", ok, image="gray.png", annotations="<info1>AB = 3.<info2>BC = 4."),
+        row("open-last-tag", ok, image="gray.png",
+            annotations="Visual Key Information: <info1>AB = 3.</info1> <info2>BC = 4."),
+        (b'{"id": "not-utf8", "problem": "Find \xff\xfe x.", "answer": "1", "image": "gray.png"}', rec.INVALID_RECORD),
+        (b"\xc3\x28 binary garbage \x00\x01", rec.INVALID_RECORD),
+        row("too-long", rec.PROMPT_TOO_LONG, image="gray.png", problem="Find x. " * 900),
+        *[(g, ok) for g in good[4:]],
+    ]
+    lines, expected = [], []
+    for k, (r, expect) in enumerate(corpus):
+        line = r if isinstance(r, bytes) else (r if isinstance(r, str) else json.dumps(r)).encode("utf-8")
+        lines.append(line)
+        rid = r.get("id") if isinstance(r, dict) else (json.loads(r[1:])["id"] if isinstance(r, str) else None)
+        expected.append((rid if rid else f"records:{k}", expect))
+    path = tmp_path / "records.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+    spy = _DecodeSpy(monkeypatch)
+    config = _data_cfg(paths=str(path), image_column="image", annotations_column="annotations")
+    t0 = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="pr1_jax.data.pipeline"):
+        batches, it = _drain(config, tokenizer)
+    seconds = time.perf_counter() - t0
+
+    want_ok = [rid for rid, e in expected if e == ok]
+    want_skips = collections.Counter(e for _, e in expected if e != ok)
+    got = _examples(batches)
+    assert [rid for b in batches for rid, v in zip(b["record_id"], b["example_valid"]) if v] == want_ok
+    assert it.skip_counts == dict(want_skips)
+    assert [s for b in batches for s in b["skipped"]] == [(rid, e) for rid, e in expected if e != ok]
+    messages = "\n".join(caplog.messages)
+    for rid, e in expected:
+        if e != ok:
+            assert f"{rid!r}: {e}" in messages, (rid, e)
+
+    # Nothing large was decoded: the sizes came from the headers (a 20000x20000 image would be a
+    # 1.2 GB RGB array); the reasons say why.
+    assert spy.largest <= 1400 * 1400, sorted(spy.sizes, key=lambda s: -s[0] * s[1])[:3]
+    reason_of = {rid: m for m in caplog.messages for rid, _ in expected if f"{rid!r}: " in m}
+    assert "12000x12000 = 144000000 pixels > PIL.Image.MAX_IMAGE_PIXELS" in reason_of["big-png"]
+    assert "400000000 pixels" in reason_of["huge-png"] and "400000000 pixels" in reason_of["huge-jpg"]
+    assert seconds < 60
+
+    # Odd but valid images: RGB conversion, smart-resize within [min_pixels, max_pixels].
+    for rid, (w, h) in {"gray": (300, 200), "rgba": (300, 200), "one-pixel": (1, 1), "gray16": (120, 90),
+                        "palette": (300, 200), "cmyk": (300, 200)}.items():
+        grids, _, patches = got[rid]
+        assert grids == [_expected_grid(w, h, config)], rid
+        assert patches == grids[0][1] * grids[0][2]
+    assert got["one-pixel"][0] == [(1, 4, 4)]  # 1x1 -> 56x56 = min_pixels
+    assert got["open-tags"][1] == ["AB = 3.", "BC = 4."]
+    assert got["open-last-tag"][1] == ["AB = 3.", "BC = 4."]
+    assert got["null-annotations"][1] == [] and got["no-annotations"][1] == []
+    assert sum(1 for rid in got if rid.startswith("records:")) == 2
+    assert got[good[0]["id"]][1] == good[0]["annotations"]
+
+    n_bad = len(corpus) - len(good)
+    COUNTS["bad_inputs"] += n_bad
+    print(f"JSONL corpus: {n_bad} bad inputs, {sum(want_skips.values())} skipped {dict(want_skips)}, "
+          f"{n_bad - sum(want_skips.values())} processed; {len(want_ok)} records delivered in {seconds:.1f}s")
+
+
+def _string_array_unchecked(values: list[bytes]):
+    """A pyarrow string array holding these bytes as they are (UTF-8 or not)."""
+    import pyarrow as pa
+
+    offsets = np.cumsum([0] + [len(v) for v in values]).astype(np.int32)
+    return pa.StringArray.from_buffers(len(values), pa.py_buffer(offsets.tobytes()), pa.py_buffer(b"".join(values)))
+
+
+def test_bad_input_corpus_parquet(tokenizer, tmp_path):
+    """The paper's parquet layout with bad cells: text that is not UTF-8 (in the problem, the
+    annotations, the id), null and empty fields, a zero-byte image, a 20000x20000 image; the good
+    rows come out, the bad ones are counted."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from pr1_jax.data import records as rec
+
+    rng = np.random.default_rng(1)
+    img = _encode(Image.fromarray(rng.integers(0, 256, (80, 100, 3), dtype=np.uint8)), "PNG")
+    gray = _encode(Image.fromarray(rng.integers(0, 256, (80, 100), dtype=np.uint8)), "PNG")
+    one = _encode(Image.new("RGBA", (1, 1), (1, 2, 3, 4)), "PNG")
+    huge = huge_png(20000, 20000)
+    ok = "ok"
+    rows = [  # id, problem, answer, images, visual_key_info, expected
+        (b"p-good", b"<image>Find x.", "1", [img], b"<info1>AB = 1.</info1>", ok),
+        (b"p-problem-not-utf8", b"<image>Find \xff x.", "1", [img], b"", rec.INVALID_RECORD),
+        (b"p-annotations-not-utf8", b"<image>Find x.", "1", [img], b"<info1>\xc3\x28</info1>", rec.INVALID_RECORD),
+        (b"\xff\xfe", b"<image>Find x.", "1", [img], b"", rec.INVALID_RECORD),  # the id itself
+        (b"p-null-problem", None, "1", [img], None, rec.EMPTY_PROBLEM),
+        (b"p-null-answer", b"<image>Find x.", None, [img], None, rec.MISSING_ANSWER),
+        (b"p-null-images", b"Find x.", "1", None, None, rec.MISSING_IMAGE),
+        (b"p-zero-byte-image", b"<image>Find x.", "1", [b""], None, rec.MISSING_IMAGE),
+        (b"p-huge", b"<image>Find x.", "1", [huge], None, rec.BAD_IMAGE),
+        (b"p-two-placeholders", b"<image><image>Find x.", "1", [img], None, rec.INVALID_RECORD),
+        (b"p-gray", b"<image>Find x.", "2", [gray], b"<info1>AB = 2.<info2>open", ok),
+        (b"p-one-pixel-rgba", b"<image>Find x.", "3", [one], None, ok),
+        (None, b"<image>Find x.", "4", [img], None, ok),
+    ]
+    image_t = pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    table = pa.table({
+        "id": _string_array_unchecked([r[0] or b"" for r in rows]),
+        "problem": _string_array_unchecked([r[1] or b"" for r in rows]),
+        "answer": pa.array([r[2] for r in rows], pa.string()),
+        "images": pa.array([None if r[3] is None else [{"bytes": b, "path": None} for b in r[3]] for r in rows],
+                           image_t),
+        "visual_key_info": _string_array_unchecked([r[4] or b"" for r in rows]),
+    })
+    # nulls where the row says None (from_buffers arrays have no validity bitmap)
+    for col, k in (("id", 0), ("problem", 1), ("visual_key_info", 4)):
+        mask = pa.array([r[k] is None for r in rows])
+        table = table.set_column(table.schema.get_field_index(col), col,
+                                 pc.if_else(mask, pa.scalar(None, pa.string()), table[col]))
+    path = tmp_path / "bad.parquet"
+    pq.write_table(table, path)
+
+    config = _data_cfg(paths=str(path))  # the paper's default columns
+    batches, it = _drain(config, tokenizer)
+    expected = [((r[0].decode() if r[0] else f"bad:{k}") if r[0] != b"\xff\xfe" else f"bad:{k}", r[5])
+                for k, r in enumerate(rows)]
+    got = _examples(batches)
+    assert list(got) == [rid for rid, e in expected if e == ok]
+    assert [s for b in batches for s in b["skipped"]] == [(rid, e) for rid, e in expected if e != ok]
+    assert it.skip_counts == dict(collections.Counter(e for _, e in expected if e != ok))
+    assert got["p-gray"][1] == ["AB = 2.", "open"]
+    assert got["p-one-pixel-rgba"][0] == [(1, 4, 4)]
+    n_bad = len(rows) - 1  # all but p-good
+    COUNTS["bad_inputs"] += n_bad
+    print(f"parquet corpus: {n_bad} bad inputs, skips {it.skip_counts}")
+
+
+# ================================================================================================
+# 2. SIGKILL while a checkpoint is being written, and while a step is sampling
+# ================================================================================================
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from pr1_jax.tiny import build_tiny_assets
+
+    return build_tiny_assets(tmp_path_factory.mktemp("tiny"), seed=0, n_train=64, n_val=16)
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """A persistent XLA compilation cache shared by this module's training subprocesses: only the
+    first run pays the compile (same programs, same results; this only saves time)."""
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+def _args(assets, run_dir, *extra):
+    """A short run on the tiny assets without warm starts (as in test_train.py)."""
+    return [f"run_dir={run_dir}", "tiny.enabled=false", f"model.policy={assets.policy}", f"model.judge={assets.judge}",
+            f"model.tokenizer={assets.tokenizer}", f"model.judge_tokenizer={assets.tokenizer}",
+            f"data.paths=[{assets.train}]", f"val_paths=[{assets.val}]", "val_max_batches=1", "val_batch_size=8",
+            "data.batch_size=2", "sampling.n=4", "sampling.max_new_tokens=12", "reward.num_workers=1", *extra]
+
+
+_LOGS = itertools.count()
+
+
+def _spawn(cmd, env, log: Path):
+    """A subprocess whose output goes to `log` (a file, so that nothing blocks on a full pipe)."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    proc.log = log
+    return proc
+
+
+def _train(args, cache, env=None):
+    """`python -m pr1_jax.train ARGS` on one CPU device (unless `env` says otherwise)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "", "JAX_COMPILATION_CACHE_DIR": str(cache),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+           **(env or {})}
+    run_dir = Path(next(a for a in args if a.startswith("run_dir=")).split("=", 1)[1])
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = run_dir.parent / f"{run_dir.name}.{next(_LOGS)}.log"
+    return _spawn([sys.executable, "-m", "pr1_jax.train", *args], env, log)
+
+
+def _output(proc) -> str:
+    return proc.log.read_text(errors="replace")
+
+
+def _finish(proc, timeout=600) -> str:
+    """Waits for the process; its output."""
+    proc.wait(timeout)
+    return _output(proc)
+
+
+def _kill_when(pred, proc, timeout=300, poll=0.002):
+    """SIGKILL `proc` as soon as `pred()` holds (polled every `poll` s); returns pred's value."""
+    t0 = time.time()
+    while True:
+        hit = pred()
+        if hit:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return hit
+        if proc.poll() is not None:
+            raise AssertionError(f"run exited before the fault ({proc.returncode}):\n{_output(proc)[-3000:]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("timed out waiting for the fault point")
+        time.sleep(poll)
+
+
+def _wait_until(pred, timeout=600, poll=0.1):
+    t0 = time.time()
+    while not pred():
+        if time.time() - t0 > timeout:
+            raise AssertionError("timed out")
+        time.sleep(poll)
+
+
+def _train_steps_logged(run: Path) -> list[int]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            x = json.loads(line)
+        except ValueError:  # a line cut by the kill
+            continue
+        if x.get("split") == "train":
+            out.append(x["step"])
+    return out
+
+
+def _complete(ckpt: Path, step: int) -> bool:
+    return (ckpt / str(step) / "commit_success.txt").exists()  # orbax writes it last
+
+
+def _final_params(run: Path, policy, *, other_topology: bool = False):
+    """(last step, its params). `other_topology`: the checkpoint was written on other devices
+    than this process has (Checkpointer.restore_params reads the devices from the file then, so
+    target shardings are passed to Orbax directly)."""
+    import jax
+
+    from models import load_pretrained
+    from pr1_jax.checkpoint import Checkpointer
+
+    ck = Checkpointer(run / "checkpoints")
+    step = ck.steps()[-1]
+    if not other_topology:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), load_pretrained(policy).params)
+        return step, ck.restore_params(abstract)
+    import orbax.checkpoint as ocp
+
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here),
+                            load_pretrained(policy).params)
+    out = ck._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={"params": abstract}, restore_args={"params": ocp.checkpoint_utils.construct_restore_args(abstract)},
+        partial_restore=True)))
+    return step, out["state"]["params"]
+
+
+class _Reap:
+    """Kills the subprocesses still running when the block ends (e.g. on a failed assertion)."""
+
+    def __init__(self, *procs):
+        self.procs = list(procs)
+
+    def add(self, proc):
+        self.procs.append(proc)
+        return proc
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_sigkill_while_sampling_and_while_checkpointing_resumes_to_the_same_params(assets, compile_cache, tmp_path):
+    """One run, killed twice, against an uninterrupted one (save every step, 4 steps):
+
+    1. SIGKILL as soon as step 1's checkpoint is complete: the run is inside step 2 (sampling,
+       scoring, update: step 2 has neither its metrics line nor its checkpoint);
+    2. the rerun resumes from step 1; SIGKILL as soon as orbax's temporary directory of step 3
+       appears, i.e. while step 3's checkpoint is being written;
+    3. the rerun resumes from step 2, never from the partial step 3, and finishes.
+
+    The final params equal the uninterrupted run's bit for bit. If the second kill lands after the
+    write had completed (the temporary directory is short-lived), a partial step directory is
+    injected instead, and the test says so.
+    """
+    import jax
+
+    common = ("max_steps=4", "save_freq=1", "val_freq=0", "val_before_train=false", "judge.mode=soft")
+    ref_run, run = tmp_path / "ref", tmp_path / "run"
+    ckpt = run / "checkpoints"
+    with _Reap() as reap:
+        # The faulty runs start once the reference has compiled its programs (its first step is
+        # logged): they find them in the compilation cache.
+        ref = reap.add(_train(_args(assets, ref_run, *common), compile_cache))
+        _wait_until(lambda: _train_steps_logged(ref_run) or ref.poll() is not None)
+
+        # -- fault 1: inside step 2 --
+        proc = reap.add(_train(_args(assets, run, *common), compile_cache))
+        _kill_when(lambda: _complete(ckpt, 1), proc)
+        ref_out = _finish(ref)
+        assert ref.returncode == 0, ref_out[-3000:]
+        COUNTS["faults_injected"] += 1
+        logged = _train_steps_logged(run)
+        assert logged == [1], f"the kill was meant to land inside step 2, metrics say {logged}"
+        assert not (ckpt / "2").exists()
+
+        # -- fault 2: while step 3's checkpoint is being written --
+        def tmp_dir_of_step3():
+            found = list(ckpt.glob("3.orbax-checkpoint-tmp*"))
+            return found[0] if found else None
+
+        proc = reap.add(_train(_args(assets, run, *common), compile_cache))
+        tmp = _kill_when(tmp_dir_of_step3, proc)
+        out2 = _output(proc)
+        assert "resumed from step 1" in out2, out2[-3000:]
+        COUNTS["faults_survived"] += 1
+        COUNTS["faults_injected"] += 1
+        logged = _train_steps_logged(run)
+        if (ckpt / "3").exists() and not tmp.exists():
+            # The write finished between seeing the temporary directory and the kill: inject a partial
+            # step 3 ourselves (what a kill mid-write leaves: the temporary directory, never renamed).
+            import shutil
+
+            shutil.move(str(ckpt / "3"), str(ckpt / "3.orbax-checkpoint-tmp"))
+            how = "the write finished before the kill landed; partial step 3 injected"
+        else:
+            how = "killed mid-write: orbax's temporary directory left on disk"
+        assert not (ckpt / "3").exists() and list(ckpt.glob("3.orbax-checkpoint-tmp*"))
+        assert logged == [1, 2, 3], logged  # step 3 ran, its checkpoint did not make it
+        steps_lost = 3 - 2
+
+        # -- the rerun: from step 2 (the last complete checkpoint), to the end --
+        proc = reap.add(_train(_args(assets, run, *common), compile_cache))
+        out3 = _finish(proc)
+        assert proc.returncode == 0, out3[-3000:]
+        assert "resumed from step 2" in out3 and "resumed from step 3" not in out3, out3[-3000:]
+        COUNTS["faults_survived"] += 1
+
+        (s1, a), (s2, b) = _final_params(ref_run, assets.policy), _final_params(run, assets.policy)
+        assert s1 == s2 == 4
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        logged = _train_steps_logged(run)
+        assert sorted(set(logged)) == [1, 2, 3, 4]
+        assert len(logged) - 4 == steps_lost  # step 3 was trained twice, nothing else
+        COUNTS["steps_lost"] += steps_lost
+        print(f"SIGKILL inside step 2 and during step 3's checkpoint write ({how}); resumed from 1, then 2; "
+              f"{steps_lost} step redone; final params equal the uninterrupted run's")
+
+
+# ================================================================================================
+# 3. Two processes x 4 CPU devices against one process x 8
+# ================================================================================================
+
+MP_STEPS = 3
+MP_BATCH = 2  # prompts per process
+MP_N = 4  # samples per prompt
+MP_RESPONSE = 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _concat_batches(batches):
+    """Train batches (dicts of host arrays) joined along their sequence axis."""
+    import jax
+
+    from pr1_jax.learner import _batch_axis
+
+    out = {}
+    for k, v in batches[0].items():
+        if v is None:
+            out[k] = None
+        elif not isinstance(v, np.ndarray):
+            out[k] = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *[b[k] for b in batches])
+        else:
+            out[k] = np.concatenate([b[k] for b in batches], axis=_batch_axis(k, v))
+    return out
+
+
+def learner_run(run_dir: str, policy: str, tokenizer: str, train: str, shards: list, steps: int = MP_STEPS):
+    """GRPO updates on this process's data shard(s), with a checkpoint every step.
+
+    Each process reads its own shard through the data pipeline (`shards=[None]`: the shard is
+    jax.process_index() of jax.process_count()); the single-process reference reads both shards
+    (`shards=[0, 1]`) and passes their rows in process order, which is the same global batch. The
+    rollout is replaced by fixed pseudo-random responses per (step, shard), so that only the learner
+    update, the data sharding and the checkpointing are compared. The vision tower is frozen (it
+    still encodes the images) to halve the compile time.
+    """
+    import jax
+
+    from models import load_pretrained
+    from pr1_jax.checkpoint import Checkpointer
+    from pr1_jax.data.pipeline import make_iterator
+    from pr1_jax.data.processing import load_tokenizer
+    from pr1_jax.learner import Learner, LearnerConfig, train_batch_from_samples
+    from pr1_jax.rollout import policy_inputs
+    from pr1_jax.sampling import SampleOutput
+    from pr1_jax.sharding import make_mesh
+
+    mesh = make_mesh((1, -1, 1))
+    model = load_pretrained(policy)
+    tok = load_tokenizer(tokenizer)
+    learner = Learner(model.config, LearnerConfig(lr=1e-3, warmup_ratio=0.0, eps=1e-6, freeze_vision=True), mesh, steps)
+    state = learner.init_state(model.params)
+    its = []
+    for s in shards:
+        cfg = _data_cfg(paths=train, tokenizer_path=tokenizer, image_column="image", annotations_column="annotations",
+                        min_pixels=3136, max_pixels=3136, max_prompt_length=128, length_buckets=(128,),
+                        batch_size=MP_BATCH, patch_rows_per_batch=MP_BATCH * 16, num_epochs=None, shuffle=True,
+                        seed=5, shard_index=s, shard_count=None if s is None else 2, read_threads=1)
+        its.append((s, cfg, make_iterator(cfg, tok)))
+    ck = Checkpointer(Path(run_dir) / "checkpoints")
+    assert model.config.text.vocab_size > 400  # the fake response tokens below are < 400
+    ids = []
+    for step in range(1, steps + 1):
+        local = []
+        for s, cfg, it in its:
+            batch = next(it)
+            ids += batch["record_id"]
+            shard = jax.process_index() if s is None else s
+            rng = np.random.default_rng([step, shard])
+            rows = MP_BATCH * MP_N
+            lengths = rng.integers(1, MP_RESPONSE + 1, rows)
+            mask = (np.arange(MP_RESPONSE)[None] < lengths[:, None]).astype(np.int32)
+            out = SampleOutput(tokens=rng.integers(0, 400, (rows, MP_RESPONSE)).astype(np.int32) * mask,
+                               logprobs=(-rng.uniform(0.5, 3.0, (rows, MP_RESPONSE)) * mask).astype(np.float32),
+                               mask=mask, lengths=lengths.astype(np.int32), steps=np.int32(MP_RESPONSE))
+            inputs, pv, grids = policy_inputs(model, batch)
+            local.append(train_batch_from_samples(model.config, inputs, out, MP_N, pv, grids,
+                                                  cfg.patch_limit_per_record,
+                                                  advantages=rng.standard_normal(rows).astype(np.float32)))
+        tb = local[0] if len(local) == 1 else _concat_batches(local)
+        state, metrics = learner.step(state, learner.global_batch(tb))
+        ck.save(step, state, {"data": [it.get_state() for _, _, it in its], "step": step,
+                              "process": jax.process_index()})
+    return state, ids, float(metrics["loss"])
+
+
+def _mp_worker_main(argv):
+    p = argparse.ArgumentParser()
+    p.add_argument("--mp-worker", action="store_true")
+    p.add_argument("--port", type=int)
+    p.add_argument("--process-id", type=int)
+    p.add_argument("--run-dir")
+    p.add_argument("--policy")
+    p.add_argument("--tokenizer")
+    p.add_argument("--train")
+    a = p.parse_args(argv)
+    import jax
+
+    jax.distributed.initialize(coordinator_address=f"localhost:{a.port}", num_processes=2, process_id=a.process_id,
+                               initialization_timeout=120)
+    assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
+    _, ids, loss = learner_run(a.run_dir, a.policy, a.tokenizer, a.train, [None])
+    print("MP-RESULT " + json.dumps({"process": jax.process_index(), "ids": ids, "loss": loss}), flush=True)
+    jax.distributed.shutdown()
+    os._exit(0)  # the checkpoints are on disk; skip the interpreter teardown (seconds of thread joins)
+
+
+def test_two_processes_of_four_devices_match_one_process_of_eight(assets, tmp_path):
+    """2 processes x 4 virtual CPU devices (jax.distributed over localhost, gloo collectives), each
+    reading its data shard, give the same GRPO updates and checkpoints as 1 process x 8 devices.
+
+    This covers the learner, the data sharding by jax process and multi-process Orbax
+    checkpoints. The full trainer is not run multi-process here: see the skipped test below."""
+    import jax
+
+    from pr1_jax.checkpoint import Checkpointer
+
+    assert jax.device_count() == 8, "conftest sets 8 virtual CPU devices"
+    port = _free_port()
+    mp_dir = tmp_path / "mp"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    worker = [sys.executable, __file__, "--mp-worker", "--port", str(port), "--run-dir", str(mp_dir),
+              "--policy", assets.policy, "--tokenizer", assets.tokenizer, "--train", assets.train]
+    results = {}
+    with _Reap() as reap:
+        procs = [reap.add(_spawn(worker + ["--process-id", str(i)], env, tmp_path / f"worker{i}.log"))
+                 for i in range(2)]
+        # the single-process reference meanwhile, in this process
+        ref_state, ref_ids, ref_loss = learner_run(str(tmp_path / "sp"), assets.policy, assets.tokenizer,
+                                                    assets.train, [0, 1])
+        for p in procs:
+            out = _finish(p, timeout=400)
+            assert p.returncode == 0, out[-4000:]
+            res = json.loads(next(line for line in out.splitlines() if line.startswith("MP-RESULT "))[10:])
+            results[res["process"]] = res
+    # per step: process 0's rows, then process 1's = the reference's shard 0 then shard 1 rows
+    steps = [results[0]["ids"][k * MP_BATCH:(k + 1) * MP_BATCH] + results[1]["ids"][k * MP_BATCH:(k + 1) * MP_BATCH]
+             for k in range(MP_STEPS)]
+    assert [x for s in steps for x in s] == ref_ids
+    assert not set(results[0]["ids"]) & set(results[1]["ids"])  # disjoint shards
+    assert results[0]["loss"] == pytest.approx(ref_loss, rel=1e-5, abs=1e-7)
+
+    ck = Checkpointer(mp_dir / "checkpoints")
+    assert ck.steps() == [1, 2, 3]
+    # The 2-process checkpoint restores on this 1-process, 8-device topology (the resume path:
+    # target shardings given) and holds the same train state.
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), ref_state)
+    mp_state, meta = ck.restore(abstract)
+    assert int(mp_state.step) == int(ref_state.step) == MP_STEPS and meta["step"] == MP_STEPS
+    # The JSON sidecar (orbax JsonSave) is written by process 0 only: the data iterator state in a
+    # multi-process checkpoint is process 0's. Each process's own position must be kept elsewhere.
+    assert meta["process"] == 0
+    worst = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                for a, b in zip(jax.tree.leaves(mp_state.params), jax.tree.leaves(ref_state.params)))
+    # Same math; the cross-process reductions may sum in another order than the 8-device one.
+    assert worst <= 1e-5, worst
+    print(f"2 x 4 devices vs 1 x 8: {MP_STEPS} steps, max |param diff| {worst:.2e}, loss {ref_loss:.4g}")
+
+
+MP_TRAIN_SKIP = (
+    "the trainer does not run multi-process yet: rollout() passes process-local numpy prompts to the "
+    "jitted sampler, which JAX treats as one global value (silently mixed across processes), and "
+    "Judge.place() device_puts process-local rows (AssertionError: ndarray passed to device_put is not "
+    "the same on each process); set PR1_RUN_MP_TRAIN=1 to run it")
+
+
+@pytest.mark.skipif(not os.environ.get("PR1_RUN_MP_TRAIN"), reason=MP_TRAIN_SKIP)
+def test_trainer_two_processes_match_one(assets, compile_cache, tmp_path):
+    """`python -m pr1_jax.train ... distributed=true` in 2 processes x 4 devices (the coordinator
+    and process ids come from the environment: jax.distributed.initialize() with no arguments reads
+    JAX_COORDINATOR_ADDRESS and, for the rest, the Open MPI variables emulated here) against 1 x 8
+    with the same global batch (shuffle off; the single process reads a file whose order
+    interleaves the two shards)."""
+    import jax
+
+    common = ("max_steps=2", "save_freq=1", "val_freq=0", "val_before_train=false", "judge.mode=soft",
+              "data.shuffle=false")
+    records = Path(assets.train).read_text().splitlines()
+    half = len(records) // 2
+    interleaved = []
+    for k in range(0, half, 2):  # per step: 2 rows of shard 0, then 2 rows of shard 1
+        interleaved += records[k:k + 2] + records[half + k:half + k + 2]
+    single = Path(assets.train).parent / f"interleaved_{tmp_path.name}.jsonl"  # beside images/
+    single.write_text("\n".join(interleaved) + "\n")
+    sp_args = [a if not a.startswith("data.paths=") else f"data.paths=[{single}]"
+               for a in _args(assets, tmp_path / "sp", *common, "data.batch_size=4")]
+
+    with _Reap() as reap:
+        sp = reap.add(_train(sp_args, compile_cache, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}))
+        port = _free_port()
+        procs = [reap.add(_train(_args(assets, tmp_path / "mp", *common, "distributed=true"), compile_cache, env={
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+            "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "OMPI_MCA_orte_hnp_uri": "0.0;tcp://127.0.0.1:1",
+            "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": str(i), "OMPI_COMM_WORLD_LOCAL_RANK": str(i),
+            "JAX_LOCAL_DEVICE_IDS": "0,1,2,3"})) for i in range(2)]
+        for p in [sp, *procs]:
+            out = _finish(p)
+            assert p.returncode == 0, out[-4000:]
+        (s1, a), (s2, b) = [_final_params(tmp_path / r, assets.policy, other_topology=True) for r in ("sp", "mp")]
+        assert s1 == s2 == 2
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+
+
+if __name__ == "__main__" and "--mp-worker" in sys.argv:
+    _mp_worker_main(sys.argv[1:])
