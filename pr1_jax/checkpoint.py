@@ -73,9 +73,17 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None or step not in self.steps():
             raise CheckpointRestoreError(f"{self.directory}: no complete checkpoint for step {step}; have {self.steps()}")
+        # Leaves without a sharding land on this host's first device, so a run saved on a pod slice
+        # restores on a workstation (orbax would otherwise insist on the saved device layout).
+        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract_params = jax.tree.map(
+            lambda a: a if getattr(a, "sharding", None) is not None else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here),
+            abstract_params)
         try:
-            out = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(item={"params": abstract_params}, partial_restore=True)))
+            out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item={"params": abstract_params},
+                restore_args={"params": ocp.checkpoint_utils.construct_restore_args(abstract_params)},
+                partial_restore=True)))
         except Exception as e:  # noqa: BLE001
             raise CheckpointRestoreError(f"{self.directory}: params of step {step} cannot be restored: "
                                          f"{type(e).__name__}: {e}") from e

@@ -73,12 +73,12 @@ class TinySection:
 
     enabled: bool = False
     seed: int = 0
-    policy_steps: int = 100
+    policy_steps: int = 60
     policy_batch_size: int = 16
     policy_lr: float = 3e-3
-    judge_steps: int = 300
+    judge_steps: int = 400
     judge_batch_size: int = 32
-    judge_lr: float = 3e-3
+    judge_lr: float = 1e-3
     judge_eval_pairs: int = 200
 
 
@@ -106,6 +106,11 @@ class TrainConfig:
     resume_step: int | None = None
     max_consecutive_bad_steps: int = 3
     distributed: bool = False  # jax.distributed.initialize() (multi-host pods)
+    # Where no cluster is auto-detected (TPU pods, SLURM, Open MPI are): host:port of process 0, the
+    # process count and this process's id. None = auto-detect.
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
 
 class Stop(Exception):
@@ -361,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("config error: %s", e)
         return 2
     if cfg.distributed:
-        jax.distributed.initialize()
+        jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
+                                   process_id=cfg.process_id)
     try:
         trainer = Trainer(cfg)
     except USER_ERRORS as e:  # a bad path or config: one clear line, not a traceback
