@@ -1,0 +1,369 @@
+"""Per-device memory and compile time of the train step, the sampler and the judge at the paper's
+sizes (Qwen2.5-VL-7B policy, Qwen2.5-32B judge), on virtual CPU meshes, from abstract params only.
+
+    python bench/memory.py                                 # defaults: 8/16/32 devices, ~20-30 min on 2 cores
+    python bench/memory.py --devices 8 --layers 4 --prompt 1024 --response 1024
+    python bench/memory.py --worker 8 ...                  # one mesh size (the parent runs one per N)
+
+Nothing is materialised: params, optimizer state and batches are `jax.ShapeDtypeStruct`s carrying
+the shardings of `pr1_jax.sharding.param_shardings(models.abstract_params(module), mesh)` (the
+trainer's placement; mesh `[data=1, fsdp=N/4, tensor=4]` as `configs/paper_qwen25vl7b_v5p.yaml`).
+Each program is jitted exactly as the trainer does it (`Learner.step`'s `train_step` with its
+in/out shardings and donation; `Sampler`; `Judge.forward`), lowered and compiled for the N
+virtual CPU devices; `compiled.memory_analysis()` gives the per-device bytes: arguments (params,
+optimizer state, inputs), outputs, temporaries (activations, KV cache, gradients) and aliased
+(donated) bytes. peak = arguments + outputs + temporaries - aliased.
+
+Layers. Both decoders and the vision tower are `nn.scan`s: the compiled program holds one layer
+body whatever the depth, so the compile time hardly depends on depth, while the memory is
+`fixed + per_layer x layers`. By default every program is compiled at `--layers` (4) and 2x that
+many decoder layers (vision depth kept at 32), and memory is extrapolated linearly to the real
+depth (28 policy / 64 judge layers); `--layers 0` compiles the full depth directly.
+
+Batch search. Memory is affine in the batch (params + per-sequence activations / cache), so each
+program is compiled at two batch sizes, the line through them gives the largest batch under each
+capacity (95 GiB: v5p, 16 GiB: v5e, per chip), rounded down to a multiple the mesh divides. The
+batch is: train step = sequences per micro-batch (the learner scans micro-batches, so a mini-batch
+of any multiple of it has the same peak), sampler = prompts x n rows decoded together (n = 8),
+judge = rows per device call (`max_rows_per_call`), each row one response with 8 annotations.
+Shapes: prompt `--prompt` tokens holding one image of `--patches` patches (1024 = a 448 x 448 px
+figure, 256 visual tokens), response `--response` tokens; judge rows of `--judge-length` tokens.
+This CPU compile is a proxy for the TPU one: XLA:TPU fuses, lays out and rematerialises
+differently, so take these as estimates of the same order, not TPU numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GIB = 1 << 30
+CAPACITIES = {"v5p (95 GiB)": 95 * GIB, "v5e (16 GiB)": 16 * GIB}
+
+POLICY = dict(
+    model_type="qwen2_5_vl", image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+    text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1e6,
+                     rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, tie_word_embeddings=False),
+    vision_config=dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, out_hidden_size=3584,
+                       window_size=112, fullatt_block_indexes=[7, 15, 23, 31], patch_size=14,
+                       spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+)
+JUDGE = dict(model_type="qwen2", vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+             num_attention_heads=40, num_key_value_heads=8, rms_norm_eps=1e-6, rope_theta=1e6,
+             tie_word_embeddings=False)
+
+
+# ------------------------------------------------------------------------------------ worker
+
+
+def _configs(policy_layers: int | None, judge_layers: int | None):
+    import copy
+
+    from models import config_from_dict
+
+    p, j = copy.deepcopy(POLICY), copy.deepcopy(JUDGE)
+    if policy_layers:
+        p["text_config"]["num_hidden_layers"] = policy_layers
+    if judge_layers:
+        j["num_hidden_layers"] = judge_layers
+    return config_from_dict(p), config_from_dict(j)
+
+
+def _abstract(tree, shardings):
+    import jax
+
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
+
+
+def _bf16_upcast_bytes(hlo: str) -> int:
+    """Bytes of f32 copies of bf16 parameters made at the top level of the program. XLA:CPU has no
+    bf16 matmul, so it converts every bf16 weight to f32, hoisted out of the layer loop (all layers
+    at once); XLA:TPU multiplies in bf16 and makes no such copies."""
+    import re
+
+    entry = hlo[hlo.index("\nENTRY"):]
+    params = dict(re.findall(r"(%param[.\d]*) = (\w+)\[", entry))
+    total = 0
+    for dims, operands in re.findall(r"= f32\[([\d,]*)\]\S* (?:fusion|convert)\(([^)]*)\)", entry):
+        ops = [o.strip() for o in operands.split(",")]
+        if len(ops) == 1 and params.get(ops[0]) == "bf16":
+            n = 1
+            for d in filter(None, dims.split(",")):
+                n *= int(d)
+            total += 4 * n
+    return total
+
+
+def _compile(jitted, *args) -> dict:
+    """Compile; per-device bytes: args, out, temp, alias, peak = args + out + temp - alias, and
+    tpu_est = peak minus the CPU-only f32 copies of bf16 weights."""
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    t = time.perf_counter() - t0
+    m = compiled.memory_analysis()
+    arg, out, tmp, alias = (int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias"))
+    upcast = _bf16_upcast_bytes(compiled.as_text())
+    peak = arg + out + tmp - alias
+    return dict(args=arg, out=out, temp=tmp, alias=alias, peak=peak, cpu_upcast=upcast, tpu_est=peak - upcast,
+                compile_s=round(t, 1))
+
+
+def _vision_inputs(lead: tuple, patches: int, cfg, mesh, batch_axis: bool):
+    """Abstract VisionInputs with `patches` rows per group; lead = () packed or (N,) per row."""
+    import jax
+    import jax.numpy as jnp
+
+    from models.vision import VisionInputs
+    from pr1_jax.sharding import sharding_for
+
+    def arr(shape, dtype):
+        logical = ("batch",) + (None,) * (len(shape) - 1) if batch_axis else None
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_for(logical, shape, mesh))
+
+    m2 = cfg.spatial_merge_size**2
+    i32 = jnp.int32
+    return VisionInputs(pixel_values=arr(lead + (patches, cfg.patch_dim), jnp.float32),
+                        perm=arr(lead + (patches,), i32), rot_pos=arr(lead + (patches, 2), i32),
+                        seg_full=arr(lead + (patches,), i32), seg_window=arr(lead + (patches,), i32),
+                        unperm=arr(lead + (patches // m2,), i32))
+
+
+def train_step_stats(mesh, policy_cfg, seqs: int, a) -> dict:
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from pr1_jax.learner import Learner, LearnerConfig, batch_shardings, init_state, train_step
+    from pr1_jax.sharding import sharding_for
+
+    cfg = LearnerConfig(lr=1e-6, weight_decay=1e-3, dtype="bfloat16", param_dtype="float32", remat=True,
+                        micro_batch_size=None)
+    learner = Learner(policy_cfg, cfg, mesh, total_steps=282)
+    params = nn.unbox(__import__("models").abstract_params(learner.module))
+    state = _abstract(jax.eval_shape(functools.partial(init_state, tx=learner.tx), params), learner.state_shardings)
+    length = a.prompt + a.response
+
+    def arr(shape, dtype, axis=0):
+        logical = [None] * len(shape)
+        logical[axis] = "batch"
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_for(logical, shape, mesh))
+
+    batch = dict(input_ids=arr((seqs, length), jnp.int32), attention_mask=arr((seqs, length), jnp.int32),
+                 positions=arr((3, seqs, length), jnp.int32, axis=1), response_mask=arr((seqs, a.response), jnp.int32),
+                 old_logprobs=arr((seqs, a.response), jnp.float32), advantages=arr((seqs,), jnp.float32),
+                 vision=_vision_inputs((seqs,), a.patches, policy_cfg.vision, mesh, batch_axis=True))
+    fn = functools.partial(train_step, cfg=cfg, module=learner.module, tx=learner.tx, lr_fn=learner.lr_fn, mesh=mesh)
+    jitted = jax.jit(fn, in_shardings=(learner.state_shardings, batch_shardings(mesh, batch)),
+                     out_shardings=(learner.state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
+    return _compile(jitted, state, batch)
+
+
+def sampler_stats(mesh, policy_cfg, prompts: int, a) -> dict:
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from models import abstract_params
+    from pr1_jax.learner import LearnerConfig, make_module
+    from pr1_jax.sampling import SamplingConfig, Sampler
+    from pr1_jax.sharding import param_shardings
+
+    module = make_module(policy_cfg, LearnerConfig(dtype="bfloat16", param_dtype="float32"))
+    boxed = abstract_params(module)
+    params = _abstract(nn.unbox(boxed), param_shardings(boxed, mesh))
+    rep = NamedSharding(mesh, P())
+    sds = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)  # noqa: E731
+    cfg = SamplingConfig(max_new_tokens=a.response, eos_ids=(151645,), pad_id=151643, temperature=1.0, n=a.n)
+    sampler = Sampler(module, cfg, mesh)
+    t = a.prompt
+    vision = _vision_inputs((), prompts * a.patches, policy_cfg.vision, mesh, batch_axis=False) if a.patches else None
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
+    return _compile(sampler._fn, params, sds((prompts, t)), sds((3, prompts, t)), sds((prompts, t)), vision,
+                    sds((prompts,)), key, cfg)
+
+
+def judge_stats(mesh, judge_cfg, rows: int, a) -> dict:
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from models import abstract_params
+    from models.causal_lm import QwenCausalLM
+    from pr1_jax.judge import JudgeBatch, judge_forward
+    from pr1_jax.sharding import batch_sharding, param_shardings
+
+    module = QwenCausalLM(judge_cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    boxed = abstract_params(module)
+    params = _abstract(nn.unbox(boxed), param_shardings(boxed, mesh))
+    sds = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))  # noqa: E731
+    k, length = a.annotations, a.judge_length
+    batch = JudgeBatch(input_ids=sds((rows, length)), positions=sds((rows, length)),
+                       attention_mask=sds((rows, length)), branches=sds((rows, length)),
+                       verdict_index=sds((rows, k)), valid=sds((rows, k), jnp.bool_))
+    yes, no = (9693, 9454), (2152, 2753)
+    forward = jax.jit(lambda p, b: judge_forward(module, p, b, yes, no, "hard"))
+    return _compile(forward, params, batch)
+
+
+PROGRAMS = {"train_step": train_step_stats, "sampler": sampler_stats, "judge": judge_stats}
+
+
+def worker(a) -> None:
+    """Runs in a process whose XLA_FLAGS give it `a.worker` CPU devices; prints one JSON line per
+    compile. Per program: two batches for the line, then per capacity a bracketing search (secant
+    steps between the largest batch that fits and the smallest that does not, `a.search` compiles)."""
+    import jax
+
+    from pr1_jax.sharding import make_mesh
+
+    n = len(jax.devices())
+    assert n == a.worker, f"expected {a.worker} devices, got {n} (XLA_FLAGS must be set before jax is imported)"
+    mesh = make_mesh((1, -1, a.tensor))
+    data = n // a.tensor  # data x fsdp devices: the learner's and judge's rows must be multiples of this
+    policy_cfg, judge_cfg = _configs(a.layers or None, a.layers or None)
+    deadline = time.time() + a.budget
+    for program in a.programs:
+        cfg = judge_cfg if program == "judge" else policy_cfg
+        # Batches in multiples of the data x fsdp devices (sampler: prompts, each giving n rows). A
+        # prompt count they do not divide leaves the sampler's prefill cache, and the decode cache
+        # repeated from it, unsharded over the data axes (pr1_jax/sampling.py, `cache.repeat(n)`).
+        unit = data
+        seen: dict[int, dict] = {}
+
+        def point(b):
+            if b in seen:
+                return seen[b]
+            if time.time() > deadline:
+                r = dict(skipped="time budget")
+            else:
+                try:
+                    r = PROGRAMS[program](mesh, cfg, b, a)
+                except Exception as e:  # noqa: BLE001 - report and go on
+                    r = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+            seen[b] = r
+            print(json.dumps(dict(devices=n, program=program, layers=cfg.text.num_layers, batch=b, unit=unit, **r)),
+                  flush=True)
+            return r
+
+        for b in (unit, 4 * unit):
+            point(b)
+        for cap_name, cap in sorted(CAPACITIES.items(), key=lambda kv: kv[1]):
+            for _ in range(a.search):
+                ok = sorted((b, r["tpu_est"]) for b, r in seen.items() if "tpu_est" in r)
+                if len(ok) < 2:
+                    break
+                fits = [(b, m) for b, m in ok if m <= cap]
+                over = [(b, m) for b, m in ok if m > cap]
+                lo = fits[-1] if fits else None
+                hi = over[0] if over else None
+                if lo and hi and hi[0] - lo[0] <= unit or (lo is None and hi[0] == unit):
+                    break
+                # Secant through the two points nearest the capacity.
+                (b1, m1), (b2, m2) = (lo, hi) if lo and hi else (ok[-2], ok[-1]) if not hi else (ok[0], ok[1])
+                slope = (m2 - m1) / (b2 - b1)
+                guess = int(b1 + (cap - m1) / slope) if slope > 0 else 4 * b2
+                guess = max(unit, guess // unit * unit)
+                if lo:
+                    guess = max(guess, lo[0] + unit)
+                if hi:
+                    guess = min(guess, hi[0] - unit)
+                if guess in seen or guess > a.max_batch:
+                    break
+                point(guess)
+
+
+# ------------------------------------------------------------------------------------ parent
+
+
+def summarize(results: list[dict], a) -> list[dict]:
+    rows = []
+    for n in a.devices:
+        for program in a.programs:
+            pts = [r for r in results if r["devices"] == n and r["program"] == program]
+            ok = sorted((r for r in pts if "tpu_est" in r), key=lambda r: r["batch"])
+            if not ok:
+                why = next((p.get("error") or p.get("skipped") for p in pts), "not run")
+                rows.append(dict(devices=n, program=program, note=str(why)[:80]))
+                continue
+            first = ok[0]
+            per = (ok[1]["tpu_est"] - first["tpu_est"]) / (ok[1]["batch"] - first["batch"]) if len(ok) > 1 else float("nan")
+            scale = a.n if program.startswith("sampler") else 1
+            row = dict(devices=n, program=program, layers=first["layers"], compile_s=max(r["compile_s"] for r in ok),
+                       batch0=first["batch"] * scale, params_state_GiB=first["args"] / GIB,
+                       peak0_GiB=first["peak"] / GIB, cpu_upcast_GiB=first["cpu_upcast"] / GIB,
+                       tpu_est0_GiB=first["tpu_est"] / GIB, per_seq_MiB=per / scale / (1 << 20))
+            for name, cap in CAPACITIES.items():
+                fit = [r["batch"] for r in ok if r["tpu_est"] <= cap]
+                over = [r["batch"] for r in ok if r["tpu_est"] > cap]
+                best = max(fit) * scale if fit else 0
+                bound = f" (<{min(b for b in over if not fit or b > max(fit)) * scale})" if over and (
+                    not fit or any(b > max(fit) for b in over)) else " (+)"
+                row[f"max {name}"] = f"{best}{bound}"
+            rows.append(row)
+    return rows
+
+
+def parent(a) -> None:
+    from common import table
+
+    results = []
+    for n in a.devices:
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
+        cmd = [sys.executable, __file__, "--worker", str(n), *sys.argv[1:]]
+        t0 = time.time()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.budget + 900)
+        lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+        if proc.returncode:
+            print(f"worker {n} exited {proc.returncode}:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        print(f"{n} devices: {len(lines)} compiles in {time.time() - t0:.0f} s", flush=True)
+        for x in lines:
+            print("  ", json.dumps(x), flush=True)
+        results += lines
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    print("\nper-device memory (XLA:CPU memory_analysis; tpu_est = peak - CPU-only f32 copies of bf16 weights)")
+    print("and the largest batch whose tpu_est fits each chip (verified by a compile; (<B): B does not fit,")
+    print("(+): the search stopped below the limit). train_step: sequences per micro-batch; sampler: sequences")
+    print(f"(prompts x {a.n}) decoded together; judge: rows (responses, {a.annotations} annotations each) per call.")
+    print(f"prompt {a.prompt} tokens ({a.patches} patches), response {a.response}, judge row {a.judge_length}; "
+          f"mesh [1, N/{a.tensor}, {a.tensor}]\n")
+    print(table(summarize(results, a)))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--devices", type=int, nargs="+", default=[8, 16, 32])
+    p.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=list(PROGRAMS))
+    p.add_argument("--tensor", type=int, default=4, help="tensor axis of the mesh [1, N/tensor, tensor]")
+    p.add_argument("--layers", type=int, default=0, help="decoder layers of both models; 0 = the real depth")
+    p.add_argument("--search", type=int, default=4, help="compiles per capacity in the batch search")
+    p.add_argument("--max-batch", type=int, default=4096, help="largest batch tried")
+    p.add_argument("--prompt", type=int, default=1024)
+    p.add_argument("--response", type=int, default=1024)
+    p.add_argument("--patches", type=int, default=1024, help="image patches per prompt (0 = text-only prompts)")
+    p.add_argument("--n", type=int, default=8, help="samples per prompt")
+    p.add_argument("--annotations", type=int, default=8)
+    p.add_argument("--judge-length", type=int, default=2048)
+    p.add_argument("--budget", type=int, default=900, help="seconds of compiling per mesh size; later points skipped")
+    p.add_argument("--json", default=None, help="write the raw points here")
+    a = p.parse_args()
+    if a.worker:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        worker(a)
+    else:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        parent(a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Projection of a full Perception-R1 run on a TPU v5p slice: FLOPs and bytes counted from the model
+configs and the run's shapes, turned into time with the chip's published numbers and an assumed
+utilisation. Nothing here is measured on a TPU; the script only does arithmetic (instant).
+
+    python bench/projection.py                                # paper run, v5p-64 (32 chips)
+    python bench/projection.py --chips 8 --response-mean 1024 --mfu 0.3
+
+Run: 1,442 prompts x 8 samples x 25 epochs, 128 prompts per step (16 per host x 8 hosts of
+`configs/paper_qwen25vl7b_v5p.yaml`), responses of `--response-mean` tokens (default: all 4096,
+the cap; an upper bound), prompts of `--prompt` tokens with one `--patches`-patch image.
+
+Per step:
+  sample  prefill (shared by the n samples) + vision tower, then decode. Decode is a roofline:
+          each step costs max(FLOPs / (chips x peak x mfu), HBM bytes / bandwidth, ICI bytes /
+          ICI bandwidth) with the KV cache read once per step, the params read once per step
+          (fp32: the trainer samples with the learner's fp32 state) and the FSDP weight all-gather
+          (bf16) received per chip. The packed vision tower of the sampler attends over all
+          prompts' patches at once ([P, P], P = prompts x patches): reported separately, with the
+          per-image alternative.
+  judge   one prefill per response of [system + response + K annotations], rounded up to the
+          judge's length bucket (1024 / 2048 / 4096 / 8192), dense [T, T] attention.
+  update  forward + backward + remat forward (8 x params x tokens) and dense attention, the
+          vision tower run once per *sample* (the learner's per-sequence layout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from common import table
+from memory import JUDGE, POLICY
+
+V5P = dict(peak=459e12, hbm=95 * (1 << 30), hbm_bw=2765e9, ici_bw=4800e9 / 8)  # per chip; ICI 4,800 Gbps
+A800 = dict(peak=312e12)  # bf16 dense, per GPU
+
+
+def text_params(t: dict) -> tuple[float, float]:
+    """(matmul params of the decoder layers, LM head params)."""
+    d, hd = t["hidden_size"], t["hidden_size"] // t["num_attention_heads"]
+    per = d * (t["num_attention_heads"] + 2 * t["num_key_value_heads"]) * hd + t["num_attention_heads"] * hd * d \
+        + 3 * d * t["intermediate_size"]
+    return per * t["num_hidden_layers"], d * t["vocab_size"]
+
+
+def vision_params(v: dict) -> float:
+    w, m = v["hidden_size"], v["intermediate_size"]
+    merged = w * 4
+    return v["depth"] * (4 * w * w + 3 * w * m) + merged * merged + merged * v["out_hidden_size"] + 1176 * w
+
+
+def bucket(n: int, buckets=(1024, 2048, 4096, 8192)) -> int:
+    return next((b for b in buckets if n <= b), buckets[-1])
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--chips", type=int, default=32)
+    p.add_argument("--tensor", type=int, default=4)
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed fraction of peak for prefill / update matmuls")
+    p.add_argument("--records", type=int, default=1442)
+    p.add_argument("--epochs", type=int, default=25)
+    p.add_argument("--prompts-per-step", type=int, default=128)
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--prompt", type=int, default=1024)
+    p.add_argument("--patches", type=int, default=1024)
+    p.add_argument("--response-max", type=int, default=4096)
+    p.add_argument("--response-mean", type=int, default=4096)
+    p.add_argument("--annotations", type=int, default=8)
+    p.add_argument("--judge-overhead", type=int, default=120, help="system + template tokens of a judge row")
+    p.add_argument("--annotation-tokens", type=int, default=20, help="tokens per annotation branch")
+    a = p.parse_args()
+
+    t, v, jt = POLICY["text_config"], POLICY["vision_config"], JUDGE
+    dec, head = text_params(t)
+    vis = vision_params(v)
+    jdec, _ = text_params(jt)
+    L, d, kvd = t["num_hidden_layers"], t["hidden_size"], t["num_key_value_heads"] * t["hidden_size"] // t["num_attention_heads"]
+    chips, peak = a.chips, V5P["peak"]
+    flops_s = chips * peak * a.mfu
+    steps = math.ceil(a.records * a.epochs / a.prompts_per_step)
+    rows_per_step = a.prompts_per_step * a.n
+    b, r, tp, pp = a.prompts_per_step, a.response_mean, a.prompt, a.patches
+    vw, vd = v["hidden_size"], v["depth"]
+
+    # -- sample
+    prefill = 2 * dec * tp * b + 2 * head * b + 2 * vis * pp * b + 4 * L * tp * tp * d * b
+    vis_packed_attn = 4 * vd * (b * pp) ** 2 * vw  # one [P, P] over the whole batch's patches
+    vis_per_image_attn = 4 * vd * pp * pp * vw * b
+    fsdp = chips // a.tensor
+    decode_t = decode_f = 0.0
+    for s in range(r):
+        ctx = tp + s
+        f = rows_per_step * (2 * (dec + head) + 4 * L * ctx * d)
+        kv = rows_per_step * ctx * L * 2 * kvd * 2  # bf16 K and V
+        hbm = (kv + 4 * (dec + head)) / chips
+        ici = 2 * (dec + head) / a.tensor * (fsdp - 1) / fsdp
+        decode_t += max(f / flops_s, hbm / V5P["hbm_bw"], ici / V5P["ici_bw"])
+        decode_f += f
+    # -- judge
+    jrow = a.judge_overhead + r + a.annotations * a.annotation_tokens
+    jlen = bucket(jrow)
+    judge = rows_per_step * (2 * jdec * jlen + 4 * jt["num_hidden_layers"] * jlen * jlen * jt["hidden_size"])
+    judge_exact = rows_per_step * (2 * jdec * jrow + 4 * jt["num_hidden_layers"] * jrow * jrow * jt["hidden_size"])
+    # -- update (remat: forward twice + backward = 4 forward-equivalents)
+    seq = tp + a.response_max  # the learner pads responses to max_new_tokens
+    update = 4 * rows_per_step * (2 * dec * seq + 2 * head * a.response_max + 2 * vis * pp + 4 * L * seq * seq * d
+                                  + 4 * vd * pp * pp * vw)
+
+    hours = lambda sec: sec * steps / 3600  # noqa: E731
+    rows = [
+        dict(phase="sample: prefill + per-image vision", pflop=(prefill + vis_per_image_attn) / 1e15,
+             s_per_step=(prefill + vis_per_image_attn) / flops_s),
+        dict(phase="sample: packed [P,P] vision attention (today)", pflop=vis_packed_attn / 1e15,
+             s_per_step=vis_packed_attn / flops_s),
+        dict(phase=f"sample: decode {r} tokens (roofline)", pflop=decode_f / 1e15, s_per_step=decode_t),
+        dict(phase=f"judge: rows of {jrow} -> bucket {jlen}", pflop=judge / 1e15, s_per_step=judge / flops_s),
+        dict(phase=f"judge: exact length {jrow} (no bucket padding)", pflop=judge_exact / 1e15,
+             s_per_step=judge_exact / flops_s),
+        dict(phase=f"update: {rows_per_step} x {seq} tokens, remat", pflop=update / 1e15, s_per_step=update / flops_s),
+    ]
+    for row in rows:
+        row["run_hours"] = hours(row["s_per_step"])
+    total = (prefill + vis_per_image_attn) / flops_s + decode_t + judge / flops_s + update / flops_s
+    total_today = total + vis_packed_attn / flops_s - vis_per_image_attn / flops_s
+    print(f"v5p x {chips} chips ({chips * peak / 1e15:.1f} PFLOP/s bf16 peak, mfu {a.mfu}), {steps} steps of "
+          f"{a.prompts_per_step} prompts x {a.n}; prompt {tp} (+{pp} patches), response mean {r} / max "
+          f"{a.response_max}\n")
+    print(table(rows))
+    flops_run = (prefill + vis_per_image_attn + decode_f + judge + update) * steps
+    ref_flops = 16 * A800["peak"] * 16 * 3600
+    print(f"\ntotal per step: {total:.0f} s with per-image vision ({hours(total):.1f} h for the run, "
+          f"{hours(total) * chips:.0f} chip-hours); with today's packed vision attention {total_today:.0f} s "
+          f"({hours(total_today):.1f} h)")
+    print(f"reference: 16 A800 x 16 h = 256 GPU-hours, {ref_flops / 1e18:.0f} EFLOP of bf16 peak; this run's "
+          f"{flops_run / 1e18:.0f} EFLOP would be {flops_run / ref_flops:.0%} of it")
+
+
+if __name__ == "__main__":
+    main()
