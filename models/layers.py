@@ -83,3 +83,17 @@ def dot_attention(q, k, v, mask, dtype):
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dtype))
     return out.reshape(b, t, h * d)
+
+
+def layer_stack(layer: type[nn.Module], length: int, remat: bool, num_broadcast: int):
+    """`layer` repeated `length` times with `nn.scan`: params stacked on a leading `layers` axis,
+    one body compiled whatever the depth. The layer's first argument is the carry, its second is
+    scanned (per-layer input such as a KV-cache slice), the next `num_broadcast` are shared.
+    `remat` recomputes each layer's activations in the backward pass."""
+    if remat:
+        layer = nn.remat(layer, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+    return nn.scan(
+        layer, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(0,) + (nn.broadcast,) * num_broadcast, length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from models.config import TextConfig
-from models.layers import Dtype, RMSNorm, apply_rope, dense, dot_attention, rope_inv_freq
+from models.layers import Dtype, RMSNorm, apply_rope, dense, dot_attention, layer_stack, rope_inv_freq
 
 
 @flax.struct.dataclass
@@ -129,14 +129,7 @@ class Qwen2Decoder(nn.Module):
         mask |= (k_slot[None, :] == q_slot[:, None])[None]
         cos, sin = rope_cos_sin(self.cfg, positions)
 
-        layer = DecoderLayer
-        if self.remat:
-            layer = nn.remat(layer, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
-        stack = nn.scan(
-            layer, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=self.cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
-        )
+        stack = layer_stack(DecoderLayer, self.cfg.num_layers, self.remat, num_broadcast=4)
         x, kv = stack(self.cfg, self.dtype, self.param_dtype, name="layers")(x, kv, cos, sin, mask, index)
         x = RMSNorm(self.cfg.rms_norm_eps, name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
         if cache is not None:

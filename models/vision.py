@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from models.config import VisionConfig
-from models.layers import Dtype, RMSNorm, apply_rope, dense, dot_attention, layer_norm, rope_inv_freq
+from models.layers import Dtype, RMSNorm, apply_rope, dense, dot_attention, layer_norm, layer_stack, rope_inv_freq
 
 
 @flax.struct.dataclass
@@ -106,14 +106,7 @@ class VisionTower(nn.Module):
             [cfg.kind == "qwen2_vl" or i in cfg.fullatt_block_indexes for i in range(cfg.depth)]
         )
 
-        block = VisionBlock
-        if self.remat:
-            block = nn.remat(block, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
-        stack = nn.scan(
-            block, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=cfg.depth, metadata_params={nn.PARTITION_NAME: "layers"},
-        )
+        stack = layer_stack(VisionBlock, cfg.depth, self.remat, num_broadcast=4)
         x, _ = stack(cfg, self.dtype, self.param_dtype, name="blocks")(x, is_full, cos, sin, full_mask, window_mask)
 
         if cfg.kind == "qwen2_vl":
