@@ -1,8 +1,9 @@
 """Per-device memory and compile time of the train step, the sampler and the judge at the paper's
 sizes (Qwen2.5-VL-7B policy, Qwen2.5-32B judge), on virtual CPU meshes, from abstract params only.
 
-    python bench/memory.py                                 # defaults: 8/16/32 devices, ~20-30 min on 2 cores
-    python bench/memory.py --devices 8 --layers 4 --prompt 1024 --response 1024
+    python bench/memory.py                                 # defaults: 8/16/32 devices, ~12 min on 2 cores
+    python bench/memory.py --devices 8 --programs judge --judge-length 8192
+    python bench/memory.py --programs sampler --patches 0  # text-only prompts
     python bench/memory.py --worker 8 ...                  # one mesh size (the parent runs one per N)
 
 Nothing is materialised: params, optimizer state and batches are `jax.ShapeDtypeStruct`s carrying
@@ -14,22 +15,27 @@ virtual CPU devices; `compiled.memory_analysis()` gives the per-device bytes: ar
 optimizer state, inputs), outputs, temporaries (activations, KV cache, gradients) and aliased
 (donated) bytes. peak = arguments + outputs + temporaries - aliased.
 
-Layers. Both decoders and the vision tower are `nn.scan`s: the compiled program holds one layer
-body whatever the depth, so the compile time hardly depends on depth, while the memory is
-`fixed + per_layer x layers`. By default every program is compiled at `--layers` (4) and 2x that
-many decoder layers (vision depth kept at 32), and memory is extrapolated linearly to the real
-depth (28 policy / 64 judge layers); `--layers 0` compiles the full depth directly.
+Depth. Both decoders and the vision tower are `nn.scan`s: the compiled program holds one layer
+body whatever the depth, so compiling the real depth (28 policy / 64 judge layers) takes about
+as long as 2 layers (~30 s for the train step on 2 cores): every program is compiled at full
+depth (`--layers N` overrides both decoders' depth for quick looks).
 
-Batch search. Memory is affine in the batch (params + per-sequence activations / cache), so each
-program is compiled at two batch sizes, the line through them gives the largest batch under each
-capacity (95 GiB: v5p, 16 GiB: v5e, per chip), rounded down to a multiple the mesh divides. The
-batch is: train step = sequences per micro-batch (the learner scans micro-batches, so a mini-batch
-of any multiple of it has the same peak), sampler = prompts x n rows decoded together (n = 8),
-judge = rows per device call (`max_rows_per_call`), each row one response with 8 annotations.
-Shapes: prompt `--prompt` tokens holding one image of `--patches` patches (1024 = a 448 x 448 px
-figure, 256 visual tokens), response `--response` tokens; judge rows of `--judge-length` tokens.
-This CPU compile is a proxy for the TPU one: XLA:TPU fuses, lays out and rematerialises
-differently, so take these as estimates of the same order, not TPU numbers.
+Batch search. Each program is compiled at 1 and 4 units (a unit = the data x fsdp device count),
+then, per chip capacity (16 GiB: v5e, 95 GiB: v5p), secant steps between the largest batch that
+fits and the smallest that does not (`--search` compiles each); the reported maximum is a batch
+that was compiled and fits. The batch is: train step = sequences per micro-batch (the learner
+scans micro-batches, so a mini-batch of any multiple of it has the same peak), sampler =
+sequences (prompts x n, n = 8) decoded together, judge = rows per device call
+(`max_rows_per_call`), each row one response with 8 annotations. Shapes: prompt `--prompt`
+tokens holding one image of `--patches` patches (1024 = a 448 x 448 px figure, 256 visual
+tokens; `--patches 0` for text-only prompts), response `--response` tokens, judge rows of
+`--judge-length` tokens.
+
+XLA:CPU has no bf16 matmul: it converts bf16 weights to f32 copies (hoisted out of the layer
+loop). Those bytes are found in the compiled HLO and reported (`cpu_upcast`); `tpu_est` = peak
+minus them is what the batch search uses. This CPU compile is a proxy for the TPU one: XLA:TPU
+fuses, lays out and rematerialises differently, so take these as estimates of the same order,
+not TPU numbers.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ Per step:
           each step costs max(FLOPs / (chips x peak x mfu), HBM bytes / bandwidth, ICI bytes /
           ICI bandwidth) with the KV cache read once per step, the params read once per step
           (fp32: the trainer samples with the learner's fp32 state) and the FSDP weight all-gather
-          (bf16) received per chip. The packed vision tower of the sampler attends over all
+          (bf16) received per chip at every step (also shown: gathered once per sampler call). The packed vision tower of the sampler attends over all
           prompts' patches at once ([P, P], P = prompts x patches): reported separately, with the
           per-image alternative.
   judge   one prefill per response of [system + response + K annotations], rounded up to the
@@ -69,6 +69,8 @@ def main():
     p.add_argument("--annotations", type=int, default=8)
     p.add_argument("--judge-overhead", type=int, default=120, help="system + template tokens of a judge row")
     p.add_argument("--annotation-tokens", type=int, default=20, help="tokens per annotation branch")
+    p.add_argument("--sampler-max-prompts", type=int, default=40,
+                   help="prompts per sampler call that fit today (bench/memory.py: 320-336 rows on v5p)")
     a = p.parse_args()
 
     t, v, jt = POLICY["text_config"], POLICY["vision_config"], JUDGE
@@ -88,15 +90,28 @@ def main():
     vis_packed_attn = 4 * vd * (b * pp) ** 2 * vw  # one [P, P] over the whole batch's patches
     vis_per_image_attn = 4 * vd * pp * pp * vw * b
     fsdp = chips // a.tensor
-    decode_t = decode_f = 0.0
-    for s in range(r):
-        ctx = tp + s
-        f = rows_per_step * (2 * (dec + head) + 4 * L * ctx * d)
-        kv = rows_per_step * ctx * L * 2 * kvd * 2  # bf16 K and V
-        hbm = (kv + 4 * (dec + head)) / chips
-        ici = 2 * (dec + head) / a.tensor * (fsdp - 1) / fsdp
-        decode_t += max(f / flops_s, hbm / V5P["hbm_bw"], ici / V5P["ici_bw"])
-        decode_f += f
+
+    def decode(rows: int, gather_per_step: bool = True) -> tuple[float, float]:
+        """(seconds, FLOPs) of decoding `r` tokens for `rows` rows in one sampler call; the FSDP
+        weight all-gather once per decode step, or once per call (held gathered: 2 x params /
+        tensor bytes per chip, e.g. 3.5 GiB for the 7B at tensor 4)."""
+        t_sum = f_sum = 0.0
+        for s in range(r):
+            ctx = tp + s
+            f = rows * (2 * (dec + head) + 4 * L * ctx * d)
+            kv = rows * ctx * L * 2 * kvd * 2  # bf16 K and V
+            hbm = (kv + 4 * (dec + head)) / chips
+            ici = 2 * (dec + head) / a.tensor * (fsdp - 1) / fsdp if gather_per_step else 0.0
+            t_sum += max(f / flops_s, hbm / V5P["hbm_bw"], ici / V5P["ici_bw"])
+            f_sum += f
+        return t_sum, f_sum
+
+    decode_t, decode_f = decode(rows_per_step)
+    decode_once_t = decode(rows_per_step, gather_per_step=False)[0]
+    # Today the packed vision attention caps a sampler call at `sampler_max_prompts` (bench/memory.py):
+    # the step's prompts go through in several calls, each re-reading and re-gathering the weights.
+    calls = math.ceil(b / a.sampler_max_prompts)
+    decode_chunked_t = calls * decode(math.ceil(b / calls) * a.n)[0]
     # -- judge
     jrow = a.judge_overhead + r + a.annotations * a.annotation_tokens
     jlen = bucket(jrow)
@@ -113,7 +128,11 @@ def main():
              s_per_step=(prefill + vis_per_image_attn) / flops_s),
         dict(phase="sample: packed [P,P] vision attention (today)", pflop=vis_packed_attn / 1e15,
              s_per_step=vis_packed_attn / flops_s),
-        dict(phase=f"sample: decode {r} tokens (roofline)", pflop=decode_f / 1e15, s_per_step=decode_t),
+        dict(phase=f"sample: decode {r} tokens, one call (roofline)", pflop=decode_f / 1e15, s_per_step=decode_t),
+        dict(phase="sample: decode, one call, weights gathered once", pflop=decode_f / 1e15,
+             s_per_step=decode_once_t),
+        dict(phase=f"sample: decode in {calls} calls of <= {a.sampler_max_prompts} prompts (today)",
+             pflop=decode_f / 1e15, s_per_step=decode_chunked_t),
         dict(phase=f"judge: rows of {jrow} -> bucket {jlen}", pflop=judge / 1e15, s_per_step=judge / flops_s),
         dict(phase=f"judge: exact length {jrow} (no bucket padding)", pflop=judge_exact / 1e15,
              s_per_step=judge_exact / flops_s),
@@ -121,17 +140,18 @@ def main():
     ]
     for row in rows:
         row["run_hours"] = hours(row["s_per_step"])
-    total = (prefill + vis_per_image_attn) / flops_s + decode_t + judge / flops_s + update / flops_s
-    total_today = total + vis_packed_attn / flops_s - vis_per_image_attn / flops_s
+    total_today = (prefill + vis_packed_attn) / flops_s + decode_chunked_t + judge / flops_s + update / flops_s
+    total = (prefill + vis_per_image_attn) / flops_s + decode_t + judge_exact / flops_s + update / flops_s
     print(f"v5p x {chips} chips ({chips * peak / 1e15:.1f} PFLOP/s bf16 peak, mfu {a.mfu}), {steps} steps of "
           f"{a.prompts_per_step} prompts x {a.n}; prompt {tp} (+{pp} patches), response mean {r} / max "
           f"{a.response_max}\n")
     print(table(rows))
     flops_run = (prefill + vis_per_image_attn + decode_f + judge + update) * steps
     ref_flops = 16 * A800["peak"] * 16 * 3600
-    print(f"\ntotal per step: {total:.0f} s with per-image vision ({hours(total):.1f} h for the run, "
-          f"{hours(total) * chips:.0f} chip-hours); with today's packed vision attention {total_today:.0f} s "
-          f"({hours(total_today):.1f} h)")
+    print(f"\ntotal per step, today (packed vision -> chunked sampling, judge length buckets): {total_today:.0f} s = "
+          f"{hours(total_today):.1f} h for the run, {hours(total_today) * chips:.0f} chip-hours")
+    print(f"total per step with per-image vision (one sampler call) and exact judge lengths: {total:.0f} s = "
+          f"{hours(total):.1f} h, {hours(total) * chips:.0f} chip-hours")
     print(f"reference: 16 A800 x 16 h = 256 GPU-hours, {ref_flops / 1e18:.0f} EFLOP of bf16 peak; this run's "
           f"{flops_run / 1e18:.0f} EFLOP would be {flops_run / ref_flops:.0%} of it")
 
