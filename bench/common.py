@@ -1,7 +1,9 @@
-"""Shared pieces of the benchmarks: medians of repeated timings and reference models.
+"""Shared pieces of the benchmarks: timings (medians, interleaved runs, torch thread choice),
+reference models of a few sizes, and tables.
 
-Every benchmark runs ours and the reference in one process on the same weights and prints a
-ratio (reference time / our time, > 1 means we are faster).
+The comparison benchmarks (forward, sampler, judge) run ours and the reference in one process on
+the same weights and print a ratio (reference time / our time, > 1 means we are faster);
+grpo_step, memory and projection measure or project our own costs. Results: docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations

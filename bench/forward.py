@@ -12,8 +12,11 @@ image_grid_thw, mm_token_type_ids` and computes its rope index inside. `ours_per
 forward with the images given per row (a leading [B] axis, the learner's layout), so the vision
 tower attends within each row's [P/B, P/B] block instead of over the packed [P, P] with a
 block-diagonal mask. fp32 rows also report the largest logit difference (same weights, same
-inputs: the two must agree); bf16 casts both models' weights to bf16 (ours: params and compute in bf16, scores and softmax in fp32; transformers:
-`model.to(torch.bfloat16)`, sdpa attention).
+inputs: the two must agree). bf16 casts both models' weights to bf16 (ours: params and compute
+in bf16, scores and softmax in fp32; transformers: `model.to(torch.bfloat16)`, sdpa attention).
+
+The reference gets the faster of 1 and all cores' torch threads, per row (`hf_threads`): on a
+loaded machine OpenMP's spin-waiting makes 2 threads up to 60x slower than 1.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from common import checkpoint, fastest_torch_threads, interleaved_times, param_count, table  # first: sets the environment
+from common import checkpoint, fastest_torch_threads, interleaved_times, param_count, table  # first: sets env
 import jax
 import jax.numpy as jnp
 import numpy as np

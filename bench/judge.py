@@ -29,7 +29,7 @@ import os
 import re
 from pathlib import Path
 
-from common import checkpoint, fastest_torch_threads, interleaved_times, param_count, table  # first: sets the environment
+from common import checkpoint, fastest_torch_threads, interleaved_times, param_count, table  # first: sets env
 import jax
 import numpy as np
 import torch

@@ -210,7 +210,9 @@ def judge_stats(mesh, judge_cfg, rows: int, a) -> dict:
     module = QwenCausalLM(judge_cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     boxed = abstract_params(module)
     params = _abstract(nn.unbox(boxed), param_shardings(boxed, mesh))
-    sds = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))  # noqa: E731
+    def sds(shape, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))
+
     k, length = a.annotations, a.judge_length
     batch = JudgeBatch(input_ids=sds((rows, length)), positions=sds((rows, length)),
                        attention_mask=sds((rows, length)), branches=sds((rows, length)),
@@ -301,7 +303,9 @@ def summarize(results: list[dict], a) -> list[dict]:
                 rows.append(dict(devices=n, program=program, note=str(why)[:80]))
                 continue
             first = ok[0]
-            per = (ok[1]["tpu_est"] - first["tpu_est"]) / (ok[1]["batch"] - first["batch"]) if len(ok) > 1 else float("nan")
+            per = float("nan")
+            if len(ok) > 1:
+                per = (ok[1]["tpu_est"] - first["tpu_est"]) / (ok[1]["batch"] - first["batch"])
             scale = a.n if program.startswith("sampler") else 1
             row = dict(devices=n, program=program, layers=first["layers"], compile_s=max(r["compile_s"] for r in ok),
                        batch0=first["batch"] * scale, params_state_GiB=first["args"] / GIB,

@@ -14,9 +14,11 @@ Per step:
           each step costs max(FLOPs / (chips x peak x mfu), HBM bytes / bandwidth, ICI bytes /
           ICI bandwidth) with the KV cache read once per step, the params read once per step
           (fp32: the trainer samples with the learner's fp32 state) and the FSDP weight all-gather
-          (bf16) received per chip at every step (also shown: gathered once per sampler call). The packed vision tower of the sampler attends over all
-          prompts' patches at once ([P, P], P = prompts x patches): reported separately, with the
-          per-image alternative.
+          (bf16) received per chip at every step (also shown: gathered once per sampler call).
+          The packed vision tower of the sampler attends over all prompts' patches at once
+          ([P, P], P = prompts x patches): reported separately, with the per-image alternative;
+          its memory caps a sampler call at `--sampler-max-prompts` prompts today, so a step
+          decodes in several calls ("today" rows).
   judge   one prefill per response of [system + response + K annotations], rounded up to the
           judge's length bucket (1024 / 2048 / 4096 / 8192), dense [T, T] attention.
   update  forward + backward + remat forward (8 x params x tokens) and dense attention, the
@@ -77,7 +79,8 @@ def main():
     dec, head = text_params(t)
     vis = vision_params(v)
     jdec, _ = text_params(jt)
-    L, d, kvd = t["num_hidden_layers"], t["hidden_size"], t["num_key_value_heads"] * t["hidden_size"] // t["num_attention_heads"]
+    L, d = t["num_hidden_layers"], t["hidden_size"]
+    kvd = t["num_key_value_heads"] * d // t["num_attention_heads"]
     chips, peak = a.chips, V5P["peak"]
     flops_s = chips * peak * a.mfu
     steps = math.ceil(a.records * a.epochs / a.prompts_per_step)
