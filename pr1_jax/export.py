@@ -41,6 +41,14 @@ def locate(checkpoint: str | Path) -> tuple[Path, int | None]:
     raise CheckpointRestoreError(f"{path}: not a run directory (no checkpoints/ inside) or RUN_DIR/STEP")
 
 
+def copy_side_files(src_dirs, out: Path) -> None:
+    """Tokenizer / processor files of `src_dirs` (those present) into the HF directory `out`."""
+    for d in src_dirs:
+        for name in SIDE_FILES:
+            if (Path(d) / name).exists():
+                shutil.copy(Path(d) / name, Path(out) / name)
+
+
 def load_run_policy(checkpoint: str | Path):
     """(the run's TrainConfig, step or None for latest, the trained policy as a `Model`)."""
     from pr1_jax.train import TrainConfig
@@ -58,10 +66,7 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     base = Path(cfg.model.policy)
     out = Path(out)
     model.save_pretrained(out)
-    for d in {base, Path(cfg.model.tokenizer or base)}:
-        for name in SIDE_FILES:
-            if (d / name).exists():
-                shutil.copy(d / name, out / name)
+    copy_side_files({base, Path(cfg.model.tokenizer or base)}, out)
     log.info("exported %s (step %s) to %s", checkpoint, step if step is not None else "latest", out)
     return out
 

@@ -45,6 +45,7 @@ from pr1_jax import synthetic
 from pr1_jax.data.batching import collate
 from pr1_jax.data.config import DataConfig
 from pr1_jax.data.processing import ExampleProcessor
+from pr1_jax.export import copy_side_files
 from pr1_jax.judge import Judge, JudgeBatch, JudgeConfig, answer_logits, load_tokenizer, pack
 from pr1_jax.learner import LearnerConfig, make_optimizer
 from pr1_jax.rollout import policy_inputs
@@ -53,16 +54,13 @@ from pr1_jax.tiny import TinyAssets, judge_prompt_config
 
 log = logging.getLogger(__name__)
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
 def _save(model: Model, params, out: Path, tokenizer_dir: str) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     Model(model.config, params).save_pretrained(tmp)
-    for name in _TOKENIZER_FILES:
-        if (Path(tokenizer_dir) / name).exists():
-            shutil.copy(Path(tokenizer_dir) / name, tmp / name)
+    copy_side_files([tokenizer_dir], tmp)
     tmp.rename(out)  # a killed warm start leaves no half checkpoint under the final name
 
 

@@ -77,6 +77,17 @@ def _term(t: Any) -> str:
     return f"{name}({', '.join(_term(a) for a in args)})"
 
 
+# Two-argument relations of the logic forms, as sentences.
+_RELATIONS = {
+    "Equals": "{} = {}.",
+    "PointLiesOnLine": "{} lies on line {}.",
+    "PointLiesOnCircle": "{} lies on {}.",
+    "Perpendicular": "{} is perpendicular to {}.",
+    "Parallel": "{} is parallel to {}.",
+    "Tangent": "{} is tangent to {}.",
+}
+
+
 def render_logic_form(form: str) -> str | None:
     """One diagram logic form as a short sentence ending in '.'; None for an empty form."""
     form = form.strip()
@@ -87,18 +98,8 @@ def render_logic_form(form: str) -> str | None:
         return form.rstrip(".") + "."
     name, args = t
     a = [_term(x) for x in args]
-    if name == "Equals" and len(a) == 2:
-        return f"{a[0]} = {a[1]}."
-    if name == "PointLiesOnLine" and len(a) == 2:
-        return f"{a[0]} lies on line {a[1]}."
-    if name == "PointLiesOnCircle" and len(a) == 2:
-        return f"{a[0]} lies on {a[1]}."
-    if name == "Perpendicular" and len(a) == 2:
-        return f"{a[0]} is perpendicular to {a[1]}."
-    if name == "Parallel" and len(a) == 2:
-        return f"{a[0]} is parallel to {a[1]}."
-    if name == "Tangent" and len(a) == 2:
-        return f"{a[0]} is tangent to {a[1]}."
+    if name in _RELATIONS and len(a) == 2:
+        return _RELATIONS[name].format(*a)
     return _term(t) + "."
 
 
