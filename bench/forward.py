@@ -31,16 +31,7 @@ import numpy as np
 import torch
 
 from models import load_pretrained
-from models.positions import vision_layout
-from models.vision import VisionInputs
 from reference import vlm_batch
-
-
-def per_row_vision(config, pv, thw, b: int) -> VisionInputs:
-    """One image per row -> VisionInputs with a leading [B] axis (each row its own tower group)."""
-    per = pv.shape[0] // b
-    fields = [vision_layout(thw[i:i + 1], per, config.vision) for i in range(b)]
-    return VisionInputs(pixel_values=pv.reshape(b, per, -1), **{k: np.stack([f[k] for f in fields]) for k in fields[0]})
 
 
 def main():
@@ -70,7 +61,7 @@ def main():
                 run_ours = lambda: jax.block_until_ready(ours._forward(ours.params, *x))  # noqa: E731
                 # The same forward with each row's image in its own vision group (the learner's
                 # per-sequence layout): the tower attends over [P/B, P/B] per row, not [P, P].
-                xr = jax.device_put(x[:3] + (per_row_vision(ours.config, pv, thw, b),))
+                xr = jax.device_put(x[:3] + (ours.prepare_inputs(ids, mask, pv, thw, per_row=True)["vision"],))
                 run_rows = lambda: jax.block_until_ready(ours._forward(ours.params, *xr))  # noqa: E731
                 hf_kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                              pixel_values=torch.tensor(pv).to(hf.dtype), image_grid_thw=torch.tensor(thw),

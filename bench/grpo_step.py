@@ -98,7 +98,8 @@ def split_step(trainer, batch, timed: Timed) -> dict:
     """The trainer's step, phase by phase, each blocked on its result; returns the learner batch."""
     t0 = time.perf_counter()
     trainer.key, key = jax.random.split(trainer.key)
-    ro = rollout(trainer.policy, trainer.state.params, trainer.sampler, trainer.tokenizer, batch, key)
+    ro = rollout(trainer.policy, trainer.state.params, trainer.sampler, trainer.tokenizer, batch, key, trainer.mesh,
+                 trainer.cfg.data.patch_limit_per_record)
     jax.block_until_ready(ro.samples.tokens)
     t1 = time.perf_counter()
     n = ro.n

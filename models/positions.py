@@ -123,3 +123,56 @@ def vision_layout(image_grid_thw, num_patches: int, cfg: VisionConfig) -> dict[s
         seg_window=np.repeat(np.concatenate(unit_win), unit).astype(np.int32),
         unperm=np.argsort(order).astype(np.int32),
     )
+
+
+def row_images(input_ids, attention_mask, image_grid_thw, *, image_token_id: int, spatial_merge_size: int = 2
+               ) -> list[range]:
+    """Which rows of `image_grid_thw` (images in order of appearance) belong to each batch row,
+    from the rows' image-token counts."""
+    ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
+    grids = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+    counts = ((ids == image_token_id) & mask.astype(bool)).sum(-1)
+    tokens = grids.prod(-1) // (spatial_merge_size ** 2)
+    out, g = [], 0
+    for b, want in enumerate(counts):
+        start, have = g, 0
+        while have < want:
+            if g >= len(grids):
+                raise ValueError(f"row {b}: {want} image tokens but image_grid_thw runs out")
+            have += int(tokens[g])
+            g += 1
+        if have != want:
+            raise ValueError(f"row {b}: {want} image tokens do not match its images' grids")
+        out.append(range(start, g))
+    if g != len(grids):
+        raise ValueError(f"image_grid_thw has {len(grids)} images, the rows use {g}")
+    return out
+
+
+def row_vision_arrays(input_ids, attention_mask, pixel_values, image_grid_thw, num_patches: int | None,
+                      cfg: VisionConfig, *, image_token_id: int) -> dict[str, np.ndarray]:
+    """The fields of a per-row `VisionInputs` (leading [B] axis): row b holds its own images'
+    patches, padded to `num_patches` rows (default: the largest row's count), so the vision
+    tower attends within a row ([B, P, P]) instead of over a whole batch's packed patches
+    ([B*P, B*P]), and the rows can be sharded like the batch.
+
+    pixel_values: [patches, patch_dim] of all rows' images packed in order of appearance (the
+    data pipeline's layout; rows past the real patches are ignored); image_grid_thw: [images, 3]
+    real images only."""
+    m = cfg.spatial_merge_size
+    grids = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+    pv = np.asarray(pixel_values, np.float32)
+    offsets = np.concatenate([[0], np.cumsum(grids.prod(-1))])
+    rows = row_images(input_ids, attention_mask, grids, image_token_id=image_token_id, spatial_merge_size=m)
+    per_row = [int(offsets[g.stop] - offsets[g.start]) for g in rows]
+    if num_patches is None:
+        num_patches = max(max(per_row), m * m)
+    if num_patches % (m * m) or num_patches < max(per_row):
+        raise ValueError(f"num_patches={num_patches} per row must be a multiple of {m * m} "
+                         f"and >= {max(per_row)} (the largest row's patches)")
+    fields = []
+    for g in rows:
+        x = np.zeros((num_patches, pv.shape[1]), np.float32)
+        x[:offsets[g.stop] - offsets[g.start]] = pv[offsets[g.start]:offsets[g.stop]]
+        fields.append(dict(pixel_values=x, **vision_layout(grids[g.start:g.stop], num_patches, cfg)))
+    return {k: np.stack([f[k] for f in fields]) for k in fields[0]}

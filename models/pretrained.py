@@ -21,7 +21,7 @@ import numpy as np
 
 from models.causal_lm import QwenCausalLM
 from models.config import ModelConfig, config_from_dict, load_config
-from models.positions import rope_index, text_positions, vision_layout
+from models.positions import rope_index, row_vision_arrays, text_positions, vision_layout
 from models.vision import VisionInputs
 from models.weights import load_params, save_params
 
@@ -63,11 +63,14 @@ class Model:
         self._forward = jax.jit(lambda p, ids, pos, mask, vi: self.module.apply({"params": p}, ids, pos, mask, vi)[0])
 
     def prepare_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                       num_patches: int | None = None) -> dict:
-        """Host-side: positions [3, B, T] (or [B, T]), rope deltas and the packed-patch layout.
+                       num_patches: int | None = None, per_row: bool = False) -> dict:
+        """Host-side: positions [3, B, T] (or [B, T]), rope deltas and the patch layout.
 
-        num_patches pads the patch rows to a static count (default: the real count) so that
-        batches with different images reuse one compiled program.
+        Packed (default, the HF layout): one `VisionInputs` for all of the batch's patches;
+        num_patches pads them to a static count (default: the real count) so that batches with
+        different images reuse one compiled program. per_row: every field gets a leading [B]
+        axis, row b holding its own images padded to num_patches (see `row_vision_arrays`):
+        cheaper attention in the tower, and rows that shard with the batch.
         """
         ids = np.asarray(input_ids).astype(np.int32)
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask).astype(np.int32)
@@ -80,7 +83,10 @@ class Model:
         pos, deltas = rope_index(ids, mask, image_grid_thw, image_token_id=cfg.image_token_id,
                                  spatial_merge_size=cfg.vision.spatial_merge_size)
         vi = None
-        if pixel_values is not None:
+        if pixel_values is not None and per_row:
+            vi = VisionInputs(**row_vision_arrays(ids, mask, pixel_values, image_grid_thw, num_patches, cfg.vision,
+                                                  image_token_id=cfg.image_token_id))
+        elif pixel_values is not None:
             pv = np.asarray(pixel_values, np.float32)
             n = num_patches or pv.shape[0]
             layout = vision_layout(image_grid_thw, n, cfg.vision)

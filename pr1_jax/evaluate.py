@@ -26,7 +26,7 @@ from pr1_jax.data.pipeline import make_iterator
 from pr1_jax.data.processing import load_tokenizer
 from pr1_jax.export import load_run_policy, quiet_logging
 from pr1_jax.rewards import RewardConfig, RewardScorer, mean_metrics
-from pr1_jax.rollout import decode, policy_inputs
+from pr1_jax.rollout import rollout
 from pr1_jax.sampling import SamplingConfig, Sampler
 
 log = logging.getLogger("pr1_jax")
@@ -43,8 +43,8 @@ def evaluate(model, tokenizer, data: DataConfig, out: Path, max_new_tokens: int,
     it = make_iterator(data, tokenizer)
     with RewardScorer(dataclasses.replace(reward, weights=weights)) as scorer:
         for batch in it:
-            inputs, _, _ = policy_inputs(model, batch)
-            texts = decode(tokenizer, sampler(model.params, inputs, jax.random.key(0)))
+            texts = rollout(model, model.params, sampler, tokenizer, batch, jax.random.key(0),
+                            patches_per_row=data.patch_limit_per_record).texts
             valid = np.asarray(batch["example_valid"], bool)
             recs = [dict(response=t, ground_truth=a) for t, a, v in zip(texts, batch["answer"], valid) if v]
             scores = scorer.submit(recs).result().scores

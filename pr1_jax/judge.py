@@ -72,12 +72,14 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from models.causal_lm import QwenCausalLM
 from models.config import load_config
 from models.pretrained import Model, abstract_params, as_dtype, load_pretrained
-from pr1_jax.sharding import batch_sharding, param_shardings, placer
+from pr1_jax.multihost import allgather_json
+from pr1_jax.sharding import batch_axis_size, batch_sharding, param_shardings, placer
 
 logger = logging.getLogger(__name__)
 
@@ -383,8 +385,8 @@ class PendingVerdicts:
     """Dispatched judge work; `result()` blocks until the device is done and returns host values."""
 
     def __init__(self, n: int, chunks: list[_Chunk], truncated: np.ndarray, dropped: np.ndarray,
-                 response_tokens: np.ndarray, num_annotations: np.ndarray):
-        self.n, self.chunks = n, chunks
+                 response_tokens: np.ndarray, num_annotations: np.ndarray, keep: slice = slice(None)):
+        self.n, self.chunks, self.keep = n, chunks, keep
         self.truncated, self.dropped = truncated, dropped
         self.response_tokens, self.num_annotations = response_tokens, num_annotations
         self._result: dict | None = None
@@ -407,10 +409,12 @@ class PendingVerdicts:
                     visual[i], has[i] = out.visual[r], out.has_visual[r]
                     verdicts[i] = np.asarray(out.verdict[r, :k], np.float32)
                     margins[i] = np.asarray(out.margin[r, :k], np.float32)
+            k = self.keep  # the caller's rows (this process's, in a multi-process call)
+            truncated, dropped = self.truncated[k], self.dropped[k]
             self._result = dict(
-                visual=visual, has_visual=has, verdicts=verdicts, margins=margins,
-                truncated=self.truncated, dropped=self.dropped, response_tokens=self.response_tokens,
-                n_truncated=int(self.truncated.sum()), n_dropped=int(self.dropped.sum()),
+                visual=visual[k], has_visual=has[k], verdicts=verdicts[k], margins=margins[k],
+                truncated=truncated, dropped=dropped, response_tokens=self.response_tokens[k],
+                n_truncated=int(truncated.sum()), n_dropped=int(dropped.sum()),
                 shapes=[c.shape for c in self.chunks],
             )
         return self._result
@@ -438,10 +442,11 @@ class Judge:
         if fixed >= config.max_length:
             raise ValueError(f"the judge prompt alone takes {fixed} tokens; the largest length bucket "
                              f"{config.max_length} leaves no room for a response and a statement")
-        self.row_multiple = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "fsdp")
-                                                                 if a in mesh.shape]))
+        self.row_multiple = 1 if mesh is None else batch_axis_size(mesh)
         yes, no, mode = self.yes_ids, self.no_ids, config.mode
-        self.forward = jax.jit(lambda p, b: judge_forward(module, p, b, yes, no, mode))
+        # Outputs are small ([rows, K]); replicated, every process can read them.
+        out = None if mesh is None else NamedSharding(mesh, P())
+        self.forward = jax.jit(lambda p, b: judge_forward(module, p, b, yes, no, mode), out_shardings=out)
         self._statement_cache: dict[str, list[int]] = {}
         self.stats = dict(responses=0, truncated=0, dropped_annotations=0, device_calls=0)
 
@@ -533,22 +538,33 @@ class Judge:
 
     def submit(self, responses: Sequence[str], annotations: Sequence[Sequence[str] | None],
                params=None) -> PendingVerdicts:
-        """Tokenize, pack, place and dispatch; returns without waiting for the device."""
+        """Tokenize, pack, place and dispatch; returns without waiting for the device.
+
+        On a mesh over several processes, each passes its own responses: the judge packs the
+        responses of all processes (every process builds the same global rows, so the device
+        calls match) and each gets its own verdicts back."""
         params = self.params if params is None else params
+        n_own, keep = len(responses), slice(None)
+        if self.mesh is not None and jax.process_count() > 1:
+            parts = allgather_json([list(responses), [list(a or []) for a in annotations]])
+            start = sum(len(r) for r, _ in parts[:jax.process_index()])
+            keep = slice(start, start + n_own)
+            responses = [x for r, _ in parts for x in r]
+            annotations = [x for _, a in parts for x in a]
         batches, sources, info = self.build(responses, annotations)
         chunks = []
         for b, src in zip(batches, sources):
             chunks.append(_Chunk(self.forward(params, self.place(b)), src, b.verdict_index.shape[:1] +
                                  b.input_ids.shape[1:] + b.verdict_index.shape[1:]))
-        self.stats["responses"] += len(responses)
-        self.stats["truncated"] += int(info["truncated"].sum())
-        self.stats["dropped_annotations"] += int(info["dropped"].sum())
+        n_truncated, n_dropped = int(info["truncated"][keep].sum()), int(info["dropped"][keep].sum())
+        self.stats["responses"] += n_own
+        self.stats["truncated"] += n_truncated
+        self.stats["dropped_annotations"] += n_dropped
         self.stats["device_calls"] += len(chunks)
-        if info["truncated"].any() or info["dropped"].any():
-            logger.info("judge: %d responses truncated, %d annotations dropped in this call",
-                        int(info["truncated"].sum()), int(info["dropped"].sum()))
+        if n_truncated or n_dropped:
+            logger.info("judge: %d responses truncated, %d annotations dropped in this call", n_truncated, n_dropped)
         return PendingVerdicts(len(responses), chunks, info["truncated"], info["dropped"],
-                               info["response_tokens"], info["num_annotations"])
+                               info["response_tokens"], info["num_annotations"], keep)
 
     def __call__(self, responses: Sequence[str], annotations: Sequence[Sequence[str] | None]) -> dict:
         """Blocking: see `PendingVerdicts.result`."""

@@ -65,7 +65,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from models.causal_lm import QwenCausalLM
 from models.config import ModelConfig
-from models.positions import vision_layout
+from models.positions import row_vision_arrays
 from models.pretrained import abstract_params, as_dtype
 from models.vision import VisionInputs
 from pr1_jax.grpo import GRPOLossConfig, entropy_from_logits, grpo_loss, token_logprobs
@@ -171,33 +171,13 @@ def init_state(params, tx: optax.GradientTransformation) -> TrainState:
 # --------------------------------------------------------------------------- host: learner batch
 
 
-def _row_images(ids, mask, grids, image_token_id: int, merge: int):
-    """Rows of `grids` (in order of appearance) that belong to each prompt row."""
-    counts = ((ids == image_token_id) & mask.astype(bool)).sum(-1)
-    tokens = grids.prod(-1) // (merge * merge)
-    out, g = [], 0
-    for b, want in enumerate(counts):
-        start, have = g, 0
-        while have < want:
-            if g >= len(grids):
-                raise ValueError(f"prompt {b}: {want} image tokens but image_grid_thw runs out")
-            have += int(tokens[g])
-            g += 1
-        if have != want:
-            raise ValueError(f"prompt {b}: {want} image tokens do not match its images' grids")
-        out.append(range(start, g))
-    if g != len(grids):
-        raise ValueError(f"image_grid_thw has {len(grids)} images, the prompts use {g}")
-    return out
-
-
 def train_batch_from_samples(config: ModelConfig, prompt_inputs: dict, sample_out, n: int,
                              pixel_values=None, image_grid_thw=None, num_patches: int | None = None,
                              advantages=None, ref_logprobs=None, example_valid=None) -> Batch:
     """Host side (numpy). The learner batch of the module docstring for N = B*n sequences.
 
     prompt_inputs: `Model.prepare_inputs` dict of the B prompts (input_ids, attention_mask,
-      positions, rope_deltas; its packed `vision` is not used).
+      positions, rope_deltas; a per-row `vision` is reused, a packed one is not used).
     sample_out: the sampler's `SampleOutput` for these prompts with `n` samples each.
     pixel_values [patches, patch_dim], image_grid_thw [images, 3]: the prompts' images packed in
       order of appearance (row-major), as given to `prepare_inputs`; zero-grid rows (padding
@@ -206,6 +186,7 @@ def train_batch_from_samples(config: ModelConfig, prompt_inputs: dict, sample_ou
       the largest prompt's patch count; e.g. `DataConfig.patch_limit_per_record`). Default: the
       largest prompt's count.
     advantages: [N] optional; ref_logprobs: [N, R] optional.
+    Images come from a per-row `prompt_inputs["vision"]` if there is one, else from pixel_values.
     example_valid: [B] bool optional; filler prompts get an all-zero response mask.
     """
     ids = np.asarray(prompt_inputs["input_ids"]).astype(np.int32)
@@ -243,29 +224,18 @@ def train_batch_from_samples(config: ModelConfig, prompt_inputs: dict, sample_ou
     if ref_logprobs is not None:
         batch["ref_logprobs"] = np.asarray(ref_logprobs, np.float32).reshape(num, r)
 
+    vision = prompt_inputs.get("vision")
+    if vision is not None and np.ndim(vision.pixel_values) == 3:
+        batch["vision"] = jax.tree.map(lambda x: rep(np.asarray(x)), vision)
+        return batch
     if pixel_values is None:
         return batch
     if config.vision is None:
         raise ValueError(f"a {config.model_type} model takes no images")
-    vcfg = config.vision
-    merge = vcfg.spatial_merge_size
     grids = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
-    grids = grids[grids.prod(-1) > 0]
-    pv = np.asarray(pixel_values, np.float32)
-    offsets = np.concatenate([[0], np.cumsum(grids.prod(-1))])
-    rows = _row_images(ids, pmask, grids, config.image_token_id, merge)
-    per_prompt = [int(offsets[g.stop] - offsets[g.start]) for g in rows]
-    if num_patches is None:
-        num_patches = max(max(per_prompt), merge * merge)
-    if num_patches % (merge * merge) or num_patches < max(per_prompt):
-        raise ValueError(f"num_patches={num_patches} per sequence must be a multiple of {merge * merge} "
-                         f"and >= {max(per_prompt)} (the largest prompt's patches)")
-    fields = []
-    for g in rows:
-        x = np.zeros((num_patches, pv.shape[1]), np.float32)
-        x[:offsets[g.stop] - offsets[g.start]] = pv[offsets[g.start]:offsets[g.stop]]
-        fields.append(dict(pixel_values=x, **vision_layout(grids[g.start:g.stop], num_patches, vcfg)))
-    batch["vision"] = VisionInputs(**{k: rep(np.stack([f[k] for f in fields])) for k in fields[0]})
+    fields = row_vision_arrays(ids, pmask, pixel_values, grids[grids.prod(-1) > 0], num_patches, config.vision,
+                               image_token_id=config.image_token_id)
+    batch["vision"] = VisionInputs(**{k: rep(v) for k, v in fields.items()})
     return batch
 
 
@@ -299,7 +269,7 @@ def _batch_axis(key: str, x) -> int:
     return 1 if key == _POSITIONS and x.ndim == 3 else 0
 
 
-def _map_batch(fn, batch: Batch) -> Batch:
+def map_batch(fn, batch: Batch) -> Batch:
     """fn(array, batch_axis) over every array of the batch (VisionInputs fields included)."""
     out = {}
     for k, v in batch.items():
@@ -328,7 +298,7 @@ def split_micro_batches(batch: Batch, num_micro: int, mesh: Mesh | None = None) 
             x = jax.lax.with_sharding_constraint(x, sharding_for(logical, x.shape, mesh))
         return x
 
-    return _map_batch(split, batch)
+    return map_batch(split, batch)
 
 
 def _masked_params(params, cfg: LearnerConfig):
@@ -445,7 +415,7 @@ def batch_shardings(mesh: Mesh, batch: Batch) -> Batch:
         logical[axis] = "batch"
         return sharding_for(logical, x.shape, mesh)
 
-    return _map_batch(one, batch)
+    return map_batch(one, batch)
 
 
 def global_batch(mesh: Mesh, local_batch: Batch) -> Batch:
@@ -461,7 +431,7 @@ def global_batch(mesh: Mesh, local_batch: Batch) -> Batch:
         sharding = sharding_for(logical, shape, mesh)
         return jax.make_array_from_process_local_data(sharding, x, shape)
 
-    return _map_batch(one, local_batch)
+    return map_batch(one, local_batch)
 
 
 def _dict_path(path) -> tuple:

@@ -6,9 +6,10 @@ temperature-scaled policy *before* top-k / top-p truncation (truncation only dec
 is drawn). Greedy (T = 0) reports `log softmax(logits)[token]`. The GRPO ratio must use the same
 definition: `pr1_jax.grpo.token_logprobs(logits, tokens, temperature)`.
 
-Randomness: sample i (row i of the output, i = prompt * n + j) draws its token at step s from
-`fold_in(fold_in(key, i), s)`, so a sample's stream depends only on the seed and its index, not on
-the batch it was generated with or on how the prefill was shared.
+Randomness: sample j of prompt p (row p * n + j of the output) draws its token at step s from
+`fold_in(fold_in(key, p * n + j), s)`, where p is the prompt's row or its given `prompt_ids`
+entry, so a sample's stream depends only on the seed and its index, not on the batch it was
+generated with, how it was padded or split over processes, or how the prefill was shared.
 """
 
 from __future__ import annotations
@@ -78,28 +79,33 @@ def next_tokens(logits, keys, cfg: SamplingConfig):
 
 
 def sample(module: QwenCausalLM, params, input_ids, positions, attention_mask, vision: VisionInputs | None,
-           rope_deltas, key, cfg: SamplingConfig, mesh: Mesh | None = None) -> SampleOutput:
+           rope_deltas, key, cfg: SamplingConfig, mesh: Mesh | None = None, prompt_ids=None) -> SampleOutput:
     """Pure function (jit it with `cfg` and `mesh` static). Inputs as from `Model.prepare_inputs`:
     input_ids/attention_mask [B, T] left-padded, positions [3, B, T] or [B, T], rope_deltas [B].
-    With a mesh, the cache is sharded like the activations: batch over the data axes, KV heads
-    over `tensor`."""
+    prompt_ids [B] int32: each prompt's index in the random streams (default: its row), so that
+    sample j of prompt p draws from stream p * n + j however the batch was padded or split.
+    With a mesh, the cache is sharded like the activations (batch over the data axes, KV heads
+    over `tensor`) and so are the output rows. vision: packed or per row (see
+    `QwenCausalLM.hidden_states`)."""
     b, t = input_ids.shape
     n, new = cfg.n, cfg.max_new_tokens
     apply = lambda *a, **k: module.apply({"params": params}, *a, **k)  # noqa: E731
     cache = KVCache.empty(module.cfg.text, b, t + new, module.dtype)
-    if mesh is not None:
-        kv = sharding_for(("layers", "batch", "length", "kv_heads", None), cache.k.shape, mesh)
-        cache = cache.replace(k=jax.lax.with_sharding_constraint(cache.k, kv),
-                              v=jax.lax.with_sharding_constraint(cache.v, kv))
+    cache = _constrain_cache(cache, mesh)
     h, cache = apply(input_ids, positions, attention_mask, vision, cache, method=QwenCausalLM.hidden_states)
     logits = apply(h[:, -1:], method=QwenCausalLM.logits)[:, 0].astype(jnp.float32)
     if n > 1:
-        cache = cache.repeat(n)
-        logits = jnp.repeat(logits, n, axis=0)
+        # Without the constraint the repeated cache may come out replicated: every device would
+        # decode all B*n rows.
+        cache = _constrain_cache(cache.repeat(n), mesh)
+        logits = _constrain_rows(jnp.repeat(logits, n, axis=0), mesh)
     rows = b * n
     # The first new token sits right after the prompt's real tokens on every M-RoPE row.
     next_pos = jnp.repeat(attention_mask.sum(-1).astype(jnp.int32) + rope_deltas, n)
-    row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(rows))
+    if prompt_ids is None:
+        prompt_ids = jnp.arange(b, dtype=jnp.int32)
+    stream = (prompt_ids[:, None] * n + jnp.arange(n, dtype=jnp.int32)[None]).reshape(rows)
+    row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(stream)
     eos = jnp.asarray(cfg.eos_ids, jnp.int32)
 
     def cond(state):
@@ -129,7 +135,26 @@ def sample(module: QwenCausalLM, params, input_ids, positions, attention_mask, v
     is_eos = jnp.isin(tokens, eos) & (jnp.arange(new)[None] < steps)
     first_eos = jnp.where(is_eos.any(-1), jnp.argmax(is_eos, axis=-1) + 1, steps)
     mask = (jnp.arange(new)[None] < first_eos[:, None]).astype(jnp.int32)
-    return SampleOutput(tokens=tokens, logprobs=logps, mask=mask, lengths=first_eos.astype(jnp.int32), steps=steps)
+    # Rows stay sharded like the prompts, so each process can read its own rows back.
+    return SampleOutput(tokens=_constrain_rows(tokens, mesh), logprobs=_constrain_rows(logps, mesh),
+                        mask=_constrain_rows(mask, mesh), lengths=_constrain_rows(first_eos.astype(jnp.int32), mesh),
+                        steps=steps)
+
+
+def _constrain_rows(x, mesh: Mesh | None):
+    """Axis 0 (rows) over the data axes."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, sharding_for(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh))
+
+
+def _constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
+    """The cache sharded like the activations: rows over the data axes, KV heads over `tensor`."""
+    if mesh is None:
+        return cache
+    kv = sharding_for(("layers", "batch", "length", "kv_heads", None), cache.k.shape, mesh)
+    return cache.replace(k=jax.lax.with_sharding_constraint(cache.k, kv),
+                         v=jax.lax.with_sharding_constraint(cache.v, kv), mask=_constrain_rows(cache.mask, mesh))
 
 
 class Sampler:
@@ -137,10 +162,11 @@ class Sampler:
 
     def __init__(self, module: QwenCausalLM, cfg: SamplingConfig, mesh: Mesh | None = None):
         self.module, self.cfg = module, cfg
-        self._fn = jax.jit(lambda p, ids, pos, mask, vi, deltas, key, cfg: sample(
-            module, p, ids, pos, mask, vi, deltas, key, cfg, mesh), static_argnums=(7,))
+        self._fn = jax.jit(lambda p, ids, pos, mask, vi, deltas, key, prompt_ids, cfg: sample(
+            module, p, ids, pos, mask, vi, deltas, key, cfg, mesh, prompt_ids), static_argnums=(8,))
 
     def __call__(self, params, inputs: dict, key: jax.Array, cfg: SamplingConfig | None = None) -> SampleOutput:
-        """inputs: the dict of `Model.prepare_inputs` (or the data pipeline's equivalent)."""
+        """inputs: the dict of `Model.prepare_inputs` (or the data pipeline's equivalent), optionally
+        with `prompt_ids` (see `sample`)."""
         return self._fn(params, inputs["input_ids"], inputs["positions"], inputs["attention_mask"],
-                        inputs["vision"], inputs["rope_deltas"], key, cfg or self.cfg)
+                        inputs["vision"], inputs["rope_deltas"], key, inputs.get("prompt_ids"), cfg or self.cfg)

@@ -107,3 +107,10 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0, rules=RULES) -> N
     logical[batch_axis] = "batch"
     mesh_axes = nn.logical_to_mesh_axes(tuple(logical), rules)
     return NamedSharding(mesh, P(*mesh_axes))
+
+
+def batch_axis_size(mesh: Mesh, rules=RULES) -> int:
+    """Devices the `batch` logical axis is split over (the data axes' product)."""
+    axes = dict(rules)["batch"]
+    axes = (axes,) if isinstance(axes, str) else (axes or ())
+    return int(np.prod([mesh.shape[a] for a in axes if a in mesh.shape]))

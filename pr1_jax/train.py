@@ -19,12 +19,13 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from models.config import ConfigError as ModelConfigError
 from models.config import load_config
 from models.weights import CheckpointError
-from models.pretrained import Model, load_pretrained
+from models.pretrained import load_pretrained
 from pr1_jax import configlib
 from pr1_jax.checkpoint import Checkpointer, CheckpointRestoreError
 from pr1_jax.data.config import DataConfig
@@ -35,10 +36,11 @@ from pr1_jax.grpo import group_advantages
 from pr1_jax.judge import Judge, JudgeConfig
 from pr1_jax.learner import Learner, LearnerConfig, TrainState, train_batch_from_samples
 from pr1_jax.metrics import MetricsLogger
+from pr1_jax.multihost import allgather_json
 from pr1_jax.rewards import VISUAL, BatchScores, RewardConfig, RewardScorer, combine, mean_metrics
-from pr1_jax.rollout import Rollout, decode, policy_inputs, rollout
+from pr1_jax.rollout import Rollout, rollout
 from pr1_jax.sampling import SamplingConfig, Sampler
-from pr1_jax.sharding import MeshError, make_mesh, placer
+from pr1_jax.sharding import MeshError, batch_axis_size, make_mesh, placer
 
 log = logging.getLogger("pr1_jax")
 
@@ -76,6 +78,10 @@ class TinySection:
     policy_steps: int = 60
     policy_batch_size: int = 16
     policy_lr: float = 3e-3
+    # Probability that a warm-start response states a fact (p_state), and that a stated fact has
+    # its true value (p_true, else a random one); the answers are always random.
+    policy_p_state: float = 0.6
+    policy_p_true: float = 0.0
     judge_steps: int = 400
     judge_batch_size: int = 32
     judge_lr: float = 1e-3
@@ -117,6 +123,14 @@ class Stop(Exception):
     """The run cannot go on; the message says why and names the step."""
 
 
+def _all_processes(scores: list[dict]) -> list[dict]:
+    """Every process's score dicts (each scored its own rows), so logged means are global."""
+    if jax.process_count() == 1:
+        return scores
+    plain = [{k: (bool(v) if k == "has_visual" else float(v)) for k, v in x.items()} for x in scores]
+    return [x for part in allgather_json(plain) for x in part]
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -125,7 +139,7 @@ class Trainer:
         cfg = self.cfg = self._resolve_models(cfg)
         (self.run_dir / "config.yaml").write_text(_yaml(configlib.to_dict(cfg)))
         self.mesh = make_mesh(cfg.mesh)
-        divisor = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp")]))
+        divisor = batch_axis_size(self.mesh)
         rows = cfg.data.batch_size * jax.process_count() * cfg.sampling.n
         if rows % divisor:
             raise configlib.ConfigError(
@@ -141,17 +155,23 @@ class Trainer:
         s = cfg.sampling
         self.sample_cfg = SamplingConfig(max_new_tokens=s.max_new_tokens, eos_ids=(eos,), pad_id=self.tokenizer.pad_token_id,
                                          temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, n=s.n)
-        self.greedy_cfg = dataclasses.replace(self.sample_cfg, temperature=0.0, top_p=1.0, top_k=0, n=1)
         self.sampler = Sampler(self.policy.module, self.sample_cfg, self.mesh)
+        self.greedy_sampler = Sampler(self.policy.module, dataclasses.replace(
+            self.sample_cfg, temperature=0.0, top_p=1.0, top_k=0, n=1), self.mesh)
         self.judge = None
-        if cfg.reward.weights.get(VISUAL, 0.0):
-            if not cfg.model.judge:
-                raise configlib.ConfigError("reward.weights.visual > 0 needs model.judge (a Qwen2 checkpoint dir)")
+        if cfg.reward.weights.get(VISUAL, 0.0) and not cfg.model.judge:
+            raise configlib.ConfigError("reward.weights.visual > 0 needs model.judge (a Qwen2 checkpoint dir)")
+        if cfg.model.judge:  # with reward.weights.visual=0 the visual reward is measured, not trained on
             self.judge = Judge.load(cfg.model.judge, cfg.judge, mesh=self.mesh,
                                     tokenizer_path=cfg.model.judge_tokenizer or cfg.model.judge, dtype=cfg.model.judge_dtype)
         self.scorer = RewardScorer(cfg.reward)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.keep_checkpoints)
         self.metrics = MetricsLogger(self.run_dir, self.total_steps)
+        # The KL term's reference is the starting policy; it is reloaded from its checkpoint on
+        # resume, so it is not part of the train state.
+        self.ref_params = None
+        if cfg.learner.loss.kl_coef:
+            self.ref_params = jax.tree.map(jnp.copy, self.policy.params)
         self.state = self.learner.init_state(self.policy.params)
         self.policy.params = None  # the learner's state owns the params now
         self.key = jax.random.key(cfg.seed)
@@ -177,7 +197,8 @@ class Trainer:
         t, root = cfg.tiny, self.run_dir
         assets = build_tiny_assets(root, seed=t.seed)
         policy = warm_start_policy(assets, root / "warm_start" / "policy", steps=t.policy_steps,
-                                   batch_size=t.policy_batch_size, lr=t.policy_lr, seed=t.seed)
+                                   batch_size=t.policy_batch_size, lr=t.policy_lr, seed=t.seed, p_state=t.policy_p_state,
+                                   p_true=t.policy_p_true)
         judge = warm_start_judge(assets, root / "warm_start" / "judge", cfg.judge, steps=t.judge_steps,
                                  batch_size=t.judge_batch_size, lr=t.judge_lr, seed=t.seed)
         from pr1_jax import synthetic
@@ -204,13 +225,19 @@ class Trainer:
             return
         self.state, meta = self.checkpointer.restore(self._abstract_state(), step)
         self.key = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
-        self.data_state = meta["data"]
+        # One iterator state per process (each reads its own shard); the run must resume on as
+        # many processes as it was saved with.
+        states = meta["data"]
+        if len(states) != jax.process_count():
+            raise configlib.ConfigError(f"the checkpoint holds the data positions of {len(states)} processes; "
+                                        f"this run has {jax.process_count()}")
+        self.data_state = states[jax.process_index()]
         self.consecutive_bad = meta.get("consecutive_bad", 0)
         log.info("resumed from step %d of %s", int(self.state.step + self.state.skipped),
                  self.checkpointer.directory)
 
     def save(self, step: int) -> None:
-        meta = dict(data=self.data.get_state(), rng=np.asarray(jax.random.key_data(self.key)).tolist(),
+        meta = dict(data=allgather_json(self.data.get_state()), rng=np.asarray(jax.random.key_data(self.key)).tolist(),
                     consecutive_bad=self.consecutive_bad, step=step)
         self.checkpointer.save(step, self.state, meta)
 
@@ -240,17 +267,20 @@ class Trainer:
     def train_step(self, step: int, batch: dict) -> dict:
         self.key, sample_key = jax.random.split(self.key)
         t0 = time.perf_counter()
-        ro = rollout(self.policy, self.state.params, self.sampler, self.tokenizer, batch, sample_key)
+        ro = rollout(self.policy, self.state.params, self.sampler, self.tokenizer, batch, sample_key, self.mesh,
+                     self.cfg.data.patch_limit_per_record)
         t_sample = time.perf_counter() - t0
         scores, extra = self._score(ro, batch)
         overall = np.array([s["overall"] for s in scores], np.float32)
         adv = np.asarray(group_advantages(overall, ro.n))
-        tb = train_batch_from_samples(self.policy.config, ro.prompt_inputs, ro.samples, ro.n, ro.pixel_values,
-                                      ro.image_grid_thw, self.cfg.data.patch_limit_per_record, advantages=adv,
+        tb = train_batch_from_samples(self.policy.config, ro.prompt_inputs, ro.samples, ro.n, advantages=adv,
                                       example_valid=batch["example_valid"])
         t1 = time.perf_counter()
         skipped_before = int(self.state.skipped)
-        self.state, m = self.learner.step(self.state, self.learner.global_batch(tb))
+        gb = self.learner.global_batch(tb)
+        if self.ref_params is not None:
+            gb["ref_logprobs"] = self.learner.logprobs(self.ref_params, gb)[0]
+        self.state, m = self.learner.step(self.state, gb)
         m = jax.device_get(m)
         t_update = time.perf_counter() - t1
         if int(self.state.skipped) > skipped_before:
@@ -263,7 +293,7 @@ class Trainer:
             self.consecutive_bad = 0
         lengths = np.asarray(ro.samples.lengths)
         max_new = self.sample_cfg.max_new_tokens
-        out = {**mean_metrics(scores), **{k: v for k, v in m.items()}, **extra}
+        out = {**mean_metrics(_all_processes(scores)), **{k: v for k, v in m.items()}, **extra}
         out.update(response_len=float(lengths.mean()), response_len_max=float(lengths.max()),
                    clipped_frac=float(np.mean(lengths >= max_new)), adv_mean=float(adv.mean()),
                    adv_std=float(adv.std()), sec_sample=t_sample, sec_update=t_update,
@@ -288,15 +318,17 @@ class Trainer:
             ro = self._greedy(batch)
             s, _ = self._score(ro, batch)
             scores += [x for x, v in zip(s, valid) if v]
+            if i == 0:  # what the policy writes now, to read beside the numbers
+                log.info("val sample %s (answer %s): %r", batch["record_id"][0], batch["answer"][0], ro.texts[0])
+        scores = _all_processes(scores)
         out = mean_metrics(scores) if scores else {}
         out["samples"] = len(scores)
         self.metrics.write(step, out, prefix="val")
         return out
 
     def _greedy(self, batch: dict) -> Rollout:
-        inputs, pv, grids = policy_inputs(self.policy, batch)
-        samples = self.sampler(self.state.params, inputs, jax.random.key(0), self.greedy_cfg)
-        return Rollout(inputs, pv, grids, samples, decode(self.tokenizer, samples), 1)
+        return rollout(self.policy, self.state.params, self.greedy_sampler, self.tokenizer, batch, jax.random.key(0),
+                       self.mesh, self.cfg.data.patch_limit_per_record)
 
     # -- the run --
 

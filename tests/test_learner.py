@@ -13,7 +13,7 @@ from models import load_pretrained
 from pr1_jax.grpo import group_advantages
 from pr1_jax.learner import (Learner, LearnerConfig, apply_update, init_state, loss_and_grads, lr_schedule,
                              make_module, make_optimizer, response_logprobs, train_batch_from_samples)
-from pr1_jax.sampling import SampleOutput, Sampler, SamplingConfig
+from pr1_jax.sampling import Sampler, SamplingConfig
 from pr1_jax.sharding import make_mesh
 from reference import vlm_batch
 

@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 from safetensors.numpy import load_file, save_file
 
 from models import CheckpointError, ConfigError, KVCache, load_pretrained

@@ -11,6 +11,7 @@ from scipy import stats
 
 from models import load_pretrained
 from pr1_jax.grpo import token_logprobs
+from pr1_jax.rollout import sample_rows
 from pr1_jax.sampling import SamplingConfig, Sampler, filter_logits, next_tokens
 from pr1_jax.sharding import batch_sharding, make_mesh, param_shardings, placer
 from models import abstract_params
@@ -49,14 +50,18 @@ def test_greedy_matches_transformers_generate(hf_checkpoint, arch):
     ids, mask, mm, pv, thw = _batch(np.random.default_rng(0), arch)
     new = 12
     cfg = SamplingConfig(max_new_tokens=new, eos_ids=EOS, pad_id=PAD, temperature=0.0)
-    out = Sampler(model.module, cfg)(model.params, model.prepare_inputs(ids, mask, pv, thw), jax.random.key(0))
     ref = _hf_generate(hf, ids, mask, mm, pv, thw, new)
-    ours = np.asarray(out.tokens)
-    for row in range(ids.shape[0]):
-        n = int(out.lengths[row])
-        assert np.array_equal(ours[row, :n], ref[row, :n]), (row, ours[row], ref[row])
-        # transformers stops the row at EOS too (pads after it) or runs to max_new_tokens.
-        assert n == new or ref[row, n - 1] in EOS
+    sampler = Sampler(model.module, cfg)
+    # The images packed for the whole batch (HF layout) and per row (the rollout's layout; rows
+    # with two images and with none included).
+    for per_row in ([False, True] if pv is not None else [False]):
+        out = sampler(model.params, model.prepare_inputs(ids, mask, pv, thw, per_row=per_row), jax.random.key(0))
+        ours = np.asarray(out.tokens)
+        for row in range(ids.shape[0]):
+            n = int(out.lengths[row])
+            assert np.array_equal(ours[row, :n], ref[row, :n]), (per_row, row, ours[row], ref[row])
+            # transformers stops the row at EOS too (pads after it) or runs to max_new_tokens.
+            assert n == new or ref[row, n - 1] in EOS
 
 
 def _recompute_logprobs(model, ids, mask, pv, thw, out, n, temperature):
@@ -157,6 +162,12 @@ def test_sharded_sampler_matches_unsharded(hf_checkpoint, shape):
     sharded_inputs = dict(inputs)
     for k in ("input_ids", "attention_mask", "rope_deltas"):
         sharded_inputs[k] = jax.device_put(inputs[k], batch_sharding(mesh, inputs[k].ndim))
-    out = Sampler(model.module, cfg, mesh)(params, sharded_inputs, jax.random.key(1))
+    sampler = Sampler(model.module, cfg, mesh)
+    out = sampler(params, sharded_inputs, jax.random.key(1))
     assert np.array_equal(ref.tokens, out.tokens)
     np.testing.assert_allclose(ref.logprobs, out.logprobs, atol=1e-5)
+    assert out.tokens.sharding.spec[0] is not None  # rows stay sharded (each process reads its own)
+    # The trainer's path: host rows with per-row images -> global arrays -> this process's rows.
+    rows = sample_rows(sampler, params, model.prepare_inputs(ids, mask, pv, thw, per_row=True), jax.random.key(1), mesh)
+    assert isinstance(rows.tokens, np.ndarray) and np.array_equal(ref.tokens, rows.tokens)
+    np.testing.assert_allclose(ref.logprobs, rows.logprobs, atol=1e-5)
