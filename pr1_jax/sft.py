@@ -59,9 +59,10 @@ class SFTTrainer:
     """AdamW (the learner's optimizer, with warmup) on `sft_loss`; one jitted step per shape."""
 
     def __init__(self, module: QwenCausalLM, total_steps: int, lr: float = 1e-3, weight_decay: float = 0.0,
-                 warmup_ratio: float = 0.05):
+                 warmup_ratio: float = 0.05, freeze_vision: bool = False):
         self.module = module
-        cfg = LearnerConfig(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, max_grad_norm=1.0)
+        cfg = LearnerConfig(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, max_grad_norm=1.0,
+                            freeze_vision=freeze_vision)
         self.tx = make_optimizer(cfg, total_steps)
         self._step = jax.jit(functools.partial(self._update, module=module, tx=self.tx), donate_argnums=(0, 1))
 

@@ -34,18 +34,20 @@ the token before the value (":", " in", " a") is that sentence's alone, every va
 that appears in no other sentence (counts are words, so they never collide with the boxed
 answer), and the colour and kind sentences do not depend on the count (a response that gets
 the count wrong can still state the colour in exactly the annotation's words). So whether a
-response states an annotation is a lookup of one word after one cue, which a tiny judge learns
-in a couple of minutes (see `pr1_jax.warm_start`).
+response states an annotation is a lookup of the words after one cue, which a tiny judge learns
+in a few minutes (see `pr1_jax.warm_start`).
 
 Besides the dataset this module makes the text the warm starts need. Both state facts with
 exactly the annotation sentences (:func:`fact_sentence`), so "does the response state this
-annotation" is "does the response contain this sentence": a matching task a tiny judge learns
-in a couple of minutes, and one that a policy warm-started on the same sentences is judged on
-fairly in RL (the visual reward then measures whether it states the figure's true facts).
+annotation" is "does the response contain this sentence, and no other value for the same
+fact": a matching task a tiny judge learns in a few minutes, and one that a policy warm-started
+on the same sentences is judged on fairly in RL (the visual reward then measures whether it
+states the figure's true facts; a hedge listing several values earns nothing).
 
-* :func:`judge_pairs`: (response, annotation, label) for the judge's warm start; positives
-  state the annotation's sentence, negatives state the same sentence with another value or
-  leave the fact out.
+* :func:`judge_pairs` / :func:`judge_examples`: (response, annotation(s), label(s)) for the
+  judge's warm start and its held-out check; a response states the annotation when it gives the
+  fact's true value and no other (once or repeated); negatives give another value, hedge (the
+  true value and another) or leave the fact out.
 * :func:`sft_response`: format-exact responses for the policy's warm start, whose answer and
   stated facts are *not* read from the figure (random by default), so that RL has accuracy and
   visual reward left to gain.
@@ -59,6 +61,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 import zlib
 from typing import Sequence
 
@@ -281,10 +284,10 @@ def write_dataset(out_dir: str | os.PathLike, n: int, seed: int, split: str = "t
 NO_FACTS = "I look at the figure."  # the think text of a response that states no fact
 
 
-def think_text(stated: dict, order: Sequence[str] = ATTRIBUTES) -> str:
+def think_text(stated: dict) -> str:
     """Think text stating exactly the facts in `stated` ({"count"?, "color"?, "kind"?}), one
-    `fact_sentence` each, in `order` (canonical: count, colour, kind)."""
-    facts = [fact_sentence(a, stated[a]) for a in order if a in stated]
+    `fact_sentence` each, in canonical order (count, colour, kind)."""
+    facts = [fact_sentence(a, stated[a]) for a in ATTRIBUTES if a in stated]
     return " ".join(facts) if facts else NO_FACTS
 
 
@@ -333,16 +336,91 @@ def sft_pairs(n: int, seed: int, cfg: TaskConfig = TaskConfig(), *, p_true: floa
     return out
 
 
-def judge_pairs(rng: np.random.Generator, n: int, cfg: TaskConfig = TaskConfig(), *,
-                p_other: float = 0.6, p_omit: float = 0.5) -> list[tuple[str, str, int]]:
-    """n (response, annotation, label) triples for the judge's warm start, half of them
-    positive (label 1: the response contains the annotation's sentence).
+def stated_values(rng: np.random.Generator, mode: str, true, values: Sequence) -> list:
+    """The values a response states for one fact, by mode: "true" (once), "true_twice", "wrong"
+    (another value), "omit" (nothing), "hedge" (the true value and another, in random order).
+    Only "true" and "true_twice" state the fact's annotation (see `states_annotation`)."""
+    wrong = [v for v in values if v != true]
+    if mode in ("wrong", "hedge") and not wrong:
+        mode = "omit"
+    if mode == "true":
+        return [true]
+    if mode == "true_twice":
+        return [true, true]
+    if mode == "wrong":
+        return [_pick(rng, wrong)]
+    if mode == "hedge":
+        out = [true, _pick(rng, wrong)]
+        return out if rng.random() < 0.5 else out[::-1]
+    if mode == "omit":
+        return []
+    raise ValueError(f"unknown mode {mode!r}")
 
-    Each triple draws a random figure and one of its annotations. A positive states that fact;
-    a negative states another value of the same attribute in the same sentence or, with
-    probability `p_omit`, leaves the attribute out. Each other fact is stated with probability
-    `p_other` (right or wrong at random), the sentences come in random order and the boxed
-    answer is random, so only the statement of the annotated fact decides the label.
+
+def states_annotation(stated: Sequence, true) -> bool:
+    """Whether a response that states `stated` values of a fact states its annotation: it gives
+    the true value and no other (a response listing several colours has not said which)."""
+    return bool(stated) and all(v == true for v in stated)
+
+
+def _mode(rng: np.random.Generator, label: int, p_omit: float, p_twice: float, p_hedge: float) -> str:
+    if label:
+        return "true_twice" if rng.random() < p_twice else "true"
+    if rng.random() < p_omit:
+        return "omit"
+    return "hedge" if rng.random() < p_hedge else "wrong"
+
+
+_SENTENCE_RES = {
+        "count": re.compile(r"Number of shapes: (\w+)\."),
+        "color": re.compile(r"Each shape is drawn in (\w+)\."),
+        "kind": re.compile(r"Each shape is a (\w+)\."),
+}
+
+
+def stated_in(text: str) -> dict[str, list]:
+    """The values that `text` states per fact, read back from its fact sentences (a word salad
+    states only what its complete sentences state)."""
+    out = {}
+    for attr, rx in _SENTENCE_RES.items():
+        words = rx.findall(text)
+        out[attr] = [NUMBER_WORDS.index(w) if w in NUMBER_WORDS else w for w in words] if attr == "count" else words
+    return out
+
+
+def word_salad(rng: np.random.Generator, cfg: TaskConfig = TaskConfig(), max_words: int = 30) -> str:
+    """Think text made of the fact sentences' words in random order and repetition, with now and
+    then a whole (true or false) sentence: what a policy writes when RL pushes it off its format,
+    and what a judge must not read facts into."""
+    vocab = sorted({w for attr, vs in _values(cfg).items() for v in vs for w in fact_sentence(attr, v).split()})
+    words = [vocab[int(i)] for i in rng.integers(len(vocab), size=int(rng.integers(1, max_words + 1)))]
+    for _ in range(int(rng.integers(0, 3))):
+        attr = _pick(rng, ATTRIBUTES)
+        words.insert(int(rng.integers(len(words) + 1)), fact_sentence(attr, _pick(rng, _values(cfg)[attr])))
+    if rng.random() < 0.5:  # a word repeated many times over
+        words += [_pick(rng, vocab)] * int(rng.integers(5, 20))
+    return " ".join(words)
+
+
+def _response(rng: np.random.Generator, stated: dict[str, list], cfg: TaskConfig) -> str:
+    """Every stated (fact, value) as its sentence, all in random order, then a random answer."""
+    sentences = [fact_sentence(a, v) for a, vs in stated.items() for v in vs]
+    think = " ".join(sentences[i] for i in rng.permutation(len(sentences))) if sentences else NO_FACTS
+    return format_response(think, _pick(rng, answer_choices(_pick(rng, cfg.questions), cfg)))
+
+
+def judge_pairs(rng: np.random.Generator, n: int, cfg: TaskConfig = TaskConfig(), *,
+                p_other: float = 0.6, p_omit: float = 0.4, p_twice: float = 0.2, p_hedge: float = 0.4
+                ) -> list[tuple[str, str, int]]:
+    """n (response, annotation, label) triples, half of them positive (label 1: the response
+    states the annotated fact with its true value and no other; see `states_annotation`).
+
+    Each triple draws a random figure and one of its annotations. A positive states that fact
+    (twice with probability `p_twice`); a negative leaves it out (probability `p_omit`), hedges
+    (the true value and another, `p_hedge` of the rest) or states another value. Each other
+    fact is stated with probability `p_other`, in any of those ways; the sentences come in random
+    order and the boxed answer is random, so only what is said about the annotated fact decides
+    the label.
     """
     labels = np.array([1, 0] * (n // 2) + [1] * (n % 2))[rng.permutation(n)]
     values = _values(cfg)
@@ -350,31 +428,33 @@ def judge_pairs(rng: np.random.Generator, n: int, cfg: TaskConfig = TaskConfig()
     for label in labels:
         fig = make_figure(rng, cfg)
         k = int(rng.integers(len(ATTRIBUTES)))
-        attr = ATTRIBUTES[k]
         stated = {}
-        for other in ATTRIBUTES:
-            if other != attr and rng.random() < p_other:
-                stated[other] = getattr(fig, other) if rng.random() < 0.5 else _pick(rng, values[other])
-        wrong = [v for v in values[attr] if v != getattr(fig, attr)]
-        if label:
-            stated[attr] = getattr(fig, attr)
-        elif wrong and rng.random() >= p_omit:
-            stated[attr] = _pick(rng, wrong)
-        order = [ATTRIBUTES[i] for i in rng.permutation(len(ATTRIBUTES))]
-        ans = _pick(rng, answer_choices(_pick(rng, cfg.questions), cfg))
-        out.append((format_response(think_text(stated, order), ans), annotations(fig)[k], int(label)))
+        for i, attr in enumerate(ATTRIBUTES):
+            if i == k:
+                mode = _mode(rng, int(label), p_omit, p_twice, p_hedge)
+            elif rng.random() < p_other:
+                mode = _mode(rng, int(rng.random() < 0.5), 0.0, p_twice, p_hedge)
+            else:
+                mode = "omit"
+            stated[attr] = stated_values(rng, mode, getattr(fig, attr), values[attr])
+        out.append((_response(rng, stated, cfg), annotations(fig)[k], int(label)))
     return out
 
 
 def judge_examples(rng: np.random.Generator, n: int, cfg: TaskConfig = TaskConfig(), *, p_true: float = 0.5,
-                   p_omit: float = 0.5, single: bool = False) -> list[tuple[str, list[str], list[int]]]:
+                   p_omit: float = 0.4, p_twice: float = 0.2, p_hedge: float = 0.4, p_salad: float = 0.15,
+                   single: bool = False) -> list[tuple[str, list[str], list[int]]]:
     """n (response, annotations, labels) for the judge's warm start in the layout it is used in:
     one response with all of its figure's annotations (count, colour, kind), each labelled 1
-    when the response contains that annotation's sentence.
+    when the response states that fact with its true value and no other.
 
-    Each fact is stated with its true value with probability `p_true` (label 1); otherwise it is
-    left out with probability `p_omit`, else stated with another value in the same sentence
-    (label 0). The sentences come in random order and the boxed answer is random.
+    Each fact is stated truly with probability `p_true` (twice with probability `p_twice`);
+    otherwise it is left out (`p_omit`), hedged (`p_hedge` of the rest) or stated with another
+    value. The sentences come in random order and the boxed answer is random. With probability
+    `p_salad` the think text is a `word_salad` instead, labelled by the sentences it contains.
+    The hedges, repeats and salads are there because a policy in RL finds them: a judge trained
+    on one clean sentence per fact was fooled by a response repeating one sentence into
+    accepting every annotation, and one trained without salads by "blue blue blue ...".
 
     single: the easy first stage of a curriculum instead: the response states one fact (true
     with probability `p_true`, else another value) and nothing else, and only that fact's
@@ -387,22 +467,22 @@ def judge_examples(rng: np.random.Generator, n: int, cfg: TaskConfig = TaskConfi
         if single:
             k = int(rng.integers(len(ATTRIBUTES)))
             attr = ATTRIBUTES[k]
-            true = getattr(fig, attr)
             label = int(rng.random() < p_true)
-            value = true if label else _pick(rng, [v for v in values[attr] if v != true])
+            stated = {attr: stated_values(rng, "true" if label else "wrong", getattr(fig, attr), values[attr])}
+            out.append((_response(rng, stated, cfg), [annotations(fig)[k]], [label]))
+            continue
+        if rng.random() < p_salad:
+            think = word_salad(rng, cfg)
+            stated = stated_in(think)
+            labels = [int(states_annotation(stated[a], getattr(fig, a))) for a in ATTRIBUTES]
             ans = _pick(rng, answer_choices(_pick(rng, cfg.questions), cfg))
-            out.append((format_response(think_text({attr: value}), ans), [annotations(fig)[k]], [label]))
+            out.append((format_response(think, ans), annotations(fig), labels))
             continue
         stated, labels = {}, []
         for attr in ATTRIBUTES:
-            true = getattr(fig, attr)
-            wrong = [v for v in values[attr] if v != true]
-            if rng.random() < p_true:
-                stated[attr] = true
-            elif wrong and rng.random() >= p_omit:
-                stated[attr] = _pick(rng, wrong)
-            labels.append(int(stated.get(attr) == true))
-        order = [ATTRIBUTES[i] for i in rng.permutation(len(ATTRIBUTES))]
-        ans = _pick(rng, answer_choices(_pick(rng, cfg.questions), cfg))
-        out.append((format_response(think_text(stated, order), ans), annotations(fig), labels))
+            label = int(rng.random() < p_true)
+            stated[attr] = stated_values(rng, _mode(rng, label, p_omit, p_twice, p_hedge), getattr(fig, attr),
+                                         values[attr])
+            labels.append(int(states_annotation(stated[attr], getattr(fig, attr))))
+        out.append((_response(rng, stated, cfg), annotations(fig), labels))
     return out

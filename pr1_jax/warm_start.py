@@ -23,12 +23,20 @@ mentioned at all"). Two things make it learn in ~2 CPU minutes:
   up in the response (an induction head); the verdict then only compares;
 - a curriculum: the first `curriculum` fraction of the steps uses responses that state one
   fact and nothing else (`judge_examples(single=True)`), so the comparison is learned before
-  the distractor facts come in.
+  the distractor facts, repeats and hedges come in.
+
+The second stage's responses repeat sentences and hedge (state a fact's true value and another)
+because an RL policy finds such responses: a judge trained only on clean responses (one
+sentence per fact) accepted every annotation of a response that repeated one sentence, and the
+policy learned exactly that within 60 GRPO steps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import json
 import logging
 import shutil
 import time
@@ -56,11 +64,38 @@ log = logging.getLogger(__name__)
 
 
 
-def _save(model: Model, params, out: Path, tokenizer_dir: str) -> None:
+SPEC_FILE = "warm_start.json"
+
+
+def _spec(assets: TinyAssets, **args) -> dict:
+    """What a warm start is a function of: its arguments, the assets (their manifest hash) and
+    this module's and the task's code; a cached warm start is reused only when all are equal."""
+    h = hashlib.sha256(json.dumps(args, sort_keys=True, default=str).encode())
+    h.update((Path(assets.policy).parent / "manifest.json").read_bytes())
+    for mod in (synthetic.__file__, __file__):
+        h.update(Path(mod).read_bytes())
+    return json.loads(json.dumps(dict(args, spec_hash=h.hexdigest()), default=str))  # as read back
+
+
+def _cached(out: Path, spec: dict, what: str) -> bool:
+    try:
+        if json.loads((out / SPEC_FILE).read_text()) == spec:
+            log.info("%s warm start: reusing %s", what, out)
+            return True
+    except (OSError, ValueError):
+        pass
+    if out.exists():
+        log.info("%s warm start: %s was made with other settings or code; redoing it", what, out)
+        shutil.rmtree(out)
+    return False
+
+
+def _save(model: Model, params, out: Path, tokenizer_dir: str, spec: dict) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     Model(model.config, params).save_pretrained(tmp)
     copy_side_files([tokenizer_dir], tmp)
+    (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
     tmp.rename(out)  # a killed warm start leaves no half checkpoint under the final name
 
 
@@ -79,20 +114,25 @@ def policy_sft_batch(model: Model, proc: ExampleProcessor, data_cfg: DataConfig,
 
 def warm_start_policy(assets: TinyAssets, out: Path, *, steps: int = 60, batch_size: int = 16, lr: float = 3e-3,
                       seed: int = 0, response_tokens: int = 48, warmup_ratio: float = 0.1,
-                      p_state: float = 0.6) -> Path:
+                      p_state: float = 0.6, p_true: float = 0.0) -> Path:
     """SFT of the policy on `synthetic.sft_pairs`: the exact output format, facts stated in the
     judge's sentences (each with probability `p_state`) and answers that are random, not read
     from the image, so it starts at about chance accuracy and RL has the grounding to learn."""
     out = Path(out)
-    if (out / "config.json").exists():
-        log.info("policy warm start: reusing %s", out)
+    spec = _spec(assets, kind="policy", steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                 response_tokens=response_tokens, warmup_ratio=warmup_ratio, p_state=p_state, p_true=p_true)
+    if _cached(out, spec, "policy"):
         return out
     t0 = time.perf_counter()
     model = load_pretrained(assets.policy)
     data_cfg = assets.data_config("train", batch_size=batch_size)
     proc = ExampleProcessor(data_cfg)
-    pairs = synthetic.sft_pairs(steps * batch_size, seed, p_state=p_state)
-    trainer = SFTTrainer(model.module, steps, lr=lr, warmup_ratio=warmup_ratio)
+    pairs = synthetic.sft_pairs(steps * batch_size, seed, p_true=p_true, p_state=p_state)
+    # The vision tower stays as initialised (a stand-in for a pretrained encoder): its random
+    # features separate the colours well, but trained on answers that ignore the image it learns
+    # to drown them (feature norms grow ~50x and stop depending on the pixels), after which not
+    # even supervised answers are learnable in 800 steps.
+    trainer = SFTTrainer(model.module, steps, lr=lr, warmup_ratio=warmup_ratio, freeze_vision=True)
     params = model.params
     opt = trainer.init(params)
     for s in range(steps):
@@ -101,7 +141,7 @@ def warm_start_policy(assets: TinyAssets, out: Path, *, steps: int = 60, batch_s
         if s % max(1, steps // 10) == 0 or s == steps - 1:
             log.info("policy warm start %d/%d: loss %.3f (%.0f s)", s + 1, steps, float(m["loss"]),
                      time.perf_counter() - t0)
-    _save(model, params, out, assets.tokenizer)
+    _save(model, params, out, assets.tokenizer, spec)
     log.info("policy warm start: %d steps in %.0f s -> %s", steps, time.perf_counter() - t0, out)
     return out
 
@@ -189,10 +229,12 @@ def warm_start_judge(assets: TinyAssets, out: Path, config: JudgeConfig | None =
         negatives that leave the fact out (the others state another value).
     """
     out = Path(out)
-    if (out / "config.json").exists():
-        log.info("judge warm start: reusing %s", out)
-        return out
     config = config or judge_prompt_config()
+    spec = _spec(assets, kind="judge", config=dataclasses.asdict(config), steps=steps, batch_size=batch_size, lr=lr,
+                 seed=seed, warmup_ratio=warmup_ratio, weight_decay=weight_decay, schedule=schedule,
+                 copy_weight=copy_weight, curriculum=curriculum, p_omit=p_omit)
+    if _cached(out, spec, "judge"):
+        return out
     t0 = time.perf_counter()
     model = load_pretrained(assets.judge)
     judge = Judge.from_model(load_tokenizer(assets.tokenizer), model, config)
@@ -230,6 +272,6 @@ def warm_start_judge(assets: TinyAssets, out: Path, config: JudgeConfig | None =
             log.info("judge warm start %d/%d: verdict loss %.3f, accuracy %.3f, copy loss %.3f (%.0f s)", s + 1,
                      steps, float(m["verdict_loss"]), float(m["accuracy"]), float(m.get("copy_loss", 0.0)),
                      time.perf_counter() - t0)
-    _save(model, params, out, assets.tokenizer)
+    _save(model, params, out, assets.tokenizer, spec)
     log.info("judge warm start: %d steps in %.0f s -> %s", steps, time.perf_counter() - t0, out)
     return out
