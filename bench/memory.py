@@ -181,20 +181,31 @@ def sampler_stats(mesh, policy_cfg, prompts: int, a) -> dict:
     from models import abstract_params
     from pr1_jax.learner import LearnerConfig, make_module
     from pr1_jax.sampling import SamplingConfig, Sampler
-    from pr1_jax.sharding import param_shardings
+    from pr1_jax.sharding import param_shardings, sharding_for
 
     module = make_module(policy_cfg, LearnerConfig(dtype="bfloat16", param_dtype="float32"))
     boxed = abstract_params(module)
     params = _abstract(nn.unbox(boxed), param_shardings(boxed, mesh))
     rep = NamedSharding(mesh, P())
-    sds = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)  # noqa: E731
+    packed = a.sampler_vision == "packed"
+
+    def sds(shape, axis=0):
+        """The rollout's placement: prompt rows over the data axes (packed: replicated, as before)."""
+        logical = [None] * len(shape)
+        logical[axis] = "batch"
+        return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep if packed else sharding_for(logical, shape, mesh))
+
     cfg = SamplingConfig(max_new_tokens=a.response, eos_ids=(151645,), pad_id=151643, temperature=1.0, n=a.n)
     sampler = Sampler(module, cfg, mesh)
     t = a.prompt
-    vision = _vision_inputs((), prompts * a.patches, policy_cfg.vision, mesh, batch_axis=False) if a.patches else None
+    vision = None
+    if a.patches and packed:
+        vision = _vision_inputs((), prompts * a.patches, policy_cfg.vision, mesh, batch_axis=False)
+    elif a.patches:
+        vision = _vision_inputs((prompts,), a.patches, policy_cfg.vision, mesh, batch_axis=True)
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
-    return _compile(sampler._fn, params, sds((prompts, t)), sds((3, prompts, t)), sds((prompts, t)), vision,
-                    sds((prompts,)), key, cfg)
+    return _compile(sampler._fn, params, sds((prompts, t)), sds((3, prompts, t), axis=1), sds((prompts, t)), vision,
+                    sds((prompts,)), key, None if packed else sds((prompts,)), cfg)
 
 
 def judge_stats(mesh, judge_cfg, rows: int, a) -> dict:
@@ -362,6 +373,9 @@ def main():
     p.add_argument("--response", type=int, default=1024)
     p.add_argument("--patches", type=int, default=1024, help="image patches per prompt (0 = text-only prompts)")
     p.add_argument("--n", type=int, default=8, help="samples per prompt")
+    p.add_argument("--sampler-vision", default="per_row", choices=["per_row", "packed"],
+                   help="the sampler's image layout: per row, sharded with the prompts (the rollout's), or "
+                        "packed over the batch and replicated (before the fix)")
     p.add_argument("--annotations", type=int, default=8)
     p.add_argument("--judge-length", type=int, default=2048)
     p.add_argument("--budget", type=int, default=900, help="seconds of compiling per mesh size; later points skipped")

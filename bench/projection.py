@@ -15,12 +15,13 @@ Per step:
           ICI bandwidth) with the KV cache read once per step, the params read once per step
           (fp32: the trainer samples with the learner's fp32 state) and the FSDP weight all-gather
           (bf16) received per chip at every step (also shown: gathered once per sampler call).
-          The packed vision tower of the sampler attends over all prompts' patches at once
-          ([P, P], P = prompts x patches): reported separately, with the per-image alternative;
-          its memory caps a sampler call at `--sampler-max-prompts` prompts today, so a step
-          decodes in several calls ("today" rows).
+          The sampler's vision tower runs per row ("now"); before, it attended over all
+          prompts' patches at once ([P, P], P = prompts x patches), whose memory capped a
+          sampler call at `--sampler-max-prompts` prompts, so a step decoded in several calls
+          ("before" rows).
   judge   one prefill per response of [system + response + K annotations], rounded up to the
-          judge's length bucket (1024 / 2048 / 4096 / 8192), dense [T, T] attention.
+          judge's length bucket (now: the paper config's buckets; before: 1024 / 2048 / 4096 /
+          8192), dense [T, T] attention.
   update  forward + backward + remat forward (8 x params x tokens) and dense attention, the
           vision tower run once per *sample* (the learner's per-sequence layout).
 """
@@ -29,6 +30,9 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
+
+import yaml
 
 from common import table
 from memory import JUDGE, POLICY
@@ -51,7 +55,11 @@ def vision_params(v: dict) -> float:
     return v["depth"] * (4 * w * w + 3 * w * m) + merged * merged + merged * v["out_hidden_size"] + 1176 * w
 
 
-def bucket(n: int, buckets=(1024, 2048, 4096, 8192)) -> int:
+OLD_JUDGE_BUCKETS = (1024, 2048, 4096, 8192)  # the paper configs' judge buckets before the fix
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "paper_qwen25vl7b_v5p.yaml"
+
+
+def bucket(n: int, buckets) -> int:
     return next((b for b in buckets if n <= b), buckets[-1])
 
 
@@ -72,7 +80,8 @@ def main():
     p.add_argument("--judge-overhead", type=int, default=120, help="system + template tokens of a judge row")
     p.add_argument("--annotation-tokens", type=int, default=20, help="tokens per annotation branch")
     p.add_argument("--sampler-max-prompts", type=int, default=40,
-                   help="prompts per sampler call that fit today (bench/memory.py: 320-336 rows on v5p)")
+                   help="prompts per sampler call that fit before the per-row vision fix "
+                        "(bench/memory.py --sampler-vision packed: 320-336 rows on v5p)")
     a = p.parse_args()
 
     t, v, jt = POLICY["text_config"], POLICY["vision_config"], JUDGE
@@ -115,11 +124,12 @@ def main():
     # the step's prompts go through in several calls, each re-reading and re-gathering the weights.
     calls = math.ceil(b / a.sampler_max_prompts)
     decode_chunked_t = calls * decode(math.ceil(b / calls) * a.n)[0]
-    # -- judge
+    # -- judge: rows padded to the config's length bucket (before the fix: 4096 -> 8192)
     jrow = a.judge_overhead + r + a.annotations * a.annotation_tokens
-    jlen = bucket(jrow)
-    judge = rows_per_step * (2 * jdec * jlen + 4 * jt["num_hidden_layers"] * jlen * jlen * jt["hidden_size"])
-    judge_exact = rows_per_step * (2 * jdec * jrow + 4 * jt["num_hidden_layers"] * jrow * jrow * jt["hidden_size"])
+    buckets = yaml.safe_load(CONFIG.read_text())["judge"]["length_buckets"]
+    judge_flops = lambda n: rows_per_step * (2 * jdec * n + 4 * jt["num_hidden_layers"] * n * n * jt["hidden_size"])  # noqa: E731
+    jlen_old, jlen = bucket(jrow, OLD_JUDGE_BUCKETS), bucket(jrow, buckets)
+    judge_old, judge = judge_flops(jlen_old), judge_flops(jlen)
     # -- update (remat: forward twice + backward = 4 forward-equivalents)
     seq = tp + a.response_max  # the learner pads responses to max_new_tokens
     update = 4 * rows_per_step * (2 * dec * seq + 2 * head * a.response_max + 2 * vis * pp + 4 * L * seq * seq * d
@@ -127,33 +137,34 @@ def main():
 
     hours = lambda sec: sec * steps / 3600  # noqa: E731
     rows = [
-        dict(phase="sample: prefill + per-image vision", pflop=(prefill + vis_per_image_attn) / 1e15,
+        dict(phase="sample: prefill + per-row vision (now)", pflop=(prefill + vis_per_image_attn) / 1e15,
              s_per_step=(prefill + vis_per_image_attn) / flops_s),
-        dict(phase="sample: packed [P,P] vision attention (today)", pflop=vis_packed_attn / 1e15,
+        dict(phase="sample: packed [P,P] vision attention (before)", pflop=vis_packed_attn / 1e15,
              s_per_step=vis_packed_attn / flops_s),
-        dict(phase=f"sample: decode {r} tokens, one call (roofline)", pflop=decode_f / 1e15, s_per_step=decode_t),
+        dict(phase=f"sample: decode {r} tokens, one call (now, roofline)", pflop=decode_f / 1e15, s_per_step=decode_t),
         dict(phase="sample: decode, one call, weights gathered once", pflop=decode_f / 1e15,
              s_per_step=decode_once_t),
-        dict(phase=f"sample: decode in {calls} calls of <= {a.sampler_max_prompts} prompts (today)",
+        dict(phase=f"sample: decode in {calls} calls of <= {a.sampler_max_prompts} prompts (before)",
              pflop=decode_f / 1e15, s_per_step=decode_chunked_t),
-        dict(phase=f"judge: rows of {jrow} -> bucket {jlen}", pflop=judge / 1e15, s_per_step=judge / flops_s),
-        dict(phase=f"judge: exact length {jrow} (no bucket padding)", pflop=judge_exact / 1e15,
-             s_per_step=judge_exact / flops_s),
+        dict(phase=f"judge: rows of {jrow} -> bucket {jlen_old} (before)", pflop=judge_old / 1e15,
+             s_per_step=judge_old / flops_s),
+        dict(phase=f"judge: rows of {jrow} -> bucket {jlen} (now, {CONFIG.name})", pflop=judge / 1e15,
+             s_per_step=judge / flops_s),
         dict(phase=f"update: {rows_per_step} x {seq} tokens, remat", pflop=update / 1e15, s_per_step=update / flops_s),
     ]
     for row in rows:
         row["run_hours"] = hours(row["s_per_step"])
-    total_today = (prefill + vis_packed_attn) / flops_s + decode_chunked_t + judge / flops_s + update / flops_s
-    total = (prefill + vis_per_image_attn) / flops_s + decode_t + judge_exact / flops_s + update / flops_s
+    total_before = (prefill + vis_packed_attn) / flops_s + decode_chunked_t + judge_old / flops_s + update / flops_s
+    total = (prefill + vis_per_image_attn) / flops_s + decode_t + judge / flops_s + update / flops_s
     print(f"v5p x {chips} chips ({chips * peak / 1e15:.1f} PFLOP/s bf16 peak, mfu {a.mfu}), {steps} steps of "
           f"{a.prompts_per_step} prompts x {a.n}; prompt {tp} (+{pp} patches), response mean {r} / max "
           f"{a.response_max}\n")
     print(table(rows))
     flops_run = (prefill + vis_per_image_attn + decode_f + judge + update) * steps
     ref_flops = 16 * A800["peak"] * 16 * 3600
-    print(f"\ntotal per step, today (packed vision -> chunked sampling, judge length buckets): {total_today:.0f} s = "
-          f"{hours(total_today):.1f} h for the run, {hours(total_today) * chips:.0f} chip-hours")
-    print(f"total per step with per-image vision (one sampler call) and exact judge lengths: {total:.0f} s = "
+    print(f"\ntotal per step before (packed vision -> chunked sampling, judge buckets {OLD_JUDGE_BUCKETS}): "
+          f"{total_before:.0f} s = {hours(total_before):.1f} h for the run, {hours(total_before) * chips:.0f} chip-hours")
+    print(f"total per step now (per-row vision, one sampler call, the config's judge buckets): {total:.0f} s = "
           f"{hours(total):.1f} h, {hours(total) * chips:.0f} chip-hours")
     print(f"reference: 16 A800 x 16 h = 256 GPU-hours, {ref_flops / 1e18:.0f} EFLOP of bf16 peak; this run's "
           f"{flops_run / 1e18:.0f} EFLOP would be {flops_run / ref_flops:.0%} of it")

@@ -3,7 +3,11 @@
     python bench/sampler.py                       # defaults: a few minutes on 2 CPU cores
     python bench/sampler.py --size small --batches 1 16 64 --new 128 512
 
-Both decode greedily for exactly `new` tokens (no EOS), so the work is identical.
+Both decode greedily for exactly `new` tokens (no EOS), so the work is identical. `ours` lays the
+images out per row (what the trainer's rollout does: the vision tower attends within a row);
+`ours_packed` gives the sampler the batch's packed patches (the HF layout, one [P, P] tower
+attention over the whole batch), which is what the rollout did before; `packed_over_rows` is its
+time over the per-row time.
 """
 
 from __future__ import annotations
@@ -34,13 +38,14 @@ def main():
     rows = []
     for b in args.batches:
         ids, mask, mm, pv, thw = vlm_batch([[(1, 4, 4)]] * b, [(16, 8)] * b, np.random.default_rng(0))
-        inputs = model.prepare_inputs(ids, mask, pv, thw)
+        inputs = model.prepare_inputs(ids, mask, pv, thw, per_row=True)
+        packed = model.prepare_inputs(ids, mask, pv, thw)
         hf_kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), pixel_values=torch.tensor(pv),
                      image_grid_thw=torch.tensor(thw), mm_token_type_ids=torch.tensor(mm))
         for new in args.new:
             sampler = Sampler(model.module, SamplingConfig(max_new_tokens=new, eos_ids=(-1,), pad_id=0, temperature=0.0))
-            ours = median_time(lambda: jax.block_until_ready(sampler(model.params, inputs, jax.random.key(0)).tokens),
-                               args.repeats)
+            ours, ours_packed = (median_time(lambda: jax.block_until_ready(
+                sampler(model.params, x, jax.random.key(0)).tokens), args.repeats) for x in (inputs, packed))
 
             def reference():
                 with torch.no_grad():
@@ -48,7 +53,8 @@ def main():
 
             ref = median_time(reference, args.repeats)
             rows.append(dict(batch=b, new_tokens=new, ours_tok_s=b * new / ours, hf_tok_s=b * new / ref,
-                             ratio=ref / ours))
+                             ratio=ref / ours, ours_packed_tok_s=b * new / ours_packed,
+                             packed_over_rows=ours_packed / ours))
             print(table(rows[-1:]), flush=True)
     print(f"\nsampler vs transformers generate ({args.arch}, {args.size}, {jax.devices()[0].platform}), "
           f"ratio = hf time / our time\n")
