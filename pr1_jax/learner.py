@@ -69,6 +69,7 @@ from models.positions import row_vision_arrays
 from models.pretrained import abstract_params, as_dtype
 from models.vision import VisionInputs
 from pr1_jax.grpo import GRPOLossConfig, entropy_from_logits, grpo_loss, token_logprobs
+from pr1_jax.multihost import allgather_json
 from pr1_jax.sharding import param_shardings, sharding_for
 
 Batch = dict[str, Any]
@@ -418,10 +419,27 @@ def batch_shardings(mesh: Mesh, batch: Batch) -> Batch:
     return map_batch(one, batch)
 
 
+_SEQUENCE_KEYS = ("input_ids", "attention_mask", "positions")
+
+
+def pad_sequences_left(batch: Batch, length: int) -> Batch:
+    """The batch with its token axis (input_ids, attention_mask, positions) left-padded to
+    `length` with masked tokens: the same sequences (they are left-padded already), longer."""
+    out = dict(batch)
+    for k in _SEQUENCE_KEYS:
+        x = np.asarray(batch[k])
+        out[k] = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(length - x.shape[-1], 0)])
+    return out
+
+
 def global_batch(mesh: Mesh, local_batch: Batch) -> Batch:
     """This process's rows -> global arrays sharded over the data axes. With one process the
     local batch is the global batch; with several, each passes its own consecutive slice of the
-    sequences (e.g. from its data shard) and the global sequence count is the sum."""
+    sequences (e.g. from its data shard) and the global sequence count is the sum. Processes
+    whose batches landed in different length buckets are left-padded to the longest."""
+    if jax.process_count() > 1 and "input_ids" in local_batch:
+        local_batch = pad_sequences_left(local_batch, max(allgather_json(int(local_batch["input_ids"].shape[1]))))
+
     def one(x, axis):
         x = np.asarray(x)
         logical = [None] * x.ndim

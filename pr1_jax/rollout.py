@@ -66,6 +66,9 @@ def sample_rows(sampler: Sampler, params, inputs: dict, key: jax.Array, mesh: Me
     samples do not depend on the padding or on the number of processes."""
     if mesh is None:
         return jax.tree.map(np.asarray, sampler(params, inputs, key))
+    vision = inputs.get("vision")
+    if vision is not None and np.ndim(vision.pixel_values) != 3:
+        raise ValueError("on a mesh the sampler takes per-row images (policy_inputs(..., patches_per_row))")
     b = inputs["input_ids"].shape[0]
     counts = allgather_json(b)
     share = max(batch_axis_size(mesh) // jax.process_count(), 1)
@@ -75,8 +78,7 @@ def sample_rows(sampler: Sampler, params, inputs: dict, key: jax.Array, mesh: Me
     rows = map_batch(lambda x, axis: np.concatenate(
         [x, np.repeat(np.take(x, [b - 1], axis=axis), padded - b, axis=axis)], axis=axis), inputs)
     out = sampler(params, global_batch(mesh, {**rows, "prompt_ids": prompt_ids}), key)
-    n = out.tokens.shape[0] // (padded * len(counts))
-    local = jax.tree.map(lambda x: local_rows(x)[:b * n], out.replace(steps=None))
+    local = jax.tree.map(lambda x: local_rows(x)[:b * sampler.cfg.n], out.replace(steps=None))
     return local.replace(steps=np.asarray(out.steps.addressable_data(0)))  # replicated scalar
 
 

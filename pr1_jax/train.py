@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import logging
 import signal
 import sys
@@ -310,10 +311,18 @@ class Trainer:
         val_cfg = dataclasses.replace(self.cfg.data, paths=tuple(self.cfg.val_paths), batch_size=self.cfg.val_batch_size,
                                       shuffle=False, num_epochs=1, drop_remainder=False, shard_index=None,
                                       shard_count=None)
-        scores = []
-        for i, batch in enumerate(make_iterator(val_cfg, self.tokenizer)):
+        scores, it, last = [], iter(make_iterator(val_cfg, self.tokenizer)), None
+        for i in itertools.count():
             if self.cfg.val_max_batches is not None and i >= self.cfg.val_max_batches:
                 break
+            batch = next(it, None)
+            # Every process must make the same device calls: one whose shard ran out (shards
+            # differ by a record) feeds its last batch again, marked invalid, until all are done.
+            if not any(allgather_json(batch is not None)):
+                break
+            if batch is None:
+                batch = dict(last, example_valid=np.zeros_like(last["example_valid"]))
+            last = batch
             valid = np.asarray(batch["example_valid"], bool)
             ro = self._greedy(batch)
             s, _ = self._score(ro, batch)

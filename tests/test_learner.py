@@ -12,7 +12,8 @@ import pytest
 from models import load_pretrained
 from pr1_jax.grpo import group_advantages
 from pr1_jax.learner import (Learner, LearnerConfig, apply_update, init_state, loss_and_grads, lr_schedule,
-                             make_module, make_optimizer, response_logprobs, train_batch_from_samples)
+                             make_module, make_optimizer, pad_sequences_left, response_logprobs,
+                             train_batch_from_samples)
 from pr1_jax.sampling import Sampler, SamplingConfig
 from pr1_jax.sharding import make_mesh
 from reference import vlm_batch
@@ -137,6 +138,10 @@ def test_logprobs_equal_sampler_and_first_step_ratio_is_one(setup):
     m = np.asarray(setup.out.mask).astype(bool)
     assert np.abs(np.asarray(logp) - np.asarray(setup.out.logprobs))[m].max() <= 1e-4
     assert np.all(np.asarray(ent)[m] > 0)
+    # More left padding (what global_batch adds when processes' length buckets differ) changes nothing.
+    longer = pad_sequences_left(setup.batch, setup.batch["input_ids"].shape[1] + 5)
+    logp_longer, _ = jax.jit(lambda p, b: response_logprobs(module, p, b, TEMP))(setup.model.params, longer)
+    np.testing.assert_allclose(np.asarray(logp_longer)[m], np.asarray(logp)[m], atol=1e-5)
     state, metrics = setup.run_step(BASE)
     assert abs(float(metrics["ratio_mean"]) - 1.0) <= 1e-4
     assert float(metrics["ratio_max"]) <= 1 + 1e-4 and float(metrics["ratio_min"]) >= 1 - 1e-4

@@ -11,6 +11,7 @@ from scipy import stats
 
 from models import load_pretrained
 from pr1_jax.grpo import token_logprobs
+from pr1_jax.learner import pad_sequences_left
 from pr1_jax.rollout import sample_rows
 from pr1_jax.sampling import SamplingConfig, Sampler, filter_logits, next_tokens
 from pr1_jax.sharding import batch_sharding, make_mesh, param_shardings, placer
@@ -171,3 +172,7 @@ def test_sharded_sampler_matches_unsharded(hf_checkpoint, shape):
     rows = sample_rows(sampler, params, model.prepare_inputs(ids, mask, pv, thw, per_row=True), jax.random.key(1), mesh)
     assert isinstance(rows.tokens, np.ndarray) and np.array_equal(ref.tokens, rows.tokens)
     np.testing.assert_allclose(ref.logprobs, rows.logprobs, atol=1e-5)
+    # Prompts left-padded further (processes whose batches landed in different length buckets).
+    longer = pad_sequences_left(model.prepare_inputs(ids, mask, pv, thw, per_row=True), ids.shape[1] + 3)
+    rows = sample_rows(sampler, params, longer, jax.random.key(1), mesh)
+    assert np.array_equal(ref.tokens, rows.tokens)
