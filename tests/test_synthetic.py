@@ -170,6 +170,11 @@ def test_judge_pairs_balanced_and_labelled_right():
 @pytest.mark.parametrize("single", [False, True])
 def test_judge_examples_label_every_annotation(single):
     examples = syn.judge_examples(np.random.default_rng(0), 600, single=single)
+    for response, notes, ys in examples:  # word salads included: labels by the sentences stated
+        for note, y in zip(notes, ys):
+            attr, value = annotated_fact(note)
+            assert (stated_facts(response)[attr] == {value}) == bool(y)
+    examples = syn.judge_examples(np.random.default_rng(0), 600, single=single, p_salad=0.0)
     labels = []
     for response, notes, ys in examples:
         assert re.match(FORMAT_RE, response, re.S)
@@ -182,7 +187,7 @@ def test_judge_examples_label_every_annotation(single):
             assert sum(len(v) for v in stated_facts(response).values()) == 1
         labels += ys
     assert abs(np.mean(labels) - 0.5) < 0.05
-    assert syn.judge_examples(np.random.default_rng(0), 600, single=single) == examples
+    assert syn.judge_examples(np.random.default_rng(0), 600, single=single, p_salad=0.0) == examples
 
 
 def test_sft_responses_have_the_format_and_random_answers():

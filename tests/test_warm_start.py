@@ -110,5 +110,8 @@ def test_warm_starts_are_written_then_reused(assets, tmp_path, monkeypatch):
         raise AssertionError("a finished warm start must be reused, not redone")
 
     monkeypatch.setattr(ws, "load_pretrained", no_training)
-    assert ws.warm_start_judge(assets, judge_dir, steps=2, batch_size=2) == judge_dir
+    assert ws.warm_start_judge(assets, judge_dir, steps=2, batch_size=2, curriculum=0.0) == judge_dir
     assert ws.warm_start_policy(assets, policy_dir, steps=1, batch_size=2) == policy_dir
+    # Other settings: not reused (a cached warm start is a function of its settings and code).
+    with pytest.raises(AssertionError, match="must be reused"):
+        ws.warm_start_policy(assets, policy_dir, steps=1, batch_size=2, p_true=0.5)
