@@ -12,7 +12,8 @@ trainer's pieces one after the other, each blocked on its result:
     sample   rollout: prefill + jitted decode loop + detokenize (pr1_jax.rollout)
     judge    Judge.submit(...).result(): tokenize, pack, one prefill per response, verdicts
     rewards  RewardScorer (math-verify, format, n-gram in worker processes) + combine + advantages
-    update   train_batch_from_samples + Learner.step (forward, backward, AdamW), blocked
+    update   train_batch_from_samples + Trainer.learner_batch (reference log-probs with a KL term)
+             + Learner.step (forward, backward, AdamW), blocked
 
 and then `Trainer.train_step` itself (judge and host rewards overlap there), whose wall time is
 `step (trainer)`. The update's FLOPs come from XLA's cost analysis of the compiled step; XLA
@@ -114,10 +115,9 @@ def split_step(trainer, batch, timed: Timed) -> dict:
               for i, terms in enumerate(host.scores)]
     adv = np.asarray(group_advantages(np.array([s["overall"] for s in scores], np.float32), n))
     t3 = time.perf_counter()
-    tb = train_batch_from_samples(trainer.policy.config, ro.prompt_inputs, ro.samples, n, ro.pixel_values,
-                                  ro.image_grid_thw, trainer.cfg.data.patch_limit_per_record, advantages=adv,
+    tb = train_batch_from_samples(trainer.policy.config, ro.prompt_inputs, ro.samples, n, advantages=adv,
                                   example_valid=batch["example_valid"])
-    gb = trainer.learner.global_batch(tb)
+    gb = trainer.learner_batch(tb)
     trainer.state, m = trainer.learner.step(trainer.state, gb)
     jax.block_until_ready(m)
     t4 = time.perf_counter()
@@ -156,7 +156,7 @@ def run(size: str, args, peak: float) -> tuple[list[dict], dict]:
         trainer.metrics.close()
 
     # The update's FLOPs: XLA's count of the compiled step, and the analytic count.
-    gb = trainer.learner.global_batch(tb)
+    gb = trainer.learner_batch(tb)
     fn = next(iter(trainer.learner._steps.values()))
     cost = fn.lower(trainer.state, gb).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

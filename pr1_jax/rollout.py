@@ -23,8 +23,6 @@ from pr1_jax.sharding import batch_axis_size
 @dataclasses.dataclass
 class Rollout:
     prompt_inputs: dict  # `Model.prepare_inputs` of this process's prompts (host numpy)
-    pixel_values: np.ndarray | None  # [P, patch_dim] packed, as in the data batch
-    image_grid_thw: np.ndarray | None  # [images, 3], real images only
     samples: SampleOutput  # this process's rows (host numpy), row i = prompt i // n
     texts: list[str]  # decoded responses (special tokens kept out), row-aligned with samples
     n: int
@@ -84,7 +82,6 @@ def sample_rows(sampler: Sampler, params, inputs: dict, key: jax.Array, mesh: Me
 
 def rollout(model: Model, params, sampler: Sampler, tokenizer, batch: dict, key: jax.Array,
             mesh: Mesh | None = None, patches_per_row: int | None = None) -> Rollout:
-    inputs, pv, grids = policy_inputs(model, batch, patches_per_row)
+    inputs, _, _ = policy_inputs(model, batch, patches_per_row)
     samples = sample_rows(sampler, params, inputs, key, mesh)
-    return Rollout(prompt_inputs=inputs, pixel_values=pv, image_grid_thw=grids, samples=samples,
-                   texts=decode(tokenizer, samples), n=sampler.cfg.n)
+    return Rollout(prompt_inputs=inputs, samples=samples, texts=decode(tokenizer, samples), n=sampler.cfg.n)

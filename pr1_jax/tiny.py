@@ -287,11 +287,12 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _spec_hash(spec: dict) -> str:
-    """Hash of everything the assets are a function of, this module's and the task's code included
-    (so a code change rebuilds them rather than reusing stale files)."""
-    h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
-    for mod in (synthetic.__file__, __file__):
+def spec_hash_of(spec: dict, *code: str | os.PathLike) -> str:
+    """Hash of everything the assets (or what is built from them) are a function of, this
+    module's and the task's code and the `code` files included (so a code change rebuilds them
+    rather than reusing stale files)."""
+    h = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode())
+    for mod in (synthetic.__file__, __file__, *code):
         h.update(Path(mod).read_bytes())
     return h.hexdigest()
 
@@ -331,7 +332,7 @@ def build_tiny_assets(run_dir: str | os.PathLike, seed: int = 0, *, task: synthe
     spec = dict(version=ASSET_VERSION, seed=int(seed), task=dataclasses.asdict(task), n_train=n_train,
                 n_val=n_val, vocab_size=vocab_size, corpus_size=corpus_size, policy=policy or {},
                 judge=judge or {})
-    spec_hash = _spec_hash(spec)
+    spec_hash = spec_hash_of(spec)
     root = Path(run_dir) / "tiny_assets"
     if _cached(root, spec_hash):
         return _paths(root, task)

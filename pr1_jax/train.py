@@ -265,6 +265,14 @@ class Trainer:
         extra = dict(sec_reward=t_reward, sec_judge=t_judge, reward_timeouts=host.timeouts, reward_errors=host.errors)
         return scores, extra
 
+    def learner_batch(self, tb: dict) -> dict:
+        """This process's host learner batch -> the global batch the update takes, with the
+        reference policy's log-probs when there is a KL term."""
+        gb = self.learner.global_batch(tb)
+        if self.ref_params is not None:
+            gb["ref_logprobs"] = self.learner.logprobs(self.ref_params, gb)[0]
+        return gb
+
     def train_step(self, step: int, batch: dict) -> dict:
         self.key, sample_key = jax.random.split(self.key)
         t0 = time.perf_counter()
@@ -278,10 +286,7 @@ class Trainer:
                                       example_valid=batch["example_valid"])
         t1 = time.perf_counter()
         skipped_before = int(self.state.skipped)
-        gb = self.learner.global_batch(tb)
-        if self.ref_params is not None:
-            gb["ref_logprobs"] = self.learner.logprobs(self.ref_params, gb)[0]
-        self.state, m = self.learner.step(self.state, gb)
+        self.state, m = self.learner.step(self.state, self.learner_batch(tb))
         m = jax.device_get(m)
         t_update = time.perf_counter() - t1
         if int(self.state.skipped) > skipped_before:

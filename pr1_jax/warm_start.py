@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import shutil
@@ -58,7 +57,7 @@ from pr1_jax.judge import Judge, JudgeBatch, JudgeConfig, answer_logits, load_to
 from pr1_jax.learner import LearnerConfig, make_optimizer
 from pr1_jax.rollout import policy_inputs
 from pr1_jax.sft import SFTTrainer, pad_targets, sft_batch, token_ids
-from pr1_jax.tiny import TinyAssets, judge_prompt_config
+from pr1_jax.tiny import TinyAssets, judge_prompt_config, spec_hash_of
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +67,11 @@ SPEC_FILE = "warm_start.json"
 
 
 def _spec(assets: TinyAssets, **args) -> dict:
-    """What a warm start is a function of: its arguments, the assets (their manifest hash) and
-    this module's and the task's code; a cached warm start is reused only when all are equal."""
-    h = hashlib.sha256(json.dumps(args, sort_keys=True, default=str).encode())
-    h.update((Path(assets.policy).parent / "manifest.json").read_bytes())
-    for mod in (synthetic.__file__, __file__):
-        h.update(Path(mod).read_bytes())
-    return json.loads(json.dumps(dict(args, spec_hash=h.hexdigest()), default=str))  # as read back
+    """What a warm start is a function of: its arguments, the assets (their manifest) and this
+    module's and the task's code; a cached warm start is reused only when all are equal."""
+    manifest = (Path(assets.policy).parent / "manifest.json").read_text()
+    digest = spec_hash_of(dict(args, assets=manifest), __file__)
+    return json.loads(json.dumps(dict(args, spec_hash=digest), default=str))  # as read back
 
 
 def _cached(out: Path, spec: dict, what: str) -> bool:

@@ -336,4 +336,4 @@ def test_assets_are_cached_by_content(assets, tmp_path):
     assert Path(rebuilt.val).read_bytes() == Path(assets.val).read_bytes()
     assert not list(run.glob("tiny_assets.tmp-*"))
     spec = dict(manifest["spec"], seed=1)
-    assert not tiny._cached(root, tiny._spec_hash(spec))  # another seed would rebuild
+    assert not tiny._cached(root, tiny.spec_hash_of(spec))  # another seed would rebuild
