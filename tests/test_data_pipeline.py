@@ -344,3 +344,10 @@ def test_config_validation_and_derived_sizes():
     paper = DataConfig()
     assert (paper.min_pixels, paper.max_pixels, paper.max_prompt_length) == (3136, 1806336, 4096)
     assert paper.max_patches_per_image == 9216  # a 1344x1344 image: 96*96 patches
+    # 56*56 both ways: a square image gives 16 patch rows, a 1 x 197 one 116 (28 x 812 pixels)
+    tight = DataConfig(min_pixels=3136, max_pixels=3136)
+    assert tight.max_patches_per_image == 116 and tight.patch_rows == 8 * 116
+    capped = dataclasses.replace(tight, max_patches_per_record=18)  # the buffer shrinks with the cap
+    assert capped.patch_rows == 8 * 16 and capped.patch_limit_per_record == 16
+    with pytest.raises(ValueError, match="max_patches_per_record"):
+        DataConfig(max_patches_per_record=2)

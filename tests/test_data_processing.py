@@ -178,6 +178,57 @@ def test_bad_images_and_patch_limit(tokenizer):
     assert proc.process(Record("ok", "Find x.", "1", (ImageRef(data=good),))).num_patches == 196
 
 
+# ---- patch budget: what smart_resize can really produce ---------------------------------------
+
+def _resized_blocks(h, w, min_pixels, max_pixels):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    rh, rw = smart_resize(h, w, factor=28, min_pixels=min_pixels, max_pixels=max_pixels)
+    return (rh // 28) * (rw // 28)
+
+
+# (min_pixels, max_pixels): tight bounds (the tiny default's 56*56 both ways, min = max, min close
+# to max) and the paper's; the thin images are where smart_resize leaves the bounds.
+BOUNDS = [(3136, 3136), (12544, 12544), (3136, 6272), (200704, 200704), (3136, 1806336)]
+
+
+@pytest.mark.parametrize("min_pixels,max_pixels", BOUNDS)
+def test_max_patches_per_image_bounds_every_resize(min_pixels, max_pixels):
+    """Every size smart_resize accepts (aspect <= 200) stays within `max_patches_per_image`, and
+    the bound is reached: all thin images up to 24 px on the short side (every long side up to
+    200x), every size up to 120 px, a coarse grid up to 4000 px and the paper's largest square."""
+    config = DataConfig(min_pixels=min_pixels, max_pixels=max_pixels)
+    sizes = [(h, w) for h in range(1, 25) for w in range(h, 200 * h + 1)]
+    sizes += [(h, w) for h in range(25, 121) for w in range(h, 121)]
+    sizes += [(h, w) for h in range(121, 4000, 37) for w in range(h, min(200 * h, 4000), 41)]
+    sizes += [(1344, 1344), (1400, 1300)]
+    worst = max(_resized_blocks(h, w, min_pixels, max_pixels) for h, w in sizes)
+    assert worst * 4 == config.max_patches_per_image
+    assert config.max_patches_per_image >= 4 * (max_pixels // 784)
+
+
+@pytest.mark.parametrize("min_pixels,max_pixels,w,h", [
+    (3136, 3136, 197, 1),  # a 1 px line: raised to 28 x 812 = 22736 pixels, 116 patches (max 16)
+    (3136, 3136, 2, 400),  # the same standing up
+    (3136, 3136, 40, 41),  # min = max, nearly square: 56 x 84 = 4704 pixels
+    (12544, 12544, 2000, 10),
+    (3136, 6272, 3000, 15),  # over max_pixels, the short side held at 28
+    (3136, 1806336, 2000, 10),
+    (3136, 1806336, 6000, 30),
+    (3136, 1806336, 197, 1),
+])
+def test_thin_images_fit_the_default_budget_and_match_hf(tokenizer, min_pixels, max_pixels, w, h):
+    """Images that transformers' processor takes are processed, bit-identical to it, within the
+    default per-record patch limit and the batch's patch rows."""
+    config = DataConfig(tokenizer_path=str(TOKENIZER_DIR), min_pixels=min_pixels, max_pixels=max_pixels,
+                        max_prompt_length=16384)
+    data = _png(_noise(w, h, seed=w * h))
+    record = Record(id=f"thin-{w}x{h}", problem="Find x.", answer="5", images=(ImageRef(data=data),))
+    ex = ExampleProcessor(config, tokenizer).process(record)
+    _assert_same(ex, _reference(tokenizer, config, record, [Image.open(io.BytesIO(data))]))
+    assert ex.num_patches <= config.patch_limit_per_record <= config.patch_rows // config.batch_size
+
+
 def test_tokenizer_fixture_reproduces_reference_vectors(tokenizer):
     inp = (TOKENIZER_DIR / "test_vectors.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
     out = (TOKENIZER_DIR / "test_vectors.out").read_text().split("\n")

@@ -10,6 +10,7 @@ Defaults follow the Perception-R1 reference run: the paper's parquet columns (`p
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 # Qwen2-VL vision geometry (the same for Qwen2.5-VL).
@@ -24,6 +25,32 @@ DEFAULT_FORMAT_PROMPT = (
         "Then give the final answer inside <answer> </answer> tags, "
         "with the answer itself written in \\boxed{}."
 )
+
+
+def max_resized_blocks(min_pixels: int, max_pixels: int, factor: int = PATCH_SIZE * MERGE_SIZE,
+                       max_ratio: float = 200.0) -> int:
+    """The most factor x factor blocks (one image token each) that transformers' `smart_resize`
+    gives any image it accepts (aspect ratio <= max_ratio): a bound on the patch budget that no
+    image transformers processes exceeds, and that some image reaches.
+
+    `smart_resize` rounds each side to a multiple of `factor`; the product is <= max_pixels
+    except in two branches that raise a side to `factor` after scaling:
+    * over max_pixels with a short side under `factor` after scaling: (1, floor(y)) blocks with
+      x * y = max_pixels / factor**2 and y / x <= max_ratio, so at most floor(sqrt(max_ratio * M));
+    * under min_pixels, both sides rounded *up*: (ceil(a), ceil(b)) blocks with a * b =
+      min_pixels / factor**2 = m and b / a in [1, max_ratio] (a the short side). For ceil(a) = i,
+      a lies in (i - 1, i] and b = m / a is largest at the smallest a, so ceil(b) <= ceil(m /
+      max(i - 1, a_min)); the loop takes the largest product over i.
+    Ceilings are taken as floor + 1 (and floors with a 1e-9 margin) so that float rounding inside
+    smart_resize, when a side scales to an exact multiple, cannot exceed the bound.
+    """
+    unit = factor * factor
+    m_max, m_min = max_pixels / unit, min_pixels / unit
+    best = max(1, max_pixels // unit, math.floor(math.sqrt(max_ratio * m_max) * (1 + 1e-9)))
+    a_min, a_max = math.sqrt(m_min / max_ratio), math.sqrt(m_min)
+    for i in range(max(1, math.ceil(a_min)), math.ceil(a_max) + 1):
+        best = max(best, i * (math.floor(m_min / max(i - 1, a_min) * (1 + 1e-9)) + 1))
+    return best
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +85,11 @@ class DataConfig:
         max_images_per_record: records with more images are skipped (`too_many_images`).
         max_patches_per_record: records whose images give more patch rows are skipped
             (`too_many_patches`); the effective limit is also capped by
-            patch_rows_per_batch // batch_size, so any batch fits its patch budget.
+            patch_rows_per_batch // batch_size, so any batch fits its patch budget. Unset, every
+            image transformers' processor accepts fits: the budget is the largest grid smart-resize
+            can make, which for thin images or min_pixels close to max_pixels is above max_pixels
+            (56*56 both ways: 116 patch rows for a 1 x 197 image, 16 for a square). Set it when the
+            data's images are known to be smaller, to shrink `patch_rows` with it.
 
     Batching (static shapes)
         batch_size: prompts per batch (per host).
@@ -67,7 +98,8 @@ class DataConfig:
             bucket holding its longest prompt. Default: powers of two from 64, capped by and
             ending in max_prompt_length.
         patch_rows_per_batch: rows of `pixel_values` in every batch (zero-padded). Default:
-            batch_size * max_images_per_record * the patch rows of a max_pixels image.
+            batch_size * the per-record budget (max_images_per_record * `max_patches_per_image`,
+            or max_patches_per_record when set and smaller).
         images_per_batch: rows of `image_grid_thw` (zero-padded). Default:
             batch_size * max_images_per_record.
         drop_remainder: drop a final partial batch (True) or pad it with invalid rows.
@@ -144,6 +176,9 @@ class DataConfig:
         if self.patch_rows_per_batch is not None and self.patch_rows_per_batch % (MERGE_SIZE * MERGE_SIZE):
             raise ValueError(f"patch_rows_per_batch must be a multiple of {MERGE_SIZE * MERGE_SIZE} "
                              f"(the vision merger's block), got {self.patch_rows_per_batch}")
+        if self.max_patches_per_record is not None and self.max_patches_per_record < MERGE_SIZE * MERGE_SIZE:
+            raise ValueError(f"max_patches_per_record must be >= {MERGE_SIZE * MERGE_SIZE} (one merge block), "
+                             f"got {self.max_patches_per_record}")
         if (self.shard_index is None) != (self.shard_count is None):
             raise ValueError("set both shard_index and shard_count, or neither")
 
@@ -166,17 +201,19 @@ class DataConfig:
 
     @property
     def max_patches_per_image(self) -> int:
-        """Patch rows of the largest image that smart-resize can produce under max_pixels."""
-        factor = PATCH_SIZE * MERGE_SIZE
-        # smart_resize keeps h*w <= max_pixels with h, w multiples of 28 (for aspect <= 200).
-        return max(self.max_pixels // (factor * factor), 1) * MERGE_SIZE * MERGE_SIZE
+        """Patch rows of the largest grid smart-resize gives any image it accepts (see
+        `max_resized_blocks`: thin images and tight bounds go above max_pixels)."""
+        return max_resized_blocks(self.min_pixels, self.max_pixels) * MERGE_SIZE * MERGE_SIZE
 
     @property
     def patch_rows(self) -> int:
         """Rows of `pixel_values` in every batch."""
         if self.patch_rows_per_batch is not None:
             return int(self.patch_rows_per_batch)
-        return self.batch_size * max(self.max_images_per_record, 1) * self.max_patches_per_image
+        per_record = max(self.max_images_per_record, 1) * self.max_patches_per_image
+        if self.max_patches_per_record is not None:
+            per_record = min(per_record, int(self.max_patches_per_record))
+        return self.batch_size * (per_record - per_record % (MERGE_SIZE * MERGE_SIZE))
 
     @property
     def image_slots(self) -> int:
