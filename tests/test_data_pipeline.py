@@ -241,15 +241,25 @@ BAD_ROWS = {
     "bad-too-many-patches": rec.TOO_MANY_PATCHES,
     "bad-two-images": rec.TOO_MANY_IMAGES,
     "bad-no-image": rec.MISSING_IMAGE,
-    "records:10": rec.INVALID_RECORD,  # a malformed JSON line is reported by file and row
+    "records:11": rec.INVALID_RECORD,  # a malformed JSON line is reported by file and line
 }
+
+
+def good_rows() -> list[dict]:
+    """The sample's JSONL rows, image paths made absolute (so they can be written anywhere)."""
+    good = [json.loads(line) for line in Path(sample.SAMPLE_JSONL).read_text().splitlines()]
+    for g in good:
+        g["image"] = str(Path(sample.SAMPLE_DIR) / g["image"])
+    return good
+
+
+def jsonl_cfg(path, **kw) -> DataConfig:
+    return cfg(paths=str(path), image_column="image", annotations_column="annotations", **kw)
 
 
 def bad_config(tmp_path) -> DataConfig:
     """A JSONL file mixing the sample's good records with one record of each bad kind."""
-    good = [json.loads(line) for line in Path(sample.SAMPLE_JSONL).read_text().splitlines()]
-    for g in good:
-        g["image"] = str(Path(sample.SAMPLE_DIR) / g["image"])
+    good = good_rows()
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
     png = _png_bytes(300, 300)
     (tmp_path / "truncated.png").write_bytes(png[: len(png) // 2])
@@ -266,7 +276,7 @@ def bad_config(tmp_path) -> DataConfig:
         {**base, "id": "bad-empty-problem", "image": img, "problem": "   "},
         {**base, "id": "bad-too-long", "image": img, "problem": "Find x. " * 900},
         good[3],
-        '{"id": "broken", "problem": "Find x.", ',  # row 10: malformed JSON
+        '{"id": "broken", "problem": "Find x.", ',  # line 11: malformed JSON
         {**base, "id": "bad-too-many-patches", "image": "huge.png"},
         {**base, "id": "bad-two-images", "image": [img, img]},
         {**base, "id": "bad-no-image"},
@@ -274,8 +284,7 @@ def bad_config(tmp_path) -> DataConfig:
     ]
     path = tmp_path / "records.jsonl"
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return cfg(paths=str(path), image_column="image", annotations_column="annotations", shuffle=False,
-               batch_size=2, patch_rows_per_batch=2 * 1024, max_prompt_length=1024)
+    return jsonl_cfg(path, shuffle=False, batch_size=2, patch_rows_per_batch=2 * 1024, max_prompt_length=1024)
 
 
 def test_bad_records_are_skipped_counted_and_logged(tokenizer, tmp_path, caplog):
@@ -313,13 +322,91 @@ def test_strict_mode_raises_naming_the_record(tokenizer, tmp_path):
 def test_strict_mode_each_kind(tokenizer, tmp_path, rid, reason):
     config = bad_config(tmp_path)
     rows = [line for line in Path(config.paths).read_text().splitlines()]
-    bad_line = rows[10] if rid == "records:10" else next(r for r in rows if f'"id": "{rid}"' in r)
+    bad_line = rows[10] if rid == "records:11" else next(r for r in rows if f'"id": "{rid}"' in r)
     (tmp_path / "one.jsonl").write_text(rows[0] + "\n" + bad_line + "\n")  # a good record, then the bad one
     one = dataclasses.replace(config, paths=str(tmp_path / "one.jsonl"), strict=True, batch_size=2)
     with pytest.raises(rec.BadRecordError) as e:
         next(make_iterator(one, tokenizer))
-    expected_id = "one:1" if rid == "records:10" else rid
+    expected_id = "one:2" if rid == "records:11" else rid
     assert e.value.reason == reason and e.value.record_id == expected_id and expected_id in str(e.value)
+    assert str(e.value).endswith(f" at {tmp_path / 'one.jsonl'}:2")
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_skips_name_file_and_line_after_blank_lines(tokenizer, tmp_path, caplog, strict):
+    """Blank and whitespace-only lines hold no record but are lines: a skip names the file and the
+    line as an editor shows it (from 1), CRLF line ends included, strict or not; a row without
+    an id is called "<file stem>:<line>"."""
+    good = good_rows()
+    base = {"problem": "Find x.", "answer": "", "image": good[0]["image"]}
+    lines = [json.dumps(good[0]), "", "   ", json.dumps({**base, "id": "no-answer"}), "", "\t",
+             '{"problem": "Find x.", ', json.dumps(good[1])]
+    path = tmp_path / "records.jsonl"
+    path.write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    expected = [("no-answer", rec.MISSING_ANSWER, 4), ("records:7", rec.INVALID_RECORD, 7)]
+    config = jsonl_cfg(path, shuffle=False, batch_size=1, strict=strict)
+    if strict:
+        for rid, reason, line in expected:
+            it = make_iterator(config, tokenizer)
+            with pytest.raises(rec.BadRecordError) as e:
+                while True:
+                    next(it)
+            assert (e.value.record_id, e.value.reason, e.value.location) == (rid, reason, f"{path}:{line}")
+            assert f" at {path}:{line}" in str(e.value)
+            lines[line - 1] = json.dumps(good[2])  # fixed: the next run reaches the next bad line
+            path.write_text("\n".join(lines) + "\n")
+        return
+    with caplog.at_level(logging.WARNING, logger="pr1_jax.data.pipeline"):
+        batches, it = run(config, tokenizer)
+    assert ids_of(batches) == [good[0]["id"], good[1]["id"]]
+    assert [s for b in batches for s in b["skipped"]] == [(rid, reason) for rid, reason, _ in expected]
+    for rid, reason, line in expected:
+        assert any(f"{rid!r}: {reason}" in m and m.endswith(f" at {path}:{line}") for m in caplog.messages), rid
+    _, bad = rec.read_records(config)
+    assert [(e.record_id, e.location) for e in bad] == [(rid, f"{path}:{line}") for rid, _, line in expected]
+
+
+def _write_with_duplicates(tmp_path) -> tuple[Path, list[dict]]:
+    """good[0], good[1], a row with good[0]'s id (line 3), good[3], good[1] again (line 5)."""
+    good = good_rows()
+    rows = [good[0], good[1], {**good[2], "id": good[0]["id"]}, good[3], good[1]]
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, good
+
+
+def test_duplicate_ids_are_skipped_counted_and_named(tokenizer, tmp_path, caplog):
+    """A repeated id is a counted `duplicate_id` skip naming both places; the first row holding
+    the id (in file order) is delivered, every epoch (epoch 2 repeats a record, not an id)."""
+    path, good = _write_with_duplicates(tmp_path)
+    config = jsonl_cfg(path, shuffle=True, num_epochs=2, batch_size=1)
+    with caplog.at_level(logging.WARNING, logger="pr1_jax.data.pipeline"):
+        batches, it = run(config, tokenizer)
+    kept = [good[0]["id"], good[1]["id"], good[3]["id"]]
+    ids = ids_of(batches)
+    assert sorted(ids[:3]) == sorted(ids[3:]) == sorted(kept)
+    assert it.skip_counts == {rec.DUPLICATE_ID: 4}
+    problem_of = {b["record_id"][0]: b["problem"][0] for b in batches}
+    assert problem_of[good[0]["id"]] == good[0]["problem"]  # not the later row's
+    for first, again in ((1, 3), (2, 5)):
+        assert any(rec.DUPLICATE_ID in m and f"{path}:{first}" in m and m.endswith(f" at {path}:{again}")
+                   for m in caplog.messages), (first, again)
+
+
+def test_duplicate_ids_across_shards_are_delivered_once(tokenizer, tmp_path):
+    path, good = _write_with_duplicates(tmp_path)
+    shards = [ids_of(run(jsonl_cfg(path, shard_index=k, shard_count=2, batch_size=1), tokenizer)[0])
+              for k in range(2)]
+    assert sorted(shards[0]) == sorted([good[0]["id"], good[1]["id"]])
+    assert shards[1] == [good[3]["id"]]  # its other rows repeat ids of rows in shard 0
+
+
+def test_duplicate_ids_in_strict_mode_stop_at_start_naming_both_places(tokenizer, tmp_path):
+    path, good = _write_with_duplicates(tmp_path)
+    with pytest.raises(rec.BadRecordError) as e:
+        next(make_iterator(jsonl_cfg(path, strict=True), tokenizer))
+    assert e.value.reason == rec.DUPLICATE_ID and e.value.record_id == good[0]["id"]
+    assert f"{path}:1" in str(e.value) and str(e.value).endswith(f" at {path}:3")
 
 
 def test_bad_image_bytes_in_parquet_are_skipped(tokenizer, tmp_path):

@@ -103,7 +103,7 @@ def test_record_source_over_several_files(tmp_path):
     src = RecordSource(_cfg(paths=str(tmp_path), image_column="image"))
     assert len(src) == 3
     rows = [row_to_record(src[i], _cfg(image_column="image")) for i in range(3)]
-    assert [r.id for r in rows] == ["a0", "a1", "b:0"]
+    assert [r.id for r in rows] == ["a0", "a1", "b:1"]  # a row without id: "<file stem>:<line>"
     assert rows[0].images[0].path == str(tmp_path / "i.png")
     with pytest.raises(IndexError):
         src[3]

@@ -246,7 +246,7 @@ def test_bad_input_corpus_jsonl(tokenizer, tmp_path, monkeypatch, caplog):
         line = r if isinstance(r, bytes) else (r if isinstance(r, str) else json.dumps(r)).encode("utf-8")
         lines.append(line)
         rid = r.get("id") if isinstance(r, dict) else (json.loads(r[1:])["id"] if isinstance(r, str) else None)
-        expected.append((rid if rid else f"records:{k}", expect))
+        expected.append((rid if rid else f"records:{k + 1}", expect))  # line k + 1: no blank lines
     path = tmp_path / "records.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
 

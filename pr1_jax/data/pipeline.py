@@ -152,8 +152,8 @@ class BatchIterator(grain.DatasetIterator):
                     raise el.error()
                 self._skips[el.reason] += 1
                 skipped.append((el.record_id, el.reason))
-                logger.warning("skipping record %r: %s (%s) [%s skipped so far: %d]",
-                               el.record_id, el.reason, el.detail, el.reason, self._skips[el.reason])
+                logger.warning("skipping record %r: %s (%s) [%s skipped so far: %d] at %s", el.record_id,
+                               el.reason, el.detail, el.reason, self._skips[el.reason], el.location)
                 continue
             examples.append(el)
         if not examples or (len(examples) < cfg.batch_size and cfg.drop_remainder):

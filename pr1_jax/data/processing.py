@@ -41,13 +41,15 @@ EOS_TOKEN = "<|im_end|>"
 
 # ---- tokenizer + image processor ---------------------------------------------------------
 
-def load_tokenizer(path: str | os.PathLike, chat_template_path: str | None = None):
-    """A Hugging Face tokenizer from local files, with a chat template.
+def load_tokenizer(path: str | os.PathLike, chat_template_path: str | None = None, *, vision: bool = True):
+    """A Hugging Face tokenizer from local files, with a chat template: the project's one
+    tokenizer loader (policy, judge, evaluation).
 
     `path` is a directory (a checkpoint directory or `tests/fixtures/qwen2_tokenizer`: loaded
     with AutoTokenizer, offline) or a `tokenizer.json` file (loaded as PreTrainedTokenizerFast
     with eos `<|im_end|>` and pad `<|endoftext|>`). The chat template comes from
     `chat_template_path`, else the tokenizer's own, else a `chat_template.jinja` beside it.
+    vision: require the image token (a policy's tokenizer; a text judge's need not have it).
     """
     path = Path(path)
     if path.is_file():
@@ -67,10 +69,11 @@ def load_tokenizer(path: str | os.PathLike, chat_template_path: str | None = Non
     elif not getattr(tok, "chat_template", None) and (template_dir / "chat_template.jinja").is_file():
         tok.chat_template = (template_dir / "chat_template.jinja").read_text(encoding="utf-8")
     if not getattr(tok, "chat_template", None):
-        raise ValueError(f"tokenizer at {str(path)!r} has no chat template; set DataConfig.chat_template_path")
+        raise ValueError(f"tokenizer at {str(path)!r} has no chat template (put a chat_template.jinja beside it, "
+                         "or set data.chat_template_path for the policy)")
     if tok.pad_token_id is None:
         tok.pad_token = PAD_TOKEN
-    if tok.convert_tokens_to_ids(IMAGE_TOKEN) in (None, tok.unk_token_id):
+    if vision and tok.convert_tokens_to_ids(IMAGE_TOKEN) in (None, tok.unk_token_id):
         raise ValueError(f"tokenizer at {str(path)!r} has no {IMAGE_TOKEN} token (not a Qwen2-VL tokenizer?)")
     return tok
 
@@ -176,9 +179,10 @@ class Skipped:
     record_id: str
     reason: str
     detail: str = ""
+    location: str = ""
 
     def error(self) -> BadRecordError:
-        return BadRecordError(self.record_id, self.reason, self.detail)
+        return BadRecordError(self.record_id, self.reason, self.detail, self.location)
 
 
 class ExampleProcessor:
@@ -301,9 +305,10 @@ class ExampleProcessor:
         try:
             return self.process(rec.row_to_record(raw, self.config))
         except BadRecordError as e:
-            return Skipped(e.record_id, e.reason, e.detail)
+            return Skipped(e.record_id, e.reason, e.detail, raw.location)
         except Exception as e:  # never crash the loop on one record
-            return Skipped(rec.record_id_of(raw, self.config), rec.INVALID_RECORD, f"{type(e).__name__}: {e}")
+            return Skipped(rec.record_id_of(raw, self.config), rec.INVALID_RECORD, f"{type(e).__name__}: {e}",
+                           raw.location)
 
 
 def _open_images(record: Record) -> list:

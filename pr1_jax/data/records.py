@@ -11,6 +11,11 @@ Reading is two-staged so that no bad row can crash a run:
   :class:`BadRecordError` with one of :data:`SKIP_REASONS`, naming the record. The
   pipeline turns that error into a counted, logged skip (or re-raises it when strict).
 
+Every row has a location: ``path:line`` in a JSONL file (lines as an editor numbers them, from
+1, blank lines included) or ``path row N`` in a parquet file (rows from 0, as pyarrow and pandas
+index them). Errors name it. Ids must be unique over all files: the first row holding an id (in
+file order) keeps it, a later one is a ``duplicate_id`` (a strict source refuses to start).
+
 Supported layouts (column names come from :class:`~pr1_jax.data.config.DataConfig`):
 
 * parquet as written by the paper's data preparation (Hugging Face ``datasets`` layout):
@@ -48,21 +53,29 @@ PROMPT_TOO_LONG = "prompt_too_long"  # > DataConfig.max_prompt_length tokens (im
 TOO_MANY_PATCHES = "too_many_patches"  # > DataConfig.patch_limit_per_record patch rows
 TOO_MANY_IMAGES = "too_many_images"  # > DataConfig.image_limit_per_record images
 INVALID_RECORD = "invalid_record"  # anything else (malformed JSON line, wrong types, ...)
+# an id an earlier row (in file order) holds: results keyed by id (evaluation files, McNemar) would collide
+DUPLICATE_ID = "duplicate_id"
 SKIP_REASONS = (BAD_IMAGE, MISSING_IMAGE, MISSING_ANSWER, EMPTY_PROBLEM, PROMPT_TOO_LONG,
-                TOO_MANY_PATCHES, TOO_MANY_IMAGES, INVALID_RECORD)
+                TOO_MANY_PATCHES, TOO_MANY_IMAGES, INVALID_RECORD, DUPLICATE_ID)
 
 
 class BadRecordError(ValueError):
-    """A record that cannot be used; `reason` is one of SKIP_REASONS."""
+    """A record that cannot be used; `reason` is one of SKIP_REASONS, `location` where the row
+    is stored ("path:line" or "path row N"; empty for a record not read from a file)."""
 
-    def __init__(self, record_id: str, reason: str, detail: str = ""):
+    def __init__(self, record_id: str, reason: str, detail: str = "", location: str = ""):
+        super().__init__(record_id, reason, detail, location)  # args: pickled across worker processes
         self.record_id = record_id
         self.reason = reason
         self.detail = detail
-        super().__init__(f"bad record {record_id!r}: {reason}" + (f" ({detail})" if detail else ""))
+        self.location = location
 
-    def __reduce__(self):  # picklable across worker processes
-        return (BadRecordError, (self.record_id, self.reason, self.detail))
+    def __str__(self) -> str:
+        return (f"bad record {self.record_id!r}: {self.reason}" + (f" ({self.detail})" if self.detail else "")
+                + (f" at {self.location}" if self.location else ""))
+
+    def at(self, location: str) -> "BadRecordError":
+        return BadRecordError(self.record_id, self.reason, self.detail, location)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,9 +128,11 @@ class RawRow:
     """One stored row, unparsed: `data` is a dict (parquet) or a JSON line (JSONL)."""
 
     index: int  # global row index over all files of the source
-    fallback_id: str  # "<file stem>:<row in file>", used when the row has no id
+    fallback_id: str  # "<file stem>:<line>" (JSONL) or "<file stem>:<row>" (parquet), for a row without id
     base_dir: str  # relative image paths are resolved against this
     data: Any
+    location: str = ""  # "path:line" or "path row N"
+    duplicate_of: str | None = None  # location of the earlier row holding this row's id
 
 
 # ---- files -------------------------------------------------------------------------------
@@ -185,6 +200,20 @@ class _ParquetFile:
         except UnicodeDecodeError:  # a string column holding bytes that are not UTF-8
             return {name: _cell(row.column(name)) for name in row.column_names}
 
+    def ids(self, column: str) -> list:
+        """The id column's cells (NotUtf8 where a cell is not text), read without the rest."""
+        import pyarrow.parquet as pq
+
+        ids = pq.read_table(self.path, columns=[column]).column(column)
+        try:
+            return ids.to_pylist()
+        except UnicodeDecodeError:
+            return [_cell(ids.slice(i, 1)) for i in range(len(ids))]
+
+    def where(self, i: int) -> tuple[str, str]:
+        """(fallback id, location) of row i."""
+        return f"{Path(self.path).stem}:{i}", f"{self.path} row {i}"
+
     def __getstate__(self):
         return {**self.__dict__, "_table": None}  # each process reads the file itself
 
@@ -205,23 +234,45 @@ def _cell(column) -> Any:
 
 class _JsonlFile:
     """Lines are kept as bytes and decoded per row, so one line that is not UTF-8 is one
-    invalid record, not a file that cannot be opened."""
+    invalid record, not a file that cannot be opened. Blank lines hold no row but keep their
+    number: rows are named by the line an editor shows (from 1). Lines end at "\n" only (the
+    JSON Lines rule; a "\r" before it is JSON whitespace)."""
 
     def __init__(self, path: str):
         self.path = path
         with open(path, "rb") as f:
-            self._lines = [line for line in f.read().splitlines() if line.strip()]
+            numbered = [(n, line) for n, line in enumerate(f.read().split(b"\n"), start=1) if line.strip()]
+        self._line_numbers = [n for n, _ in numbered]
+        self._lines = [line for _, line in numbered]
         self.num_rows = len(self._lines)
 
     def row(self, i: int) -> bytes:
         return self._lines[i]
+
+    def ids(self, column: str) -> list:
+        """Each row's `column` value (None where the line is not a JSON object)."""
+        out = []
+        for line in self._lines:
+            try:
+                data = json.loads(line.decode("utf-8-sig"))
+            except ValueError:  # not UTF-8 (UnicodeDecodeError is a ValueError) or not JSON
+                data = None
+            out.append(data.get(column) if isinstance(data, dict) else None)
+        return out
+
+    def where(self, i: int) -> tuple[str, str]:
+        """(fallback id, location) of row i."""
+        line = self._line_numbers[i]
+        return f"{Path(self.path).stem}:{line}", f"{self.path}:{line}"
 
 
 class RecordSource:
     """Grain random-access data source over record files: `len()` and `[i] -> RawRow`.
 
     Parquet files are read lazily per process (only the configured columns); JSONL lines
-    are kept as text and parsed per row by :func:`row_to_record`.
+    are kept as text and parsed per row by :func:`row_to_record`. The ids are read once, up
+    front, over all files (before any per-host shard or shuffle, so every host and every epoch
+    agrees on which row is a duplicate); with `config.strict` a duplicate id is an error here.
     """
 
     def __init__(self, config: DataConfig):
@@ -240,6 +291,26 @@ class RecordSource:
             n += fobj.num_rows
         self._len = n
         self._image_root = config.image_root
+        self._duplicate_of = self._find_duplicates(config)
+
+    def _find_duplicates(self, config: DataConfig) -> dict[int, str]:
+        """{row index: location of the first row with its id} for every later row with that id."""
+        first: dict[str, str] = {}
+        duplicate_of = {}
+        for start, fobj in zip(self._starts, self._files):
+            has_ids = config.id_column and (isinstance(fobj, _JsonlFile) or config.id_column in fobj.columns)
+            if not has_ids:  # "<file stem>:<row>" ids are unique within a file
+                continue
+            for i, value in enumerate(fobj.ids(config.id_column)):
+                fallback, location = fobj.where(i)
+                rid = _id_text(value, fallback)
+                if rid not in first:
+                    first[rid] = location
+                    continue
+                duplicate_of[start + i] = first[rid]
+                if config.strict:
+                    raise _duplicate_error(rid, first[rid], location)
+        return duplicate_of
 
     def __len__(self) -> int:
         return self._len
@@ -251,8 +322,9 @@ class RecordSource:
         k = int(np.searchsorted(self._starts, index, side="right")) - 1
         fobj, local = self._files[k], index - self._starts[k]
         base = self._image_root or os.path.dirname(os.path.abspath(fobj.path))
-        return RawRow(index=index, fallback_id=f"{Path(fobj.path).stem}:{local}", base_dir=base,
-                      data=fobj.row(local))
+        fallback, location = fobj.where(local)
+        return RawRow(index=index, fallback_id=fallback, base_dir=base, data=fobj.row(local), location=location,
+                      duplicate_of=self._duplicate_of.get(index))
 
     def __repr__(self) -> str:
         return f"RecordSource({[f.path for f in self._files]}, len={self._len})"
@@ -330,24 +402,33 @@ def _row_dict(raw: RawRow) -> dict:
     return data
 
 
+def _id_text(value: Any, fallback: str) -> str:
+    return fallback if _is_missing(value) or value == "" or isinstance(value, NotUtf8) else str(value)
+
+
+def _duplicate_error(record_id: str, first: str, location: str) -> BadRecordError:
+    return BadRecordError(record_id, DUPLICATE_ID, f"the id of the row at {first}", location)
+
+
 def record_id_of(raw: RawRow, config: DataConfig) -> str:
-    """The id a row is reported under (its id column, else "<file stem>:<row>")."""
+    """The id a row is reported under (its id column, else its fallback id)."""
     try:
         data = _row_dict(raw)
     except BadRecordError:
         return raw.fallback_id
-    v = data.get(config.id_column) if config.id_column else None
-    return raw.fallback_id if _is_missing(v) or v == "" or isinstance(v, NotUtf8) else str(v)
+    return _id_text(data.get(config.id_column) if config.id_column else None, raw.fallback_id)
 
 
 def row_to_record(raw: RawRow, config: DataConfig) -> Record:
     """Parse and validate a raw row; raises BadRecordError (naming the record) if unusable.
 
-    Checks here: empty problem, missing answer, missing image, too many images, malformed
-    fields. Image decoding, patch counts and prompt length are checked in processing.
+    Checks here: repeated id, empty problem, missing answer, missing image, too many images,
+    malformed fields. Image decoding, patch counts and prompt length are checked in processing.
     """
     data = _row_dict(raw)
     rid = record_id_of(raw, config)
+    if raw.duplicate_of is not None:
+        raise _duplicate_error(rid, raw.duplicate_of, raw.location)
     for column, v in data.items():
         if isinstance(v, NotUtf8):
             raise BadRecordError(rid, INVALID_RECORD, f"column {column!r} is not valid UTF-8: {v.detail}")
@@ -387,10 +468,11 @@ def read_records(config: DataConfig) -> tuple[list[Record], list[BadRecordError]
     source = RecordSource(config)
     good, bad = [], []
     for i in range(len(source)):
+        raw = source[i]
         try:
-            good.append(row_to_record(source[i], config))
+            good.append(row_to_record(raw, config))
         except BadRecordError as e:
-            bad.append(e)
+            bad.append(e.at(raw.location))
     return good, bad
 
 
