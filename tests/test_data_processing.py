@@ -125,6 +125,31 @@ def test_prompt_text_and_placement(tokenizer, placement):
         assert word in DEFAULT_FORMAT_PROMPT
 
 
+def test_format_prompt_names_resolve_to_the_shipped_texts():
+    from pr1_jax import reference
+
+    assert DataConfig().format_prompt == "project"
+    assert DataConfig().format_prompt_text == DEFAULT_FORMAT_PROMPT
+    assert DataConfig(format_prompt="paper").format_prompt_text == reference.format_prompt()
+    assert reference.format_prompt().startswith("You FIRST think about the reasoning process")
+    assert DataConfig(format_prompt="Answer in \\boxed{}.").format_prompt_text == "Answer in \\boxed{}."
+    assert DataConfig(format_prompt="").format_prompt_text == ""
+
+
+@pytest.mark.parametrize("problem", ["Find x.", "<image>Find x."])
+def test_paper_format_prompt_follows_the_question_after_one_space(tokenizer, problem):
+    """`format_prompt: paper`, placement user: the user turn is "<question> <reference format
+    prompt>" (what the reference's data loader writes), under the template's default system turn."""
+    from pr1_jax import reference
+
+    config = DataConfig(tokenizer_path=str(TOKENIZER_DIR), format_prompt="paper", format_prompt_placement="user")
+    record = Record(id="r", problem=problem, answer="5", images=(ImageRef(data=_png(_noise(60, 60))),))
+    text = ExampleProcessor(config, tokenizer).prompt_text(record)
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+                    f"Find x. {reference.format_prompt()}<|im_end|>\n<|im_start|>assistant\n")
+
+
 def test_image_placeholder_same_prompt(tokenizer):
     """'<image>Find x.' (the paper's parquet) and 'Find x.' give the same prompt."""
     config = DataConfig(tokenizer_path=str(TOKENIZER_DIR))

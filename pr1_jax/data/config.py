@@ -13,13 +13,16 @@ import dataclasses
 import math
 from typing import Sequence
 
+from pr1_jax import reference
+
 # Qwen2-VL vision geometry (the same for Qwen2.5-VL).
 PATCH_SIZE = 14
 MERGE_SIZE = 2
 TEMPORAL_PATCH_SIZE = 2
 PATCH_DIM = 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE  # 1176
 
-# Written for this project: the paper's output contract (think, then answer with \boxed{}).
+# Written for this project: the paper's output contract (think, then answer with \boxed{}). The
+# format prompt named "project" (the default); "paper" names the reference run's text.
 DEFAULT_FORMAT_PROMPT = (
         "First think through the problem step by step inside <think> </think> tags. "
         "Then give the final answer inside <answer> </answer> tags, "
@@ -73,9 +76,12 @@ class DataConfig:
             `tests/fixtures/qwen2_tokenizer`), or a single `tokenizer.json` file.
         chat_template_path: a `.jinja` file overriding the tokenizer's chat template (a
             `chat_template.jinja` inside `tokenizer_path` is picked up automatically).
-        format_prompt: the think/answer/boxed instruction; `format_prompt_placement` puts it in
-            the system turn ("system") or appends it to the problem text after a space ("user",
-            what the paper's public training script does, with the template's default system turn).
+        format_prompt: the think/answer/boxed instruction: the name of a shipped text, "project"
+            (DEFAULT_FORMAT_PROMPT) or "paper" (the reference run's, `pr1_jax.reference`), or
+            the text itself; "" for none. `format_prompt_text` resolves it.
+            `format_prompt_placement` puts it in the system turn ("system") or appends it to the
+            problem text after a space ("user", what the paper's public training script does,
+            with the template's default system turn).
         image_placeholder: regex for image placeholders inside the problem text (the paper's
             parquet writes "<image>"); each match becomes an image slot in the user turn. With no
             placeholder, the images come first, then the text.
@@ -129,7 +135,7 @@ class DataConfig:
 
     tokenizer_path: str = ""
     chat_template_path: str | None = None
-    format_prompt: str = DEFAULT_FORMAT_PROMPT
+    format_prompt: str = "project"
     format_prompt_placement: str = "system"
     image_placeholder: str = r"<image\d*>"
 
@@ -181,6 +187,15 @@ class DataConfig:
                              f"got {self.max_patches_per_record}")
         if (self.shard_index is None) != (self.shard_count is None):
             raise ValueError("set both shard_index and shard_count, or neither")
+
+    @property
+    def format_prompt_text(self) -> str:
+        """The format prompt as the policy reads it (a shipped text's name resolved)."""
+        if self.format_prompt == "project":
+            return DEFAULT_FORMAT_PROMPT
+        if self.format_prompt == "paper":
+            return reference.format_prompt()
+        return self.format_prompt
 
     # ---- derived sizes -------------------------------------------------------------------
 

@@ -110,9 +110,10 @@ def build_messages(problem: str, num_images: int, config: DataConfig) -> list[di
     (`format_prompt_placement="system"`) or is appended to the problem text after a space
     (`"user"`; the chat template then adds its default system turn).
     """
+    format_prompt = config.format_prompt_text
     text = problem
-    if config.format_prompt and config.format_prompt_placement == "user":
-        text = f"{problem} {config.format_prompt.strip()}"
+    if format_prompt and config.format_prompt_placement == "user":
+        text = f"{problem} {format_prompt.strip()}"
     pieces = re.split(config.image_placeholder, text) if config.image_placeholder else [text]
     n_placeholders = len(pieces) - 1
     content: list[dict] = []
@@ -129,8 +130,8 @@ def build_messages(problem: str, num_images: int, config: DataConfig) -> list[di
         raise ValueError(f"problem text has {n_placeholders} image placeholders but the record has "
                          f"{num_images} images")
     messages = []
-    if config.format_prompt and config.format_prompt_placement == "system":
-        messages.append({"role": "system", "content": config.format_prompt})
+    if format_prompt and config.format_prompt_placement == "system":
+        messages.append({"role": "system", "content": format_prompt})
     messages.append({"role": "user", "content": content})
     return messages
 
