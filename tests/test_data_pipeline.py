@@ -409,6 +409,29 @@ def test_duplicate_ids_in_strict_mode_stop_at_start_naming_both_places(tokenizer
     assert f"{path}:1" in str(e.value) and str(e.value).endswith(f" at {path}:3")
 
 
+def test_truncations_are_counted_logged_and_restored(tokenizer, tmp_path, caplog):
+    """With data.truncation set, an over-long prompt is delivered shortened, listed in the batch's
+    `truncated` (id, tokens removed), logged and counted (per epoch, in the iterator state)."""
+    good = good_rows()
+    long = {**good[1], "id": "long", "problem": "Find x. " * 900}
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [good[0], long, good[2], good[3]]))
+    config = jsonl_cfg(path, truncation="right", shuffle=False, num_epochs=2, batch_size=2)
+    with caplog.at_level(logging.INFO, logger="pr1_jax.data.pipeline"):
+        batches, it = run(config, tokenizer)
+    assert ids_of(batches) == 2 * [good[0]["id"], "long", good[2]["id"], good[3]["id"]]
+    assert it.skip_counts == {} and it.truncation_count == 2
+    truncated = [t for b in batches for t in b["truncated"]]
+    assert [rid for rid, _ in truncated] == ["long", "long"] and all(n > 1000 for _, n in truncated)
+    assert batches[0]["attention_mask"][1].sum() <= config.max_prompt_length
+    assert any("'long'" in m and "right" in m for m in caplog.messages)
+    it = make_iterator(config, tokenizer)
+    next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    assert state["truncation_count"] == 1
+    assert make_iterator(config, tokenizer, state=state).truncation_count == 1
+
+
 def test_bad_image_bytes_in_parquet_are_skipped(tokenizer, tmp_path):
     good, _ = rec.read_records(cfg())
     broken = rec.Record("pq-broken", "Find x.", "1", (rec.ImageRef(data=b"\x89PNG garbage"),), ("a",))

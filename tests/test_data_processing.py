@@ -1,5 +1,6 @@
 """Record -> arrays equals the Hugging Face Qwen2-VL processor path, bit for bit."""
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from PIL import Image
 from pr1_jax.data.config import DEFAULT_FORMAT_PROMPT, DataConfig
 from pr1_jax.data.processing import (ExampleProcessor, build_messages, expand_image_tokens, load_tokenizer,
                                      make_image_processor, num_patches)
-from pr1_jax.data.records import BAD_IMAGE, TOO_MANY_PATCHES, BadRecordError, ImageRef, Record
+from pr1_jax.data.records import BAD_IMAGE, PROMPT_TOO_LONG, TOO_MANY_PATCHES, BadRecordError, ImageRef, Record
 
 TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "qwen2_tokenizer"
 GEO3K = Path(__file__).parent / "fixtures" / "geometry3k"
@@ -252,6 +253,75 @@ def test_thin_images_fit_the_default_budget_and_match_hf(tokenizer, min_pixels, 
     ex = ExampleProcessor(config, tokenizer).process(record)
     _assert_same(ex, _reference(tokenizer, config, record, [Image.open(io.BytesIO(data))]))
     assert ex.num_patches <= config.patch_limit_per_record <= config.patch_rows // config.batch_size
+
+
+# ---- over-long prompts: data.truncation ----------------------------------------------------------
+
+LONG_TEXT = " ".join(f"Side {chr(65 + i % 26)}{chr(66 + i % 25)} is {i} cm." for i in range(60))  # ~470 tokens
+PAPER_USER = dict(format_prompt="paper", format_prompt_placement="user")
+
+
+def _truncating(tokenizer, side, max_prompt_length=300, **kw):
+    config = DataConfig(tokenizer_path=str(TOKENIZER_DIR), truncation=side, max_prompt_length=max_prompt_length,
+                        **{**PAPER_USER, **kw})
+    return config, ExampleProcessor(config, tokenizer)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_truncation_cuts_the_problem_text_only(tokenizer, side):
+    """An over-long prompt loses problem-text tokens at the end ("right") or the start ("left")
+    of the text until it fits: the image at its placeholder, the chat template, the format prompt
+    and the generation prompt stay whole, and the result is what transformers' processor makes
+    of the shortened problem."""
+    from pr1_jax import reference
+
+    data = _png(_noise(60, 60))
+    record = Record("long", "<image>" + LONG_TEXT, "5", (ImageRef(data=data),))
+    config, proc = _truncating(tokenizer, side)
+    full = ExampleProcessor(dataclasses.replace(config, max_prompt_length=4096), tokenizer).process(record)
+    ex = proc.process(record)
+    assert full.num_tokens > 500 and config.max_prompt_length - 2 <= ex.num_tokens <= config.max_prompt_length
+    assert ex.truncated_tokens == full.num_tokens - ex.num_tokens
+    kept = ex.problem.removeprefix("<image>")
+    assert ex.problem.startswith("<image>") and 0 < len(kept) < len(LONG_TEXT)
+    assert LONG_TEXT.startswith(kept) if side == "right" else LONG_TEXT.endswith(kept)
+    _assert_same(ex, _reference(tokenizer, config, dataclasses.replace(record, problem=ex.problem),
+                                [Image.open(io.BytesIO(data))]))
+    np.testing.assert_array_equal(ex.pixel_values, full.pixel_values)
+    text = tokenizer.decode(ex.input_ids)
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                           "<|vision_start|>" + "<|image_pad|>" * 4 + "<|vision_end|>")
+    assert text.endswith(f"{kept} {reference.format_prompt()}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_truncation_keeps_every_image_between_text(tokenizer):
+    """Text between images is cut too (from the end: the last text first), never an image."""
+    d1, d2 = _png(_noise(90, 60, seed=11)), _png(_noise(50, 140, seed=12))
+    record = Record("two", f"Compare <image1> with {LONG_TEXT} and <image2> where {LONG_TEXT}", "2",
+                    (ImageRef(data=d1), ImageRef(data=d2)))
+    config, proc = _truncating(tokenizer, "right", max_prompt_length=200, max_images_per_record=2)
+    ex = proc.process(record)
+    assert ex.num_tokens <= 200 and ex.image_grid_thw.shape == (2, 3)
+    assert ex.problem.startswith("Compare <image1> with ") and ex.problem.endswith("<image2>")
+    _assert_same(ex, _reference(tokenizer, config, dataclasses.replace(record, problem=ex.problem),
+                                [Image.open(io.BytesIO(d)) for d in (d1, d2)]))
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_truncation_skips_when_the_images_alone_do_not_fit(tokenizer, side):
+    """No problem text left to cut (the image, template and format prompt fill the limit): a
+    `prompt_too_long` skip that says so."""
+    config, proc = _truncating(tokenizer, side, max_prompt_length=120)
+    record = Record("big-image", "<image>Find x.", "5", (ImageRef(data=_png(_noise(300, 300))),))
+    with pytest.raises(BadRecordError) as e:
+        proc.process(record)
+    assert e.value.reason == PROMPT_TOO_LONG and "without the problem text" in e.value.detail
+
+
+def test_truncation_setting():
+    assert DataConfig().truncation == "skip"  # today's behaviour: a prompt_too_long skip
+    with pytest.raises(ValueError, match="truncation"):
+        DataConfig(truncation="middle")
 
 
 def test_tokenizer_fixture_reproduces_reference_vectors(tokenizer):

@@ -28,7 +28,8 @@ annotations          list[list[str]] (B)     visual annotations (for the visual 
 ==================== =============== ======= =================================================
 
 The grain pipeline adds ``skipped``: a list of (record_id, reason) for records left out while
-this batch was assembled. :data:`ARRAY_KEYS` lists the array fields (ready for
+this batch was assembled, and ``truncated``: a list of (record_id, tokens cut) for the rows
+whose prompt `DataConfig.truncation` shortened. :data:`ARRAY_KEYS` lists the array fields (ready for
 ``jax.device_put``); the rest are host-side Python values.
 
 T is the smallest entry of ``DataConfig.buckets`` holding the longest prompt of the batch, so

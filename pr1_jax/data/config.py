@@ -99,7 +99,17 @@ class DataConfig:
 
     Batching (static shapes)
         batch_size: prompts per batch (per host).
-        max_prompt_length: longer prompts (image tokens included) are skipped (`prompt_too_long`).
+        max_prompt_length: the most tokens of a prompt (image tokens included); longer ones are
+            skipped (`prompt_too_long`) or shortened, as `truncation` says.
+        truncation: "skip" (the default), "right" or "left": an over-long prompt's problem text
+            loses tokens at its end ("right", what the reference run does) or its start ("left")
+            until the prompt fits. Only the problem's text is cut, at token boundaries, and the
+            chat is rendered again, so the images (each whole, at its place), the template, the
+            format prompt and the generation prompt stay intact, and the tokens are what the HF
+            processor makes of the shortened problem. A prompt that does not fit with one token
+            of text left is skipped (`prompt_too_long`). (The reference cuts the end of the token
+            sequence itself, generation prompt first, and only for the update: its sampler reads
+            the whole prompt.)
         length_buckets: allowed padded prompt lengths; a batch is left-padded to the smallest
             bucket holding its longest prompt. Default: powers of two from 64, capped by and
             ending in max_prompt_length.
@@ -146,6 +156,7 @@ class DataConfig:
 
     batch_size: int = 8
     max_prompt_length: int = 4096
+    truncation: str = "skip"
     length_buckets: Sequence[int] | None = None
     patch_rows_per_batch: int | None = None
     images_per_batch: int | None = None
@@ -169,6 +180,8 @@ class DataConfig:
         if self.format_prompt_placement not in ("system", "user"):
             raise ValueError(
                     f"format_prompt_placement must be 'system' or 'user', got {self.format_prompt_placement!r}")
+        if self.truncation not in ("skip", "right", "left"):
+            raise ValueError(f"truncation must be skip, right or left, got {self.truncation!r}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.min_pixels <= 0 or self.max_pixels < self.min_pixels:

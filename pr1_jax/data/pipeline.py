@@ -10,6 +10,7 @@
          bad rows become Skipped markers                              bad rows -> Skipped)
       -> threads / worker processes                                 .to_iter_dataset / .mp_prefetch
       -> SkipAndBatch: count + log skips (or raise when strict),    (main process)
+         count + log truncated prompts,
          collate batch_size examples into static shapes
 
 Every element before the batcher maps 1:1 to a shard position, so the batches do not depend
@@ -25,6 +26,7 @@ Use::
     ...
     it = iter(make_dataset(config)); it.set_state(state)   # resumes with the same next batch
     it.skip_counts                 # {reason: count} over all batches delivered so far
+    it.truncation_count            # prompts shortened by DataConfig.truncation so far
 
 With `num_epochs=None` the stream is infinite (train for a number of steps). On several
 hosts each host reads its own shard; skips make hosts' streams uneven, so multi-host
@@ -124,13 +126,14 @@ class SkipAndBatchIterDataset(grain.IterDataset):
 
 
 class BatchIterator(grain.DatasetIterator):
-    """Iterator of batch dicts. State = the parent's state + the skip counters."""
+    """Iterator of batch dicts. State = the parent's state + the skip and truncation counters."""
 
     def __init__(self, parent: grain.DatasetIterator, config: DataConfig, pad_id: int):
         super().__init__(parent)
         self._config = config
         self._pad_id = pad_id
         self._skips: collections.Counter = collections.Counter()
+        self._truncations = 0
 
     @property
     def skip_counts(self) -> dict[str, int]:
@@ -138,10 +141,16 @@ class BatchIterator(grain.DatasetIterator):
         skipped in several epochs counts once per epoch)."""
         return dict(self._skips)
 
+    @property
+    def truncation_count(self) -> int:
+        """Prompts shortened by `DataConfig.truncation` so far (once per epoch, like skips)."""
+        return self._truncations
+
     def __next__(self) -> dict:
         cfg = self._config
         examples: list[Example] = []
         skipped: list[tuple[str, str]] = []
+        truncated: list[tuple[str, int]] = []
         while len(examples) < cfg.batch_size:
             try:
                 el = next(self._parent)
@@ -155,19 +164,28 @@ class BatchIterator(grain.DatasetIterator):
                 logger.warning("skipping record %r: %s (%s) [%s skipped so far: %d] at %s", el.record_id,
                                el.reason, el.detail, el.reason, self._skips[el.reason], el.location)
                 continue
+            if el.truncated_tokens:
+                self._truncations += 1
+                truncated.append((el.record_id, el.truncated_tokens))
+                logger.info("truncating record %r: %d prompt tokens cut from its problem text (%s) "
+                            "[truncated so far: %d]", el.record_id, el.truncated_tokens, cfg.truncation,
+                            self._truncations)
             examples.append(el)
         if not examples or (len(examples) < cfg.batch_size and cfg.drop_remainder):
             raise StopIteration
         batch = collate(examples, cfg, self._pad_id)
         batch["skipped"] = skipped
+        batch["truncated"] = truncated
         return batch
 
     def get_state(self) -> dict:
-        return {"parent": self._parent.get_state(), "skip_counts": dict(self._skips)}
+        return {"parent": self._parent.get_state(), "skip_counts": dict(self._skips),
+                "truncation_count": self._truncations}
 
     def set_state(self, state: dict) -> None:
         self._parent.set_state(state["parent"])
         self._skips = collections.Counter({k: int(v) for k, v in state.get("skip_counts", {}).items()})
+        self._truncations = int(state.get("truncation_count", 0))
 
     def __str__(self) -> str:
         return f"BatchIterator(batch_size={self._config.batch_size})"

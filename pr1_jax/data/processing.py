@@ -6,14 +6,17 @@ What the policy sees for a record:
    text (see :func:`build_messages`), rendered by the tokenizer's own chat template with
    ``add_generation_prompt=True``;
 2. the images through transformers' ``Qwen2VLImageProcessorPil`` (smart-resize to multiples
-   of 28 within [min_pixels, max_pixels], bicubic, RGB conversion incl. alpha on white,
-   rescale 1/255, CLIP mean/std, temporal duplication to 2 frames, flattening to rows of
-   1176 in 2x2 merge-block order) -> ``pixel_values [N, 1176]``, ``image_grid_thw [n, 3]``;
+   of 28 within [min_pixels, max_pixels] where the rounding allows, bicubic, RGB conversion
+   incl. alpha on white, rescale 1/255, CLIP mean/std, temporal duplication to 2 frames,
+   flattening to rows of 1176 in 2x2 merge-block order) -> ``pixel_values [N, 1176]``,
+   ``image_grid_thw [n, 3]``;
 3. the token ids of the rendered text with each ``<|image_pad|>`` expanded to
    ``t*h*w / merge_size**2`` copies of itself (the one step written here by hand: it is
    what ``Qwen2VLProcessor`` does to the text before tokenizing; ``Qwen2VLProcessor``
    itself does not build without torchvision), and ``mm_token_type_ids`` (1 at image
-   tokens, 0 elsewhere) as transformers 5.x expects beside image inputs.
+   tokens, 0 elsewhere) as transformers 5.x expects beside image inputs;
+4. with ``DataConfig.truncation`` "right" / "left", an over-long prompt's problem text cut at
+   token boundaries and the chat rendered again (:meth:`ExampleProcessor.truncate`).
 
 :class:`ExampleProcessor` runs this per record inside the grain pipeline (possibly in a
 worker process) and turns every failure into a :class:`Skipped` marker naming the record.
@@ -136,6 +139,35 @@ def build_messages(problem: str, num_images: int, config: DataConfig) -> list[di
     return messages
 
 
+def text_token_spans(problem: str, image_placeholder: str | None, tokenizer) -> list[tuple[int, int]]:
+    """(start, end) character spans of the problem's text tokens, in order; image placeholders
+    are not text. Each text run between placeholders is tokenized on its own, as the image
+    tokens that replace the placeholders split it in the rendered chat."""
+    bounds = [0]
+    for m in (re.finditer(image_placeholder, problem) if image_placeholder else ()):
+        bounds += [m.start(), m.end()]
+    bounds.append(len(problem))
+    spans = []
+    for a, b in zip(bounds[::2], bounds[1::2]):
+        if a < b:
+            enc = tokenizer(problem[a:b], add_special_tokens=False, return_offsets_mapping=True)
+            spans += [(a + start, a + end) for start, end in enc["offset_mapping"]]
+    return spans
+
+
+def drop_text_tokens(problem: str, spans: Sequence[tuple[int, int]], k: int, side: str) -> str:
+    """`problem` without its last ("right") or first ("left") k text tokens (`spans` from
+    :func:`text_token_spans`). A character that a kept token shares with a dropped one (a
+    character split over byte-level tokens) is kept: no character is cut in two."""
+    dropped, kept = (spans[len(spans) - k:], spans[:len(spans) - k]) if side == "right" else (spans[:k], spans[k:])
+    keep = np.ones(len(problem), bool)
+    for start, end in dropped:
+        keep[start:end] = False
+    for start, end in kept:
+        keep[start:end] = True
+    return "".join(c for c, kept_char in zip(problem, keep) if kept_char)
+
+
 def expand_image_tokens(ids: np.ndarray, image_token_id: int, image_grid_thw: np.ndarray,
                         merge_size: int = MERGE_SIZE) -> np.ndarray:
     """Repeat the k-th `<|image_pad|>` id prod(grid_thw[k]) / merge_size**2 times (HF rule)."""
@@ -162,6 +194,7 @@ class Example:
     mm_token_type_ids: np.ndarray  # [L] int32, 1 at image tokens
     pixel_values: np.ndarray  # [N, 1176] float32
     image_grid_thw: np.ndarray  # [n_images, 3] int32
+    truncated_tokens: int = 0  # prompt tokens cut by DataConfig.truncation (`problem` is the cut text)
 
     @property
     def num_tokens(self) -> int:
@@ -239,9 +272,39 @@ class ExampleProcessor:
 
     def prompt_text(self, record: Record) -> str:
         """The chat-template text (one `<|image_pad|>` per image, not yet expanded)."""
-        messages = build_messages(record.problem, len(record.images), self.config)
+        return self.chat_text(record.problem, len(record.images))
+
+    def chat_text(self, problem: str, num_images: int) -> str:
+        messages = build_messages(problem, num_images, self.config)
         with self._lock:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def prompt_ids(self, text: str, image_grid_thw: np.ndarray) -> np.ndarray:
+        """Token ids of a chat text, each image's `<|image_pad|>` expanded to its grid's tokens."""
+        with self._lock:
+            ids = np.asarray(self.tokenizer(text)["input_ids"], dtype=np.int32)
+        return expand_image_tokens(ids, self.image_token_id, image_grid_thw).astype(np.int32)
+
+    def truncate(self, record: Record, image_grid_thw: np.ndarray, length: int) -> tuple[str, np.ndarray]:
+        """(problem, ids) with the problem's text cut at `config.truncation`'s side until the prompt
+        of `length` tokens fits max_prompt_length; BadRecordError(prompt_too_long) if it fits only
+        with no text left. Cutting k tokens of text alone need not shorten the rendered prompt by
+        exactly k (tokens merge across the cut), so it is measured again after each cut."""
+        cfg, n_images = self.config, len(record.images)
+        with self._lock:
+            spans = text_token_spans(record.problem, cfg.image_placeholder, self.tokenizer)
+        k = length - cfg.max_prompt_length
+        while k < len(spans):
+            problem = drop_text_tokens(record.problem, spans, k, cfg.truncation)
+            ids = self.prompt_ids(self.chat_text(problem, n_images), image_grid_thw)
+            if len(ids) <= cfg.max_prompt_length:
+                return problem, ids
+            k += len(ids) - cfg.max_prompt_length
+        bare = drop_text_tokens(record.problem, spans, len(spans), cfg.truncation)
+        fixed = len(self.prompt_ids(self.chat_text(bare, n_images), image_grid_thw))
+        raise BadRecordError(record.id, rec.PROMPT_TOO_LONG,
+                             f"{length} tokens > max_prompt_length {cfg.max_prompt_length}, {fixed} without the "
+                             f"problem text: truncation {cfg.truncation!r} keeps one token of it at least")
 
     def process(self, record: Record) -> Example:
         """Decode, preprocess and tokenize one record; raises BadRecordError naming it."""
@@ -288,19 +351,20 @@ class ExampleProcessor:
             pixel_values = np.zeros((0, 3 * 2 * PATCH_SIZE * PATCH_SIZE), np.float32)
             grid = np.zeros((0, 3), np.int32)
 
-        with self._lock:
-            ids = np.asarray(self.tokenizer(text)["input_ids"], dtype=np.int32)
         try:
-            ids = expand_image_tokens(ids, self.image_token_id, grid).astype(np.int32)
+            ids = self.prompt_ids(text, grid)
         except ValueError as e:
             raise BadRecordError(rid, rec.INVALID_RECORD, str(e)) from None
-        if len(ids) > cfg.max_prompt_length:
-            raise BadRecordError(rid, rec.PROMPT_TOO_LONG,
-                                 f"{len(ids)} tokens > max_prompt_length {cfg.max_prompt_length}")
-        return Example(record_id=rid, problem=record.problem, answer=record.answer,
+        problem, length = record.problem, len(ids)
+        if length > cfg.max_prompt_length:
+            if cfg.truncation == "skip":
+                raise BadRecordError(rid, rec.PROMPT_TOO_LONG,
+                                     f"{length} tokens > max_prompt_length {cfg.max_prompt_length}")
+            problem, ids = self.truncate(record, grid, length)
+        return Example(record_id=rid, problem=problem, answer=record.answer,
                        annotations=tuple(record.annotations), input_ids=ids,
                        mm_token_type_ids=(ids == self.image_token_id).astype(np.int32),
-                       pixel_values=pixel_values, image_grid_thw=grid)
+                       pixel_values=pixel_values, image_grid_thw=grid, truncated_tokens=length - len(ids))
 
     def __call__(self, raw: RawRow) -> Example | Skipped:
         try:
