@@ -64,8 +64,10 @@ class DataConfig:
         paths: parquet / JSONL file(s) or directories of them (`*.parquet`, `*.jsonl`).
         format: "auto" (by file extension), "parquet" or "jsonl".
         id_column .. annotations_column: column (parquet) or key (JSONL) names. A missing id
-            column falls back to "<file stem>:<row>". The image column may hold a path, raw bytes,
-            a `{"bytes":..., "path":...}` struct (Hugging Face `datasets` Image layout), or a list
+            falls back to "<file stem>:<line>" (JSONL, from 1) or "<file stem>:<row>" (parquet,
+            from 0). Ids are unique: a row repeating an earlier row's id is skipped
+            (`duplicate_id`). The image column may hold a path, raw bytes, a
+            `{"bytes":..., "path":...}` struct (Hugging Face `datasets` Image layout), or a list
             of those. Annotations may be a list of strings or `<info1>..</info1>`-tagged text.
         image_root: directory that relative image paths are resolved against (default: the
             directory of the record file).
@@ -130,7 +132,8 @@ class DataConfig:
             process. worker_buffer_size: per-worker prefetch buffer (examples).
 
     Errors
-        strict: raise `BadRecordError` naming the record instead of skipping it.
+        strict: raise `BadRecordError` naming the record and where it is stored instead of
+            skipping it (a duplicate id: as soon as the pipeline is built, naming both rows).
     """
 
     paths: str | Sequence[str] = ()
