@@ -11,7 +11,7 @@ import pytest
 from pr1_jax.data import geometry3k, sample
 from pr1_jax.data.config import DataConfig
 from pr1_jax.data.processing import ExampleProcessor, load_tokenizer
-from pr1_jax.data.records import (EMPTY_PROBLEM, INVALID_RECORD, MISSING_ANSWER, MISSING_IMAGE, TOO_MANY_IMAGES,
+from pr1_jax.data.records import (DUPLICATE_ID, EMPTY_PROBLEM, INVALID_RECORD, MISSING_ANSWER, MISSING_IMAGE, TOO_MANY_IMAGES,
                                   BadRecordError, ImageRef, RawRow, Record, RecordSource, read_records,
                                   row_to_record, write_jsonl, write_parquet)
 
@@ -108,6 +108,25 @@ def test_record_source_over_several_files(tmp_path):
     with pytest.raises(IndexError):
         src[3]
     assert len(RecordSource(_cfg(paths=[str(a)]))) == 2
+
+
+def test_duplicate_ids_over_files_name_both_rows(tmp_path):
+    """Ids are unique over all files: parquet rows are named "path row N" (from 0), JSONL rows
+    "path:line" (from 1); the first row in file order keeps the id."""
+    img = ImageRef(data=(Path(sample.SAMPLE_DIR) / "images" / "right-triangle.png").read_bytes())
+    write_parquet([Record("x", "p", "1", (img,)), Record("y", "p", "2", (img,)), Record("x", "p", "3", (img,))],
+                  str(tmp_path / "a.parquet"))
+    _write_jsonl(tmp_path, [{"id": "y", "problem": "p", "answer": "4", "images": "i.png"},
+                            {"id": "z", "problem": "p", "answer": "5", "images": "i.png"}], "b.jsonl")
+    good, bad = read_records(_cfg(paths=[str(tmp_path / "a.parquet"), str(tmp_path / "b.jsonl")]))
+    assert [(r.id, r.answer) for r in good] == [("x", "1"), ("y", "2"), ("z", "5")]
+    pq_path, js_path = tmp_path / "a.parquet", tmp_path / "b.jsonl"
+    assert [(e.record_id, e.reason, e.location) for e in bad] == [("x", DUPLICATE_ID, f"{pq_path} row 2"),
+                                                                  ("y", DUPLICATE_ID, f"{js_path}:1")]
+    assert f"{pq_path} row 0" in str(bad[0]) and f"{pq_path} row 1" in str(bad[1])
+    with pytest.raises(BadRecordError, match="row 2"):
+        RecordSource(_cfg(paths=str(pq_path), strict=True))
+    assert len(RecordSource(_cfg(paths=str(pq_path), id_column=None))) == 3  # no ids: nothing repeats
 
 
 def test_writers_round_trip(tmp_path):

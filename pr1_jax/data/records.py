@@ -204,6 +204,8 @@ class _ParquetFile:
         """The id column's cells (NotUtf8 where a cell is not text), read without the rest."""
         import pyarrow.parquet as pq
 
+        if column not in self.columns:
+            return [None] * self.num_rows
         ids = pq.read_table(self.path, columns=[column]).column(column)
         try:
             return ids.to_pylist()
@@ -297,10 +299,9 @@ class RecordSource:
         """{row index: location of the first row with its id} for every later row with that id."""
         first: dict[str, str] = {}
         duplicate_of = {}
+        if not config.id_column:  # fallback ids name distinct rows
+            return duplicate_of
         for start, fobj in zip(self._starts, self._files):
-            has_ids = config.id_column and (isinstance(fobj, _JsonlFile) or config.id_column in fobj.columns)
-            if not has_ids:  # "<file stem>:<row>" ids are unique within a file
-                continue
             for i, value in enumerate(fobj.ids(config.id_column)):
                 fallback, location = fobj.where(i)
                 rid = _id_text(value, fallback)
