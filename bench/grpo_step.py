@@ -37,9 +37,8 @@ import numpy as np
 
 from pr1_jax import train
 from pr1_jax.grpo import group_advantages
-from pr1_jax.learner import train_batch_from_samples
-from pr1_jax.rewards import combine
-from pr1_jax.rollout import rollout
+from pr1_jax.rewards import combine_batch
+from pr1_jax.rollout import rollout, train_batch_from_samples
 from pr1_jax.tiny import build_tiny_assets
 
 SIZES = {
@@ -67,15 +66,15 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
 def analytic_update_flops(cfg, batch) -> float:
     """6 x matmul params x tokens + attention, fwd + bwd, for the learner batch (see docstring)."""
     text, vis = cfg.text, cfg.vision
-    n, length = batch["input_ids"].shape
-    r = batch["response_mask"].shape[1]
+    n, length = batch.input_ids.shape
+    r = batch.response_length
     d = text.hidden_size
     per_layer = d * (text.num_heads + 2 * text.num_kv_heads) * text.head_dim + text.num_heads * text.head_dim * d \
         + 3 * d * text.intermediate_size
     flops = 6 * per_layer * text.num_layers * n * length + 6 * d * text.vocab_size * n * r
     flops += 12 * text.num_layers * length * length * text.num_heads * text.head_dim * n
-    if vis is not None and batch.get("vision") is not None:
-        p = batch["vision"].pixel_values.shape[1]
+    if vis is not None and batch.vision is not None:
+        p = batch.vision.pixel_values.shape[1]
         w, m2 = vis.width, vis.spatial_merge_size**2
         block = 4 * w * w + (2 if vis.kind == "qwen2_vl" else 3) * w * vis.mlp_dim
         merger = (w * m2) ** 2 + w * m2 * vis.out_dim
@@ -105,14 +104,11 @@ def split_step(trainer, batch, timed: Timed) -> dict:
     t1 = time.perf_counter()
     n = ro.n
     annotations = [a for a in batch["annotations"] for _ in range(n)]
-    visual = trainer.judge.submit(ro.texts, annotations).result()
+    judged = trainer.judge.submit(ro.texts, annotations).result()
     t2 = time.perf_counter()
     answers = [a for a in batch["answer"] for _ in range(n)]
     host = trainer.scorer.submit([dict(response=r, ground_truth=g) for r, g in zip(ro.texts, answers)]).result()
-    rc = trainer.cfg.reward
-    scores = [combine({k: terms[k] for k in rc.reward_names},
-                      float(visual["visual"][i]) if visual["has_visual"][i] else None, rc.weights)
-              for i, terms in enumerate(host.scores)]
+    scores = combine_batch(host.terms, judged, trainer.cfg.reward.weights)
     adv = np.asarray(group_advantages(np.array([s["overall"] for s in scores], np.float32), n))
     t3 = time.perf_counter()
     tb = train_batch_from_samples(trainer.policy.config, ro.prompt_inputs, ro.samples, n, advantages=adv,
@@ -170,7 +166,7 @@ def run(size: str, args, peak: float) -> tuple[list[dict], dict]:
                  share=timed.median(name) / step_total if "trainer" not in name else float("nan"))
             for name in ("sample", "judge", "rewards", "update", "step (sum of phases)", "step (trainer)")]
     n_seq = args.batch * args.n
-    info = dict(size=size, policy_params=n_params, sequences=n_seq, tokens_per_seq=tb["input_ids"].shape[1],
+    info = dict(size=size, policy_params=n_params, sequences=n_seq, tokens_per_seq=tb.input_ids.shape[1],
                 sampled_tok_s=timed.median("sampled tokens") / timed.median("sample"),
                 first_step_s=first, update_xla_gflop=xla_flops / 1e9, update_analytic_gflop=analytic / 1e9,
                 update_gflop_s=analytic / t_update / 1e9, matmul_peak_gflop_s=peak / 1e9,

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from models import load_pretrained
-from pr1_jax.judge import Judge, JudgeConfig, load_tokenizer, render_prompt
+from pr1_jax.data.processing import load_tokenizer
+from pr1_jax.judge import Judge, JudgeConfig, render_prompt
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "qwen2_tokenizer"
 VOCAB = 151665  # the Qwen2 tokenizer's ids fit

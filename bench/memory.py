@@ -147,8 +147,9 @@ def train_step_stats(mesh, policy_cfg, seqs: int, a) -> dict:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from pr1_jax.learner import Learner, LearnerConfig, batch_shardings, init_state, train_step
-    from pr1_jax.sharding import sharding_for
+    from pr1_jax.learner import Learner, LearnerConfig, init_state, train_step
+    from pr1_jax.rollout import LearnerBatch
+    from pr1_jax.sharding import batch_sharding, batch_shardings
 
     cfg = LearnerConfig(lr=1e-6, weight_decay=1e-3, dtype="bfloat16", param_dtype="float32", remat=True,
                         micro_batch_size=None)
@@ -158,11 +159,9 @@ def train_step_stats(mesh, policy_cfg, seqs: int, a) -> dict:
     length = a.prompt + a.response
 
     def arr(shape, dtype, axis=0):
-        logical = [None] * len(shape)
-        logical[axis] = "batch"
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_for(logical, shape, mesh))
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, shape, axis))
 
-    batch = dict(input_ids=arr((seqs, length), jnp.int32), attention_mask=arr((seqs, length), jnp.int32),
+    batch = LearnerBatch(input_ids=arr((seqs, length), jnp.int32), attention_mask=arr((seqs, length), jnp.int32),
                  positions=arr((3, seqs, length), jnp.int32, axis=1), response_mask=arr((seqs, a.response), jnp.int32),
                  old_logprobs=arr((seqs, a.response), jnp.float32), advantages=arr((seqs,), jnp.float32),
                  vision=_vision_inputs((seqs,), a.patches, policy_cfg.vision, mesh, batch_axis=True))
@@ -222,7 +221,7 @@ def judge_stats(mesh, judge_cfg, rows: int, a) -> dict:
     boxed = abstract_params(module)
     params = _abstract(nn.unbox(boxed), param_shardings(boxed, mesh))
     def sds(shape, dtype=jnp.int32):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, shape))
 
     k, length = a.annotations, a.judge_length
     batch = JudgeBatch(input_ids=sds((rows, length)), positions=sds((rows, length)),

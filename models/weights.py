@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -268,3 +269,19 @@ def save_params(params: dict, cfg: ModelConfig, out: Path, max_shard_bytes: int 
         weight_map.update({k: final for k in keys})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+# What a Qwen2-VL / Qwen2.5-VL / Qwen2 checkpoint directory carries besides weights and config.json:
+# what a tokenizer and a processor load from.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+              "added_tokens.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+              "video_preprocessor_config.json", "processor_config.json", "generation_config.json")
+
+
+def copy_side_files(src_dirs: Iterable[str | Path], out: str | Path) -> None:
+    """The tokenizer / processor files of `src_dirs` (those present; later directories win) into
+    the checkpoint directory `out`, beside what `save_params` wrote."""
+    for d in src_dirs:
+        for name in SIDE_FILES:
+            if (Path(d) / name).exists():
+                shutil.copy(Path(d) / name, Path(out) / name)

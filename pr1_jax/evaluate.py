@@ -25,7 +25,7 @@ from pr1_jax.data.config import DataConfig
 from pr1_jax.data.pipeline import make_iterator
 from pr1_jax.data.processing import load_tokenizer
 from pr1_jax.export import load_run_policy, quiet_logging
-from pr1_jax.rewards import RewardConfig, RewardScorer, mean_metrics
+from pr1_jax.rewards import RewardConfig, RewardScorer, combine_batch, mean_metrics
 from pr1_jax.rollout import rollout
 from pr1_jax.sampling import SamplingConfig, Sampler
 
@@ -34,20 +34,19 @@ log = logging.getLogger("pr1_jax")
 
 def evaluate(model, tokenizer, data: DataConfig, out: Path, max_new_tokens: int, reward: RewardConfig) -> dict:
     """Writes `out` (JSONL, one sample per line) and returns the mean metrics."""
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    sampler = Sampler(model.module, SamplingConfig(max_new_tokens=max_new_tokens, eos_ids=(eos,),
-                                                   pad_id=tokenizer.pad_token_id, temperature=0.0))
+    sampler = Sampler(model.module, SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0
+                                                   ).with_tokenizer(tokenizer))
     data = dataclasses.replace(data, shuffle=False, num_epochs=1, drop_remainder=False, shard_index=0, shard_count=1)
-    weights = {k: v for k, v in reward.weights.items() if k != "visual"}
     rows, all_scores = [], []
     it = make_iterator(data, tokenizer)
-    with RewardScorer(dataclasses.replace(reward, weights=weights)) as scorer:
+    with RewardScorer(reward) as scorer:
         for batch in it:
             texts = rollout(model, model.params, sampler, tokenizer, batch, jax.random.key(0),
                             patches_per_row=data.patch_limit_per_record).texts
             valid = np.asarray(batch["example_valid"], bool)
             recs = [dict(response=t, ground_truth=a) for t, a, v in zip(texts, batch["answer"], valid) if v]
-            scores = scorer.submit(recs).result().scores
+            # No judge here: the visual term is left out of these scores and of `overall`.
+            scores = combine_batch(scorer.submit(recs).result().terms, None, reward.weights)
             all_scores += scores
             ids = [i for i, v in zip(batch["record_id"], valid) if v]
             for rid, rec, s in zip(ids, recs, scores):

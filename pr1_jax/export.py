@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 from pathlib import Path
 
@@ -18,15 +17,12 @@ import flax.linen as nn
 from models.causal_lm import QwenCausalLM
 from models.config import load_config
 from models.pretrained import Model, abstract_params, as_dtype
+from models.weights import copy_side_files
 from pr1_jax import configlib
 from pr1_jax.checkpoint import Checkpointer, CheckpointRestoreError
+from pr1_jax.config import TrainConfig
 
 log = logging.getLogger("pr1_jax")
-
-# What a Qwen2-VL / Qwen2.5-VL base directory carries besides weights and config.json.
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-              "added_tokens.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
-              "video_preprocessor_config.json", "processor_config.json", "generation_config.json")
 
 
 def locate(checkpoint: str | Path) -> tuple[Path, int | None]:
@@ -41,18 +37,8 @@ def locate(checkpoint: str | Path) -> tuple[Path, int | None]:
     raise CheckpointRestoreError(f"{path}: not a run directory (no checkpoints/ inside) or RUN_DIR/STEP")
 
 
-def copy_side_files(src_dirs, out: Path) -> None:
-    """Tokenizer / processor files of `src_dirs` (those present) into the HF directory `out`."""
-    for d in src_dirs:
-        for name in SIDE_FILES:
-            if (Path(d) / name).exists():
-                shutil.copy(Path(d) / name, Path(out) / name)
-
-
 def load_run_policy(checkpoint: str | Path):
     """(the run's TrainConfig, step or None for latest, the trained policy as a `Model`)."""
-    from pr1_jax.train import TrainConfig
-
     run, step = locate(checkpoint)
     cfg = configlib.load(TrainConfig, run / "config.yaml")
     model_cfg = load_config(cfg.model.policy)

@@ -54,7 +54,7 @@ dispatches the jitted forward, returning a `PendingVerdicts` at once (JAX dispat
 asynchronous). The train loop scores the host rewards meanwhile and calls `.result()`, which is
 where it blocks. `Judge.__call__` is `submit(...).result()`.
 
-    judge = Judge.load("Qwen2.5-32B-Instruct", JudgeConfig(), mesh=mesh, dtype=jnp.bfloat16)
+    judge = Judge.load("Qwen2.5-32B-Instruct", JudgeConfig(), mesh=mesh, dtype="bfloat16")
     pending = judge.submit(responses, annotations)    # returns immediately
     ...                                               # host rewards (math-verify) run here
     out = pending.result()      # dict(visual [N], has_visual [N], verdicts [list of arrays], ...)
@@ -65,7 +65,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import flax.struct
@@ -76,10 +75,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from models.causal_lm import QwenCausalLM
-from models.config import load_config
-from models.pretrained import Model, abstract_params, as_dtype, load_pretrained
+from models.pretrained import Model
+from pr1_jax.data.processing import load_tokenizer
 from pr1_jax.multihost import allgather_json
-from pr1_jax.sharding import batch_axis_size, batch_sharding, param_shardings, placer
+from pr1_jax.sharding import batch_axis_size, batch_sharding, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -222,22 +221,6 @@ def resolve_token_ids(tokenizer, strings: Sequence[str], vocab_size: int | None 
     return tuple(ids)
 
 
-def load_tokenizer(path: str | os.PathLike):
-    """The judge's Hugging Face tokenizer from a local directory (a checkpoint directory), offline.
-    A `chat_template.jinja` beside it is used when the tokenizer config carries no template."""
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"judge tokenizer directory {str(path)!r} does not exist")
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    if not getattr(tok, "chat_template", None) and (path / "chat_template.jinja").is_file():
-        tok.chat_template = (path / "chat_template.jinja").read_text(encoding="utf-8")
-    if not getattr(tok, "chat_template", None):
-        raise ValueError(f"judge tokenizer at {str(path)!r} has no chat template")
-    return tok
-
-
 # ---- host-side batch --------------------------------------------------------------------------
 
 @flax.struct.dataclass
@@ -260,11 +243,13 @@ class JudgeBatch:
 
 @dataclasses.dataclass
 class PackedRow:
-    """One response's prompt ids before packing; `source` is its index in the caller's list."""
+    """One response's prompt ids before packing; `source` is its index in the caller's list.
+    Each branch is a statement's ids followed by `tail` ids that close the prompt."""
 
     source: int
     prefix: list[int]
     branches: list[list[int]]
+    tail: int = 0
 
     @property
     def length(self) -> int:
@@ -336,15 +321,26 @@ def answer_logits(module: QwenCausalLM, params, h, token_ids) -> jax.Array:
     return head.apply({"params": sub}, h, method=QwenCausalLM.logits).astype(jnp.float32)
 
 
-def yes_no_margin(module: QwenCausalLM, params, batch: JudgeBatch, yes_ids, no_ids) -> jax.Array:
-    """[B, K] lse(yes) - lse(no) at each branch's last token; 0 in invalid slots."""
+def judge_hidden_states(module: QwenCausalLM, params, batch: JudgeBatch) -> jax.Array:
+    """[B, T, E]: the judge's final hidden states over the packed rows (prefix sharing)."""
     h, _ = module.apply({"params": params}, batch.input_ids, batch.positions, batch.attention_mask, None, None,
                         batch.branches, method=QwenCausalLM.hidden_states)
+    return h
+
+
+def margins_from_hidden(module: QwenCausalLM, params, h, batch: JudgeBatch, yes_ids, no_ids) -> jax.Array:
+    """[B, K] lse(yes) - lse(no) at each branch's last token, from hidden states h [B, T, E];
+    0 in invalid slots. (A judge's training reads its margins here, as inference does.)"""
     hk = jnp.take_along_axis(h, batch.verdict_index[..., None].astype(jnp.int32), axis=1)  # [B, K, E]
     logits = answer_logits(module, params, hk, tuple(yes_ids) + tuple(no_ids))
     ny = len(yes_ids)
     margin = jax.nn.logsumexp(logits[..., :ny], -1) - jax.nn.logsumexp(logits[..., ny:], -1)
     return jnp.where(batch.valid, margin, 0.0)
+
+
+def yes_no_margin(module: QwenCausalLM, params, batch: JudgeBatch, yes_ids, no_ids) -> jax.Array:
+    """[B, K] lse(yes) - lse(no) at each branch's last token; 0 in invalid slots."""
+    return margins_from_hidden(module, params, judge_hidden_states(module, params, batch), batch, yes_ids, no_ids)
 
 
 def verdict_from_margin(margin, valid, mode: str):
@@ -452,16 +448,11 @@ class Judge:
 
     @classmethod
     def load(cls, path: str | os.PathLike, config: JudgeConfig = JudgeConfig(), *, mesh: Mesh | None = None,
-             tokenizer_path: str | os.PathLike | None = None, dtype=jnp.bfloat16, param_dtype=None) -> "Judge":
+             tokenizer_path: str | os.PathLike | None = None, dtype="bfloat16", param_dtype=None) -> "Judge":
         """An HF checkpoint directory (config.json + safetensors + tokenizer files). With a mesh,
         every weight goes straight to its shards under the policy's sharding rules."""
-        place = None
-        if mesh is not None:
-            cfg = load_config(path)
-            module = QwenCausalLM(cfg, param_dtype=as_dtype(param_dtype or dtype))
-            place = placer(param_shardings(abstract_params(module), mesh))
-        model = load_pretrained(path, dtype=dtype, param_dtype=param_dtype, place=place)
-        return cls.from_model(load_tokenizer(tokenizer_path or path), model, config, mesh)
+        model = load_model(path, mesh, dtype=dtype, param_dtype=param_dtype)
+        return cls.from_model(load_tokenizer(tokenizer_path or path, vision=False), model, config, mesh)
 
     @classmethod
     def from_model(cls, tokenizer, model: Model, config: JudgeConfig = JudgeConfig(),
@@ -493,7 +484,7 @@ class Judge:
         room = cfg.max_length - fixed - sum(map(len, branches))
         n = min(len(resp), cfg.max_response_tokens, room)
         prefix = list(pc.head_ids) + resp[:n] + list(pc.mid_ids)
-        return PackedRow(-1, prefix, branches), n < len(resp), dropped
+        return PackedRow(-1, prefix, branches, tail=len(pc.tail_ids)), n < len(resp), dropped
 
     def build(self, responses: Sequence[str], annotations: Sequence[Sequence[str] | None]):
         """Host work for a call: rows, then packed numpy batches (one per chunk of
@@ -527,7 +518,7 @@ class Judge:
         """The batch on the device(s): rows over the mesh's data axes, or the default device."""
         if self.mesh is None:
             return jax.device_put(batch)
-        return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(self.mesh, x.ndim)), batch)
+        return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(self.mesh, x.shape)), batch)
 
     # -- device side --
 

@@ -13,7 +13,9 @@ Reward terms are plain functions ``fn(response, ground_truth, **record_fields) -
 registered by name; ``RewardConfig.weights`` names the ones to use. ``score`` runs them
 in-process with no time bound, for trusted text. Policy samples go through
 ``RewardScorer``, which runs every term call in a spawned worker process under a wall-clock
-deadline, so a hostile answer (``9^{9^{9^{9}}}``) costs one timeout, not a stalled trainer.
+deadline, so a hostile answer (``9^{9^{9^{9}}}``) costs one timeout, not a stalled trainer;
+it returns raw terms, and ``combine_batch`` (the one reward path) weighs them with the judge's
+verdicts into each sample's reward.
 
 This module must stay free of JAX imports: worker processes import it.
 """
@@ -179,12 +181,27 @@ def _call(fn: RewardFn, response: str, ground_truth: str, kwargs: Mapping) -> fl
 
 
 def combine(terms: Mapping[str, float], visual: float | None, weights: Mapping[str, float]) -> dict:
-    """Score dict from raw reward terms and the judge score: terms, visual, has_visual, overall."""
+    """Score dict of one sample from its raw reward terms and the judge score (None: no
+    annotations, or no judge): the terms, visual, has_visual, and the weighted overall."""
     scores = dict(terms)
     scores[VISUAL] = 0.0 if visual is None else float(visual)
     scores["has_visual"] = visual is not None
     scores["overall"] = sum(w * scores[name] for name, w in weights.items())
     return scores
+
+
+def combine_batch(terms: Sequence[Mapping[str, float]], judged: Mapping | None,
+                  weights: Mapping[str, float]) -> list[dict]:
+    """THE reward of a batch of samples: host terms (`RewardScorer`'s `BatchScores.terms`, row
+    by row) and the judge's result (`PendingVerdicts.result()`: `visual` [N], `has_visual` [N];
+    None without a judge) -> one `combine` score dict per sample. Train, evaluate and the
+    benches all call this, so the reward a run trains on is the reward they report."""
+    if judged is None:
+        return [combine(t, None, weights) for t in terms]
+    if len(judged["visual"]) != len(terms):
+        raise ValueError(f"{len(terms)} samples but {len(judged['visual'])} judge verdicts")
+    return [combine(t, float(v) if has else None, weights)
+            for t, v, has in zip(terms, judged["visual"], judged["has_visual"])]
 
 
 def score(
@@ -273,9 +290,10 @@ class _Worker:
 
 @dataclass
 class BatchScores:
-    """Per-sample score dicts of one batch, and how many reward calls timed out or failed."""
+    """The raw reward terms of each sample of one batch (``{name: value}`` for every configured
+    reward; ``combine_batch`` weighs them), and how many reward calls timed out or failed."""
 
-    scores: list[dict]
+    terms: list[dict[str, float]]
     timeouts: int = 0
     errors: int = 0
 
@@ -314,15 +332,14 @@ class RewardScorer:
     def submit(self, records: Sequence[Mapping]) -> Future:
         """Queue a batch; the future's result is a ``BatchScores``.
 
-        Each record has ``response``, ``ground_truth``, optional ``visual`` (float or None)
-        and any further fields, passed to every reward function as keyword arguments.
-        Records are validated and pickled here, so bad input raises in the caller.
+        Each record has ``response``, ``ground_truth`` and any further fields, passed to every
+        reward function as keyword arguments. Records are validated and pickled here, so bad
+        input raises in the caller.
         """
-        tasks, visuals = [], []
+        tasks = []
         for i, record in enumerate(records):
             fields = dict(record)
             response, ground_truth = fields.pop("response"), fields.pop("ground_truth")
-            visuals.append(fields.pop(VISUAL, None))
             for name, fn in self._fns.items():
                 kwargs = self.config.kwargs_for(name, fields)
                 tasks.append((i, name, pickle.dumps((fn, response, ground_truth, kwargs))))
@@ -330,7 +347,7 @@ class RewardScorer:
         with self._lock:
             if self._closed:
                 raise RuntimeError("RewardScorer is closed")
-            self._jobs.put((tasks, visuals, future))
+            self._jobs.put((tasks, len(records), future))
         return future
 
     def close(self) -> None:
@@ -352,14 +369,14 @@ class RewardScorer:
         failure: BaseException | None = None
         try:
             while (job := self._jobs.get()) is not None:
-                tasks, visuals, future = job
+                tasks, size, future = job
                 if not future.set_running_or_notify_cancel():
                     continue
                 if failure is not None:
                     future.set_exception(RuntimeError(f"RewardScorer is broken: {failure}"))
                     continue
                 try:
-                    future.set_result(self._score_batch(tasks, visuals))
+                    future.set_result(self._score_batch(tasks, size))
                 except BaseException as exc:
                     failure = exc
                     future.set_exception(exc)
@@ -367,10 +384,10 @@ class RewardScorer:
             for worker in self._workers:
                 worker.stop()
 
-    def _score_batch(self, tasks: list, visuals: list) -> BatchScores:
+    def _score_batch(self, tasks: list, size: int) -> BatchScores:
         """Run every task on the workers, replacing dead and hung ones."""
         workers, timeout_s = self._workers, self.config.timeout_s
-        terms: list[dict[str, float]] = [{} for _ in visuals]
+        terms: list[dict[str, float]] = [{} for _ in range(size)]
         pending = deque(tasks)
         timeouts = errors = 0
 
@@ -420,8 +437,4 @@ class RewardScorer:
                     terms[i][name] = 0.0
                     timeouts += 1
                     replace(worker)
-        scores = [
-            combine({name: t[name] for name in self._fns}, v, self.config.weights)
-            for t, v in zip(terms, visuals)
-        ]
-        return BatchScores(scores, timeouts, errors)
+        return BatchScores([{name: t[name] for name in self._fns} for t in terms], timeouts, errors)

@@ -1,23 +1,58 @@
-"""Data batch -> policy inputs -> sampled responses (token ids and text).
+"""Data batch -> policy inputs -> sampled responses (token ids and text) -> the learner's batch.
 
 Shared by training (n samples at temperature 1) and evaluation (greedy, n = 1). The sampler runs
 on global arrays over the whole mesh: with several processes each passes its own prompts (its
-data shard) and gets its own rows back.
+data shard) and gets its own rows back. `train_batch_from_samples` lays prompts and samples out
+as the `LearnerBatch` that the update (`pr1_jax.learner`) and SFT read.
+
+The learner batch (N = B*n sequences, T = prompt length, R = max_new_tokens, L = T + R,
+P = `num_patches` patch rows *per sequence*; row i is sample i % n of prompt i // n, as the
+sampler lays them out):
+
+=================  ======================  =======  ===============================================
+field              shape                   dtype    meaning
+=================  ======================  =======  ===============================================
+input_ids          [N, L]                  int32    left-padded prompt, then the response (pad id
+                                                    after the row's EOS)
+attention_mask     [N, L]                  int32    prompt mask, then `response_mask`
+positions          [3, N, L] (VLM) or      int32    prompt positions (M-RoPE rows) repeated n
+                   [N, L] (text model)              times; response token k at n_valid + delta + k
+                                                    on every row; 0 at padding (left and after EOS)
+response_mask      [N, R]                  int32    1 on generated tokens (EOS included)
+old_logprobs       [N, R]                  float32  behaviour log-probs (the sampler's)
+advantages         [N]                     float32  per-sequence advantage (None until the rewards
+                                                    are in; the update requires it)
+ref_logprobs       [N, R]                  float32  None, or the reference policy's (KL term)
+vision             VisionInputs | None              per-sequence packed patches: every field has a
+                                                    leading N axis (pixel_values [N, P, patch_dim],
+                                                    perm/seg_full/seg_window [N, P], rot_pos
+                                                    [N, P, 2], unperm [N, P // merge**2]); row i
+                                                    holds the images of prompt i // n only
+=================  ======================  =======  ===============================================
+
+Why per-sequence vision rather than one packed block for the batch: every array then has the
+sequence axis first, so micro-batching is a reshape and data sharding splits images with their
+sequences; and the tower's attention is `[P, P]` per sequence instead of over all images of the
+batch. The price: a prompt's images go through the tower once per sample (n times).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
+import flax.struct
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from models.config import ModelConfig
+from models.positions import row_vision_arrays
 from models.pretrained import Model
-from pr1_jax.learner import global_batch, map_batch
+from models.vision import VisionInputs
 from pr1_jax.multihost import allgather_json, local_rows
 from pr1_jax.sampling import SampleOutput, Sampler
-from pr1_jax.sharding import batch_axis_size
+from pr1_jax.sharding import batch_axis_size, global_batch, map_batch
 
 
 @dataclasses.dataclass
@@ -85,3 +120,91 @@ def rollout(model: Model, params, sampler: Sampler, tokenizer, batch: dict, key:
     inputs, _, _ = policy_inputs(model, batch, patches_per_row)
     samples = sample_rows(sampler, params, inputs, key, mesh)
     return Rollout(prompt_inputs=inputs, samples=samples, texts=decode(tokenizer, samples), n=sampler.cfg.n)
+
+
+@flax.struct.dataclass
+class LearnerBatch:
+    """The learner's batch: see the table in the module docstring. Host numpy or (sharded)
+    device arrays; `pr1_jax.sharding.map_batch` visits its arrays with their sequence axis."""
+
+    input_ids: Any
+    attention_mask: Any
+    positions: Any
+    response_mask: Any
+    old_logprobs: Any
+    advantages: Any = None
+    ref_logprobs: Any = None
+    vision: VisionInputs | None = None
+
+    @property
+    def num_sequences(self) -> int:
+        return self.response_mask.shape[0]
+
+    @property
+    def response_length(self) -> int:
+        return self.response_mask.shape[1]
+
+
+def train_batch_from_samples(config: ModelConfig, prompt_inputs: dict, sample_out, n: int,
+                             pixel_values=None, image_grid_thw=None, num_patches: int | None = None,
+                             advantages=None, example_valid=None) -> LearnerBatch:
+    """Host side (numpy). The learner batch of the module docstring for N = B*n sequences.
+
+    prompt_inputs: `Model.prepare_inputs` dict of the B prompts (input_ids, attention_mask,
+      positions, rope_deltas; a per-row `vision` is reused, a packed one is not used).
+    sample_out: the sampler's `SampleOutput` for these prompts with `n` samples each (or any
+      object with its tokens / mask / logprobs fields).
+    pixel_values [patches, patch_dim], image_grid_thw [images, 3]: the prompts' images packed in
+      order of appearance (row-major), as given to `prepare_inputs`; zero-grid rows (padding
+      slots of the data pipeline) and rows past the real patches are ignored.
+    num_patches: patch rows per *sequence* (a static size; a multiple of merge**2 that is at least
+      the largest prompt's patch count; e.g. `DataConfig.patch_limit_per_record`). Default: the
+      largest prompt's count.
+    advantages: [N] optional.
+    Images come from a per-row `prompt_inputs["vision"]` if there is one, else from pixel_values.
+    example_valid: [B] bool optional; filler prompts get an all-zero response mask.
+    """
+    ids = np.asarray(prompt_inputs["input_ids"]).astype(np.int32)
+    pmask = np.asarray(prompt_inputs["attention_mask"]).astype(np.int32)
+    ppos = np.asarray(prompt_inputs["positions"]).astype(np.int32)
+    deltas = np.asarray(prompt_inputs["rope_deltas"]).astype(np.int32)
+    tokens = np.asarray(sample_out.tokens).astype(np.int32)
+    rmask = np.asarray(sample_out.mask).astype(np.int32)
+    old = np.asarray(sample_out.logprobs).astype(np.float32)
+    b, t = ids.shape
+    num, r = tokens.shape
+    if num != b * n:
+        raise ValueError(f"{num} samples for {b} prompts x n={n}")
+    if example_valid is not None:
+        rmask = rmask * np.repeat(np.asarray(example_valid).astype(np.int32), n)[:, None]
+
+    rep = lambda x, axis=0: np.repeat(x, n, axis=axis)  # noqa: E731
+    n_valid = rep(pmask.sum(-1))
+    resp_pos = (n_valid + rep(deltas))[:, None] + np.arange(r)[None]
+    resp_pos = np.where(rmask.astype(bool), resp_pos, 0).astype(np.int32)
+    if ppos.ndim == 3:
+        positions = np.concatenate([rep(ppos, 1), np.broadcast_to(resp_pos[None], (3, num, r))], axis=2)
+    else:
+        positions = np.concatenate([rep(ppos), resp_pos], axis=1)
+
+    vision = prompt_inputs.get("vision")
+    if vision is not None and np.ndim(vision.pixel_values) == 3:
+        vision = jax.tree.map(lambda x: rep(np.asarray(x)), vision)
+    elif pixel_values is not None:
+        if config.vision is None:
+            raise ValueError(f"a {config.model_type} model takes no images")
+        grids = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+        fields = row_vision_arrays(ids, pmask, pixel_values, grids[grids.prod(-1) > 0], num_patches, config.vision,
+                                   image_token_id=config.image_token_id)
+        vision = VisionInputs(**{k: rep(v) for k, v in fields.items()})
+    else:
+        vision = None
+    return LearnerBatch(
+        input_ids=np.concatenate([rep(ids), tokens], axis=1),
+        attention_mask=np.concatenate([rep(pmask), rmask], axis=1),
+        positions=positions.astype(np.int32),
+        response_mask=rmask,
+        old_logprobs=np.where(rmask.astype(bool), old, 0.0).astype(np.float32),
+        advantages=None if advantages is None else np.asarray(advantages, np.float32).reshape(num),
+        vision=vision,
+    )

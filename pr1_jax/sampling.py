@@ -28,9 +28,16 @@ from pr1_jax.sharding import sharding_for
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    max_new_tokens: int
-    eos_ids: tuple[int, ...]
-    pad_id: int
+    """How responses are drawn; also the run config's `sampling` section.
+
+    A row stops at any of `eos_ids`. In a run config they are given as token strings
+    (`eos_tokens`) and resolved through the policy's tokenizer (`with_tokenizer`), as is
+    `pad_id` (None = the tokenizer's pad token); code that has ids sets `eos_ids` directly.
+    The learner scores responses at this temperature (1.0 for greedy samples)."""
+
+    max_new_tokens: int = 4096
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int | None = None
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
@@ -38,6 +45,29 @@ class SamplingConfig:
 
 
 @flax.struct.dataclass
+    eos_tokens: tuple[str, ...] = ("<|im_end|>",)
+
+    @property
+    def score_temperature(self) -> float:
+        """The temperature whose log-probs the sampler reports and the learner must use."""
+        return self.temperature or 1.0
+
+    def with_tokenizer(self, tokenizer) -> "SamplingConfig":
+        """`eos_ids` (when not set) from `eos_tokens`, `pad_id` (when None) from the tokenizer;
+        a stop string that is not one token of this tokenizer is an error."""
+        eos = self.eos_ids
+        if not eos:
+            ids = []
+            for s in self.eos_tokens:
+                i = tokenizer.convert_tokens_to_ids(s)
+                if i is None or i == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(i) != s:
+                    raise ValueError(f"sampling.eos_tokens: {s!r} is not a token of the policy's tokenizer")
+                ids.append(int(i))
+            eos = tuple(ids)
+        pad = tokenizer.pad_token_id if self.pad_id is None else self.pad_id
+        if pad is None:
+            raise ValueError("the policy's tokenizer has no pad token; set sampling.pad_id")
+        return dataclasses.replace(self, eos_ids=eos, pad_id=int(pad))
 class SampleOutput:
     """Row i = prompt i // n, sample i % n. Positions after a row's EOS hold pad_id, logprob 0."""
 

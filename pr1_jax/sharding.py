@@ -1,18 +1,30 @@
-"""The one place where logical axis names meet mesh axes.
+"""The one place where logical axis names meet mesh axes, and where host data meets the mesh.
 
 Model code names logical axes (`embed`, `mlp`, `q_heads`, `batch`, ...); `RULES` maps them to the
 mesh axes `data`, `fsdp`, `tensor`. The policy, its sampler and the judge are all placed with
-these rules on the same mesh.
+these rules on the same mesh (`model_shardings`, `load_model`).
+
+Batches (the sampler's prompt inputs, the learner's `LearnerBatch`, the judge's `JudgeBatch`) are
+dicts or struct dataclasses of arrays whose sequence axis is the batch; `map_batch` visits their
+arrays with that axis, `batch_shardings` places it over the data axes, and `global_batch` turns
+each process's rows into one global array (multi-host runs).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from models.causal_lm import QwenCausalLM
+from models.config import ModelConfig, load_config
+from models.pretrained import Model, abstract_params, as_dtype, load_pretrained
+from pr1_jax.multihost import allgather_json
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -101,12 +113,12 @@ def placer(shardings: Any):
     return lambda path, value: jax.device_put(value, flat[path])
 
 
-def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0, rules=RULES) -> NamedSharding:
-    """Sharding of a data array whose `batch_axis` is the batch; other axes replicated."""
-    logical = [None] * ndim
+def batch_sharding(mesh: Mesh, shape: Sequence[int], batch_axis: int = 0, rules=RULES) -> NamedSharding:
+    """Sharding of a data array whose `batch_axis` is the batch (over the data axes, the `batch`
+    rule); other axes replicated, and so is a batch the data axes do not divide."""
+    logical = [None] * len(shape)
     logical[batch_axis] = "batch"
-    mesh_axes = nn.logical_to_mesh_axes(tuple(logical), rules)
-    return NamedSharding(mesh, P(*mesh_axes))
+    return sharding_for(logical, shape, mesh, rules)
 
 
 def batch_axis_size(mesh: Mesh, rules=RULES) -> int:
@@ -114,3 +126,83 @@ def batch_axis_size(mesh: Mesh, rules=RULES) -> int:
     axes = dict(rules)["batch"]
     axes = (axes,) if isinstance(axes, str) else (axes or ())
     return int(np.prod([mesh.shape[a] for a in axes if a in mesh.shape]))
+
+
+def model_shardings(config: ModelConfig, mesh: Mesh, param_dtype="float32", rules=RULES) -> Any:
+    """Tree of NamedShardings of a model's params on the mesh."""
+    return param_shardings(abstract_params(QwenCausalLM(config, param_dtype=as_dtype(param_dtype))), mesh, rules)
+
+
+def load_model(path: str | Path, mesh: Mesh | None = None, *, dtype="float32", param_dtype=None, **kwargs) -> Model:
+    """An HF checkpoint directory as a `Model`; with a mesh, every weight goes straight to its
+    shards under `RULES` (no host holds more than one leaf at a time)."""
+    place = None
+    if mesh is not None:
+        place = placer(model_shardings(load_config(path), mesh, param_dtype or dtype))
+    return load_pretrained(path, dtype=as_dtype(dtype), param_dtype=param_dtype and as_dtype(param_dtype),
+                           place=place, **kwargs)
+
+
+# --------------------------------------------------------------------------- batches on the mesh
+
+# The one batch array whose sequence axis is not axis 0 (M-RoPE positions [3, N, L]).
+_POSITIONS = "positions"
+# The token axis of a batch: what `pad_sequences_left` lengthens.
+_SEQUENCE_KEYS = ("input_ids", "attention_mask", "positions")
+
+
+def _items(batch) -> list[tuple[str, Any]]:
+    if isinstance(batch, Mapping):
+        return list(batch.items())
+    return [(f.name, getattr(batch, f.name)) for f in dataclasses.fields(batch)]
+
+
+def _rebuild(batch, values: dict):
+    return dict(values) if isinstance(batch, Mapping) else dataclasses.replace(batch, **values)
+
+
+def map_batch(fn: Callable[[Any, int], Any], batch):
+    """fn(array, batch_axis) over every array of a batch (a dict or a struct dataclass; a field
+    holding a struct, such as `VisionInputs`, has the batch on axis 0 of each array); None
+    fields stay None. Returns a batch of the same kind."""
+    out = {}
+    for k, v in _items(batch):
+        if v is None:
+            out[k] = None
+        elif hasattr(v, "shape"):
+            out[k] = fn(v, 1 if k == _POSITIONS and v.ndim == 3 else 0)
+        else:
+            out[k] = jax.tree.map(lambda x: fn(x, 0), v)
+    return _rebuild(batch, out)
+
+
+def batch_shardings(mesh: Mesh, batch):
+    """The batch's shardings: each array's sequence axis over the data axes (`batch_sharding`)."""
+    return map_batch(lambda x, axis: batch_sharding(mesh, x.shape, axis), batch)
+
+
+def pad_sequences_left(batch, length: int):
+    """The batch with its token axis (input_ids, attention_mask, positions) left-padded to
+    `length` with masked tokens: the same sequences (they are left-padded already), longer."""
+    values = dict(_items(batch))
+    for k in _SEQUENCE_KEYS:
+        x = np.asarray(values[k])
+        values[k] = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(length - x.shape[-1], 0)])
+    return _rebuild(batch, values)
+
+
+def global_batch(mesh: Mesh, local_batch):
+    """This process's rows (host numpy) -> global arrays sharded over the data axes. With one
+    process the local batch is the global batch; with several, each passes its own consecutive
+    slice of the sequences (e.g. from its data shard) and the global sequence count is the sum.
+    Processes whose batches landed in different length buckets are left-padded to the longest."""
+    ids = dict(_items(local_batch)).get("input_ids")
+    if jax.process_count() > 1 and ids is not None:
+        local_batch = pad_sequences_left(local_batch, max(allgather_json(int(np.shape(ids)[1]))))
+
+    def one(x, axis):
+        x = np.asarray(x)
+        shape = x.shape[:axis] + (x.shape[axis] * jax.process_count(),) + x.shape[axis + 1:]
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, shape, axis), x, shape)
+
+    return map_batch(one, local_batch)

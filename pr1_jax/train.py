@@ -26,22 +26,21 @@ import numpy as np
 from models.config import ConfigError as ModelConfigError
 from models.config import load_config
 from models.weights import CheckpointError
-from models.pretrained import load_pretrained
 from pr1_jax import configlib
 from pr1_jax.checkpoint import Checkpointer, CheckpointRestoreError
-from pr1_jax.data.config import DataConfig
+from pr1_jax.config import TrainConfig
 from pr1_jax.data.pipeline import make_iterator
 from pr1_jax.data.processing import load_tokenizer
 from pr1_jax.data.records import BadRecordError, RecordSource
 from pr1_jax.grpo import group_advantages
-from pr1_jax.judge import Judge, JudgeConfig
-from pr1_jax.learner import Learner, LearnerConfig, TrainState, train_batch_from_samples
+from pr1_jax.judge import Judge
+from pr1_jax.learner import Learner, TrainState
 from pr1_jax.metrics import MetricsLogger
 from pr1_jax.multihost import allgather_json
-from pr1_jax.rewards import VISUAL, BatchScores, RewardConfig, RewardScorer, combine, mean_metrics
-from pr1_jax.rollout import Rollout, rollout
-from pr1_jax.sampling import SamplingConfig, Sampler
-from pr1_jax.sharding import MeshError, batch_axis_size, make_mesh, placer
+from pr1_jax.rewards import RewardScorer, combine_batch, mean_metrics
+from pr1_jax.rollout import LearnerBatch, Rollout, rollout, train_batch_from_samples
+from pr1_jax.sampling import Sampler
+from pr1_jax.sharding import MeshError, batch_axis_size, global_batch, load_model, make_mesh
 
 log = logging.getLogger("pr1_jax")
 
@@ -50,74 +49,6 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 # Errors that mean "fix your config or paths"; reported in one line.
 USER_ERRORS = (configlib.ConfigError, ModelConfigError, CheckpointError, CheckpointRestoreError, BadRecordError,
                FileNotFoundError, MeshError)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSection:
-    policy: str | None = None  # HF checkpoint dir (Qwen2-VL / Qwen2.5-VL); None with tiny.enabled
-    judge: str | None = None  # HF checkpoint dir (Qwen2 / Qwen2.5); only needed for a visual reward
-    tokenizer: str | None = None  # default: the policy dir
-    judge_tokenizer: str | None = None  # default: the judge dir
-    judge_dtype: str = "float32"
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingSection:
-    n: int = 8
-    max_new_tokens: int = 4096
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class TinySection:
-    """The embedded default: synthetic task, tiny models and their warm starts, built in run_dir."""
-
-    enabled: bool = False
-    seed: int = 0
-    policy_steps: int = 60
-    policy_batch_size: int = 16
-    policy_lr: float = 3e-3
-    # Probability that a warm-start response states a fact (p_state), and that a stated fact has
-    # its true value (p_true, else a random one); the answers are always random.
-    policy_p_state: float = 0.6
-    policy_p_true: float = 0.0
-    judge_steps: int = 400
-    judge_batch_size: int = 32
-    judge_lr: float = 1e-3
-    judge_eval_pairs: int = 200
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    run_dir: str = "runs/default"
-    seed: int = 0
-    model: ModelSection = ModelSection()
-    data: DataConfig = DataConfig()
-    val_paths: tuple[str, ...] = ()  # validation records (same columns as data); empty = none
-    val_batch_size: int = 32
-    val_max_batches: int | None = None
-    sampling: SamplingSection = SamplingSection()
-    reward: RewardConfig = RewardConfig()
-    judge: JudgeConfig = JudgeConfig()
-    learner: LearnerConfig = LearnerConfig()
-    tiny: TinySection = TinySection()
-    mesh: tuple[int, ...] = (1, -1, 1)  # (data, fsdp, tensor); one -1 = the remaining devices
-    max_steps: int | None = None  # default: data.num_epochs passes over the training records
-    val_freq: int = 10
-    val_before_train: bool = True
-    save_freq: int = 20
-    keep_checkpoints: int = 3
-    resume: bool = True
-    resume_step: int | None = None
-    max_consecutive_bad_steps: int = 3
-    distributed: bool = False  # jax.distributed.initialize() (multi-host pods)
-    # Where no cluster is auto-detected (TPU pods, SLURM, Open MPI are): host:port of process 0, the
-    # process count and this process's id. None = auto-detect.
-    coordinator_address: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
 
 
 class Stop(Exception):
@@ -134,10 +65,15 @@ def _all_processes(scores: list[dict]) -> list[dict]:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
+        if cfg.tiny.enabled:
+            from pr1_jax.tiny import prepare_run
+
+            cfg = prepare_run(cfg)
+        elif not cfg.model.policy:
+            raise configlib.ConfigError("model.policy is required (or tiny.enabled=true)")
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        cfg = self.cfg = self._resolve_models(cfg)
         (self.run_dir / "config.yaml").write_text(_yaml(configlib.to_dict(cfg)))
         self.mesh = make_mesh(cfg.mesh)
         divisor = batch_axis_size(self.mesh)
@@ -148,19 +84,20 @@ class Trainer:
                 f"data x fsdp = {divisor} devices")
         self.total_steps = cfg.max_steps or self._epoch_steps() * (cfg.data.num_epochs or 1)
         model_cfg = load_config(cfg.model.policy)
-        self.learner = Learner(model_cfg, cfg.learner, self.mesh, self.total_steps)
-        self.policy = load_pretrained(cfg.model.policy, dtype=cfg.learner.dtype, param_dtype=cfg.learner.param_dtype,
-                                      place=placer(self.learner.param_shardings))
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.policy)
-        eos = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        s = cfg.sampling
-        self.sample_cfg = SamplingConfig(max_new_tokens=s.max_new_tokens, eos_ids=(eos,), pad_id=self.tokenizer.pad_token_id,
-                                         temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, n=s.n)
+        try:
+            self.sample_cfg = cfg.sampling.with_tokenizer(self.tokenizer)
+        except ValueError as e:
+            raise configlib.ConfigError(str(e)) from None
+        self.learner = Learner(model_cfg, cfg.learner, self.mesh, self.total_steps,
+                               temperature=self.sample_cfg.score_temperature)
+        self.policy = load_model(cfg.model.policy, self.mesh, dtype=cfg.learner.dtype,
+                                 param_dtype=cfg.learner.param_dtype)
         self.sampler = Sampler(self.policy.module, self.sample_cfg, self.mesh)
         self.greedy_sampler = Sampler(self.policy.module, dataclasses.replace(
             self.sample_cfg, temperature=0.0, top_p=1.0, top_k=0, n=1), self.mesh)
         self.judge = None
-        if cfg.reward.weights.get(VISUAL, 0.0) and not cfg.model.judge:
+        if cfg.reward.weights.get("visual", 0.0) and not cfg.model.judge:
             raise configlib.ConfigError("reward.weights.visual > 0 needs model.judge (a Qwen2 checkpoint dir)")
         if cfg.model.judge:  # with reward.weights.visual=0 the visual reward is measured, not trained on
             self.judge = Judge.load(cfg.model.judge, cfg.judge, mesh=self.mesh,
@@ -184,34 +121,6 @@ class Trainer:
         self.data = make_iterator(cfg.data, self.tokenizer, self.data_state)
 
     # -- set-up --
-
-    def _resolve_models(self, cfg: TrainConfig) -> TrainConfig:
-        """For the tiny default: build the synthetic task, tokenizer and models, warm-start them,
-        and point the config at them. Real runs pass through unchanged."""
-        if not cfg.tiny.enabled:
-            if not cfg.model.policy:
-                raise configlib.ConfigError("model.policy is required (or tiny.enabled=true)")
-            return cfg
-        from pr1_jax.tiny import build_tiny_assets
-        from pr1_jax.warm_start import judge_accuracy, warm_start_judge, warm_start_policy
-
-        t, root = cfg.tiny, self.run_dir
-        assets = build_tiny_assets(root, seed=t.seed)
-        policy = warm_start_policy(assets, root / "warm_start" / "policy", steps=t.policy_steps,
-                                   batch_size=t.policy_batch_size, lr=t.policy_lr, seed=t.seed, p_state=t.policy_p_state,
-                                   p_true=t.policy_p_true)
-        judge = warm_start_judge(assets, root / "warm_start" / "judge", cfg.judge, steps=t.judge_steps,
-                                 batch_size=t.judge_batch_size, lr=t.judge_lr, seed=t.seed)
-        from pr1_jax import synthetic
-
-        held_out = synthetic.judge_pairs(np.random.default_rng([t.seed, 99]), t.judge_eval_pairs)
-        acc = judge_accuracy(Judge.load(judge, cfg.judge, tokenizer_path=assets.tokenizer, dtype="float32"), held_out)
-        log.info("judge verdict accuracy on %d held-out synthetic pairs: %.3f", len(held_out), acc)
-        data = dataclasses.replace(cfg.data, paths=(assets.train,), tokenizer_path=assets.tokenizer)
-        return dataclasses.replace(
-            cfg, data=data, val_paths=(assets.val,),
-            model=dataclasses.replace(cfg.model, policy=str(policy), judge=str(judge), tokenizer=assets.tokenizer,
-                                      judge_tokenizer=assets.tokenizer))
 
     def _epoch_steps(self) -> int:
         n = len(RecordSource(self.cfg.data)) // max(jax.process_count(), 1)
@@ -245,32 +154,29 @@ class Trainer:
     # -- one step --
 
     def _score(self, ro: Rollout, batch: dict) -> tuple[list[dict], dict]:
-        """Host rewards in worker processes while the judge runs on the device; the score dicts
-        (row-aligned with the samples) and timing/diagnostic metrics."""
+        """Host rewards in worker processes while the judge runs on the device, combined by the
+        one reward path; the score dicts (row-aligned with the samples) and timing/diagnostic
+        metrics."""
         n = ro.n
         answers = [a for a in batch["answer"] for _ in range(n)]
         annotations = [a for a in batch["annotations"] for _ in range(n)]
         t0 = time.perf_counter()
-        pending = self.judge.submit(ro.texts, annotations, params=self.judge.params) if self.judge else None
+        pending = self.judge.submit(ro.texts, annotations) if self.judge else None
         future = self.scorer.submit([dict(response=r, ground_truth=g) for r, g in zip(ro.texts, answers)])
-        host: BatchScores = future.result()
+        host = future.result()
         t_reward = time.perf_counter() - t0
-        visual = pending.result() if pending else None
+        judged = pending.result() if pending else None
         t_judge = time.perf_counter() - t0
-        scores = []
-        for i, terms in enumerate(host.scores):
-            v = float(visual["visual"][i]) if visual is not None and visual["has_visual"][i] else None
-            raw = {k: terms[k] for k in self.cfg.reward.reward_names}
-            scores.append(combine(raw, v, self.cfg.reward.weights))
+        scores = combine_batch(host.terms, judged, self.cfg.reward.weights)
         extra = dict(sec_reward=t_reward, sec_judge=t_judge, reward_timeouts=host.timeouts, reward_errors=host.errors)
         return scores, extra
 
-    def learner_batch(self, tb: dict) -> dict:
+    def learner_batch(self, tb: LearnerBatch) -> LearnerBatch:
         """This process's host learner batch -> the global batch the update takes, with the
         reference policy's log-probs when there is a KL term."""
-        gb = self.learner.global_batch(tb)
+        gb = global_batch(self.mesh, tb)
         if self.ref_params is not None:
-            gb["ref_logprobs"] = self.learner.logprobs(self.ref_params, gb)[0]
+            gb = gb.replace(ref_logprobs=self.learner.logprobs(self.ref_params, gb)[0])
         return gb
 
     def train_step(self, step: int, batch: dict) -> dict:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from models import load_pretrained
-from pr1_jax.judge import (Judge, JudgeConfig, PackedRow, load_tokenizer, pack, prompt_pieces, render_prompt,
+from pr1_jax.data.processing import load_tokenizer
+from pr1_jax.judge import (Judge, JudgeConfig, PackedRow, pack, prompt_pieces, render_prompt,
                            row_bucket, tokenize, verdict_from_margin, visual_reward)
 from pr1_jax.sharding import make_mesh
 from reference import hf_logits

@@ -12,10 +12,10 @@ import pytest
 from models import load_pretrained
 from pr1_jax.grpo import group_advantages
 from pr1_jax.learner import (Learner, LearnerConfig, apply_update, init_state, loss_and_grads, lr_schedule,
-                             make_module, make_optimizer, pad_sequences_left, response_logprobs,
-                             train_batch_from_samples)
+                             make_module, make_optimizer, response_logprobs)
+from pr1_jax.rollout import train_batch_from_samples
 from pr1_jax.sampling import Sampler, SamplingConfig
-from pr1_jax.sharding import make_mesh
+from pr1_jax.sharding import global_batch, make_mesh, pad_sequences_left
 from reference import vlm_batch
 
 N_SAMPLES = 2
@@ -27,7 +27,7 @@ GRIDS = [[(1, 4, 6)], [(1, 4, 4), (1, 2, 2)], [], [(1, 2, 2)]]
 TEXT = [(2, 4), (1, 5), (6, 0), (3, 3)]
 # eps 1e-6 (not 1e-8): Adam's first step is g / (|g| + eps), which would blow float-rounding noise
 # in near-zero gradients up to lr-sized parameter differences between summation orders.
-BASE = LearnerConfig(lr=1e-3, eps=1e-6, warmup_ratio=0.0, temperature=TEMP)
+BASE = LearnerConfig(lr=1e-3, eps=1e-6, warmup_ratio=0.0)
 
 
 class Setup:
@@ -59,7 +59,7 @@ class Setup:
     def grads(self, cfg: LearnerConfig, batch=None, params=None):
         """(grads, metrics) of `loss_and_grads`, unsharded."""
         module = make_module(self.model.config, cfg)
-        fn = self._cached(("grads", cfg), lambda: jax.jit(lambda p, b: loss_and_grads(p, b, cfg, module)))
+        fn = self._cached(("grads", cfg), lambda: jax.jit(lambda p, b: loss_and_grads(p, b, cfg, module, temperature=TEMP)))
         return fn(self.model.params if params is None else params, self.batch if batch is None else batch)
 
     def update_fn(self, cfg: LearnerConfig):
@@ -80,7 +80,8 @@ class Setup:
         return fn(state, grads, metrics)
 
     def learner(self, cfg: LearnerConfig, shape) -> Learner:
-        return self._cached(("learner", cfg, shape), lambda: Learner(self.model.config, cfg, make_mesh(shape), 10))
+        return self._cached(("learner", cfg, shape), lambda: Learner(self.model.config, cfg, make_mesh(shape), 10,
+                                                                               temperature=TEMP))
 
 
 @pytest.fixture(scope="module")
@@ -100,21 +101,21 @@ def test_batch_layout(setup):
     t = setup.ids.shape[1]
     r = out.tokens.shape[1]
     n_valid = setup.mask.sum(-1)
-    for i in range(b["input_ids"].shape[0]):
+    for i in range(b.input_ids.shape[0]):
         p = i // N_SAMPLES
-        assert np.array_equal(b["input_ids"][i, :t], setup.ids[p])
-        assert np.array_equal(b["input_ids"][i, t:], np.asarray(out.tokens[i]))
-        assert np.array_equal(b["attention_mask"][i], np.concatenate([setup.mask[p], np.asarray(out.mask[i])]))
-        assert np.array_equal(b["positions"][:, i, :t], inputs["positions"][:, p])
+        assert np.array_equal(b.input_ids[i, :t], setup.ids[p])
+        assert np.array_equal(b.input_ids[i, t:], np.asarray(out.tokens[i]))
+        assert np.array_equal(b.attention_mask[i], np.concatenate([setup.mask[p], np.asarray(out.mask[i])]))
+        assert np.array_equal(b.positions[:, i, :t], inputs["positions"][:, p])
         k = np.arange(r)
         want = np.where(k < lengths[i], n_valid[p] + inputs["rope_deltas"][p] + k, 0)
-        assert np.array_equal(b["positions"][:, i, t:], np.broadcast_to(want, (3, r)))
+        assert np.array_equal(b.positions[:, i, t:], np.broadcast_to(want, (3, r)))
     # Sequence i carries exactly the images of prompt i // n, laid out as for that prompt alone.
     offsets = np.cumsum([0] + [sum(int(np.prod(g)) for g in row) for row in GRIDS])
     first_grid = np.cumsum([0] + [len(row) for row in GRIDS])
-    for i in range(b["input_ids"].shape[0]):
+    for i in range(b.input_ids.shape[0]):
         p = i // N_SAMPLES
-        vi = jax.tree.map(lambda x: x[i], b["vision"])
+        vi = jax.tree.map(lambda x: x[i], b.vision)
         real = offsets[p + 1] - offsets[p]
         assert np.array_equal(vi.pixel_values[:real], setup.pv[offsets[p]:offsets[p + 1]])
         assert not vi.pixel_values[real:].any()
@@ -139,7 +140,7 @@ def test_logprobs_equal_sampler_and_first_step_ratio_is_one(setup):
     assert np.abs(np.asarray(logp) - np.asarray(setup.out.logprobs))[m].max() <= 1e-4
     assert np.all(np.asarray(ent)[m] > 0)
     # More left padding (what global_batch adds when processes' length buckets differ) changes nothing.
-    longer = pad_sequences_left(setup.batch, setup.batch["input_ids"].shape[1] + 5)
+    longer = pad_sequences_left(setup.batch, setup.batch.input_ids.shape[1] + 5)
     logp_longer, _ = jax.jit(lambda p, b: response_logprobs(module, p, b, TEMP))(setup.model.params, longer)
     np.testing.assert_allclose(np.asarray(logp_longer)[m], np.asarray(logp)[m], atol=1e-5)
     state, metrics = setup.run_step(BASE)
@@ -182,7 +183,7 @@ def test_logprobs_equal_sampler_other_archs(hf_checkpoint, arch):
     out = Sampler(model.module, SamplingConfig(max_new_tokens=5, eos_ids=EOS, pad_id=PAD, temperature=1.0, n=2))(
         model.params, inputs, jax.random.key(2))
     batch = train_batch_from_samples(model.config, inputs, out, 2, pv, thw)
-    assert batch["positions"].ndim == (2 if arch == "qwen2" else 3)
+    assert batch.positions.ndim == (2 if arch == "qwen2" else 3)
     logp, _ = jax.jit(lambda p, b: response_logprobs(model.module, p, b, 1.0))(model.params, batch)
     m = np.asarray(out.mask).astype(bool)
     assert np.abs(np.asarray(logp) - np.asarray(out.logprobs))[m].max() <= 1e-4
@@ -194,10 +195,10 @@ def test_sharded_step_equals_unsharded(setup, shape, micro):
     ref_state, ref = setup.run_step(BASE)  # unsharded, one batch
     learner = setup.learner(cfg, shape)
     state = learner.init_state(setup.model.params)
-    batch = learner.global_batch(setup.batch)
-    assert batch["input_ids"].sharding.spec[0] is not None  # really split over the data axes
-    assert batch["positions"].sharding.spec[1] is not None
-    assert batch["vision"].pixel_values.sharding.spec[0] is not None
+    batch = global_batch(learner.mesh, setup.batch)
+    assert batch.input_ids.sharding.spec[0] is not None  # really split over the data axes
+    assert batch.positions.sharding.spec[1] is not None
+    assert batch.vision.pixel_values.sharding.spec[0] is not None
     state, metrics = learner.step(state, batch)
     q = state.params["decoder"]["layers"]["q_proj"]["kernel"]
     assert q.sharding == learner.param_shardings["decoder"]["layers"]["q_proj"]["kernel"]
@@ -254,8 +255,9 @@ def test_frozen_vision(setup):
 
 
 def test_nan_guard_skips_the_step(setup):
-    bad = dict(setup.batch, advantages=setup.adv.copy())
-    bad["advantages"][3] = np.nan
+    adv = setup.adv.copy()
+    adv[3] = np.nan
+    bad = setup.batch.replace(advantages=adv)
     _, tx = setup.update_fn(BASE)
     state0 = init_state(setup.model.params, tx)
     state, metrics = setup.run_step(BASE, bad, state0)
@@ -290,7 +292,7 @@ def test_updates_raise_the_probability_of_rewarded_tokens(setup):
         rewards = (np.isin(tokens, rewarded) & (m > 0)).sum(-1) / np.maximum(m.sum(-1), 1)
         rewards_seen.append(rewards.mean())
         adv = np.asarray(group_advantages(jnp.asarray(rewards, jnp.float32), N_SAMPLES))
-        state, metrics = learner.step(state, learner.global_batch(setup.make_batch(out, adv)))
+        state, metrics = learner.step(state, global_batch(learner.mesh, setup.make_batch(out, adv)))
         assert float(metrics["skipped"]) == 0.0
     m1 = mass(state.params)
     assert m1 > m0 + 0.02, (m0, m1, rewards_seen)

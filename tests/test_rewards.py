@@ -9,6 +9,7 @@ import pytest
 
 from pr1_jax.rewards import (
     BatchScores,
+    combine_batch,
     RewardConfig,
     RewardScorer,
     accuracy_reward,
@@ -238,18 +239,24 @@ def test_config_validation():
 # --- RewardScorer ----------------------------------------------------------------------
 
 RECORDS = [
-    {"response": GOOD, "ground_truth": "12", "visual": 0.5},
+    {"response": GOOD, "ground_truth": "12"},
     {"response": GOOD, "ground_truth": "13"},
-    {"response": "\\boxed{\\sqrt{12}}", "ground_truth": "2\\sqrt{3}", "visual": 0.0},
+    {"response": "\\boxed{\\sqrt{12}}", "ground_truth": "2\\sqrt{3}"},
     {"response": "one two three four five " * 8, "ground_truth": "1"},
 ]
+VISUAL = [0.5, None, 0.0, None]  # the judge's score per record (None: no annotations)
+JUDGED = {"visual": [v or 0.0 for v in VISUAL], "has_visual": [v is not None for v in VISUAL]}
 
 
-def expected(records, config=RewardConfig()):
+def expected(records, config=RewardConfig(), visual=(None,) * len(RECORDS)):
     return [
-        score(r["response"], r["ground_truth"], visual=r.get("visual"), config=config)
-        for r in records
+        score(r["response"], r["ground_truth"], visual=v, config=config)
+        for r, v in zip(records, visual)
     ]
+
+
+def terms(scores, config=RewardConfig()):
+    return [{k: s[k] for k in config.reward_names} for s in scores]
 
 
 @pytest.fixture(scope="module")
@@ -262,16 +269,21 @@ def test_scorer_matches_in_process_score(scorer):
     result = scorer.submit(RECORDS).result(timeout=60)
     assert isinstance(result, BatchScores)
     assert (result.timeouts, result.errors) == (0, 0)
-    assert result.scores == expected(RECORDS)
-    assert [s["overall"] for s in result.scores] == pytest.approx(
+    assert result.terms == terms(expected(RECORDS))
+    scores = combine_batch(result.terms, JUDGED, RewardConfig().weights)
+    assert scores == expected(RECORDS, visual=VISUAL)
+    assert [s["overall"] for s in scores] == pytest.approx(
         [1.35, 0.1, 0.9, (1 - 5 / 21) * -2]
     )
+    assert combine_batch(result.terms, None, RewardConfig().weights) == expected(RECORDS)
+    with pytest.raises(ValueError, match="judge verdicts"):
+        combine_batch(result.terms[:2], JUDGED, RewardConfig().weights)
     assert scorer.submit([]).result(timeout=60) == BatchScores([], 0, 0)
 
 
 def test_scorer_queues_batches_in_order(scorer):
     futures = [scorer.submit(RECORDS[i : i + 1]) for i in range(len(RECORDS))]
-    assert [f.result(timeout=60).scores[0] for f in futures] == expected(RECORDS)
+    assert [f.result(timeout=60).terms[0] for f in futures] == terms(expected(RECORDS))
 
 
 def test_scorer_passes_record_fields_to_custom_rewards():
@@ -281,8 +293,8 @@ def test_scorer_passes_record_fields_to_custom_rewards():
         {"response": GOOD, "ground_truth": "12", "keyword": "cosine"},
     ]
     with RewardScorer(config) as s:
-        scores = s.submit(records).result(timeout=60).scores
-    assert [x["test_keyword"] for x in scores] == [1.0, 0.0]
+        result = s.submit(records).result(timeout=60).terms
+    assert [x["test_keyword"] for x in result] == [1.0, 0.0]
 
 
 def test_scorer_and_score_work_off_the_main_thread():
@@ -299,14 +311,14 @@ def test_scorer_and_score_work_off_the_main_thread():
     thread.join(timeout=90)
     assert not thread.is_alive()
     assert outcome["score"]["overall"] == pytest.approx(1.0)
-    assert outcome["batch"].scores == expected(RECORDS)
+    assert outcome["batch"].terms == terms(expected(RECORDS))
 
 
 def test_hung_verification_is_bounded_and_the_worker_replaced():
     # One worker: the sample after the hostile one can only be scored by its replacement.
     config = RewardConfig(timeout_s=1.0, num_workers=1)
     records = [
-        {"response": HOSTILE, "ground_truth": "12", "visual": 1.0},
+        {"response": HOSTILE, "ground_truth": "12"},
         {"response": GOOD, "ground_truth": "12"},
     ]
     s = RewardScorer(config)
@@ -316,13 +328,14 @@ def test_hung_verification_is_bounded_and_the_worker_replaced():
     again = s.submit(records[1:]).result(timeout=60)
     s.close()
     assert (result.timeouts, result.errors) == (1, 0)
-    hostile, good = result.scores
+    hostile, good = combine_batch(result.terms, {"visual": [1.0, 0.0], "has_visual": [True, False]},
+                                  config.weights)
     assert hostile["accuracy"] == 0.0
     assert hostile["format"] == 1.0  # the other terms of the sample are still scored
     assert hostile["overall"] == pytest.approx(0.1 + 0.7)
     assert good["overall"] == pytest.approx(1.0)
     assert 1.0 <= elapsed < 30.0
-    assert (again.timeouts, again.scores[0]["overall"]) == (0, pytest.approx(1.0))
+    assert (again.timeouts, again.terms[0]["accuracy"]) == (0, 1.0)
 
 
 def test_scorer_counts_errors_and_survives_crashes():
@@ -332,7 +345,7 @@ def test_scorer_counts_errors_and_survives_crashes():
     with RewardScorer(config) as s:
         result = s.submit(records).result(timeout=60)
     assert (result.timeouts, result.errors) == (0, 3)
-    assert [x["test_flaky"] for x in result.scores] == [1.0, 0.0, 0.0, 0.0, 1.0]
+    assert [x["test_flaky"] for x in result.terms] == [1.0, 0.0, 0.0, 0.0, 1.0]
 
 
 def test_scorer_rejects_bad_input_in_the_caller(scorer):
@@ -347,7 +360,7 @@ def test_scorer_close():
     s = RewardScorer(RewardConfig(num_workers=1))
     future = s.submit(RECORDS[:1])
     s.close()  # waits for submitted batches
-    assert future.result(timeout=0).scores == expected(RECORDS[:1])
+    assert future.result(timeout=0).terms == terms(expected(RECORDS[:1]))
     s.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         s.submit(RECORDS)

@@ -11,7 +11,7 @@ from scipy import stats
 
 from models import load_pretrained
 from pr1_jax.grpo import token_logprobs
-from pr1_jax.learner import pad_sequences_left
+from pr1_jax.sharding import pad_sequences_left
 from pr1_jax.rollout import sample_rows
 from pr1_jax.sampling import SamplingConfig, Sampler, filter_logits, next_tokens
 from pr1_jax.sharding import batch_sharding, make_mesh, param_shardings, placer
@@ -162,7 +162,7 @@ def test_sharded_sampler_matches_unsharded(hf_checkpoint, shape):
     ref = Sampler(model.module, cfg)(model.params, inputs, jax.random.key(1))
     sharded_inputs = dict(inputs)
     for k in ("input_ids", "attention_mask", "rope_deltas"):
-        sharded_inputs[k] = jax.device_put(inputs[k], batch_sharding(mesh, inputs[k].ndim))
+        sharded_inputs[k] = jax.device_put(inputs[k], batch_sharding(mesh, inputs[k].shape))
     sampler = Sampler(model.module, cfg, mesh)
     out = sampler(params, sharded_inputs, jax.random.key(1))
     assert np.array_equal(ref.tokens, out.tokens)

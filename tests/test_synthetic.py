@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pr1_jax import synthetic as syn
-from pr1_jax import tiny
+from pr1_jax.tiny import synthetic as syn
+from pr1_jax.tiny import assets as tiny
 from pr1_jax.data.config import DataConfig
 from pr1_jax.data.processing import ExampleProcessor, load_tokenizer
 from pr1_jax.data.records import read_records
@@ -264,7 +264,7 @@ def test_chat_template_renders_like_qwen2(tok):
 
 
 def test_tokenizer_training_is_deterministic(tmp_path, assets):
-    code = ("import sys; from pr1_jax import tiny; "
+    code = ("import sys; from pr1_jax.tiny import assets as tiny; "
             "tiny.save_tokenizer_dir(tiny.train_tokenizer(tiny.tokenizer_corpus(0, 2000)), sys.argv[1])")
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True,
                    env={"PYTHONHASHSEED": "123", "PATH": "/usr/bin:/bin"}, cwd=Path(__file__).parent.parent)

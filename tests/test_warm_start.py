@@ -1,4 +1,4 @@
-"""Warm starts of the embedded default (`pr1_jax.warm_start`): the judge is trained on exactly
+"""Warm starts of the embedded default (`pr1_jax.tiny.warm_start`): the judge is trained on exactly
 what it reads at inference, the policy's SFT targets are response + EOS and their loss falls,
 and finished warm starts are reused from the run directory. A few steps only: the full warm
 starts (minutes) are the train loop's business, not the tests'."""
@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 import models
-from pr1_jax import synthetic as syn
+from pr1_jax.tiny import synthetic as syn
 from pr1_jax import tiny
-from pr1_jax import warm_start as ws
+from pr1_jax.tiny import warm_start as ws
 from pr1_jax.data.processing import ExampleProcessor
-from pr1_jax.judge import Judge, load_tokenizer, render_prompt
-from pr1_jax.sft import SFTTrainer
+from pr1_jax.data.processing import load_tokenizer
+from pr1_jax.judge import Judge, render_prompt
+from pr1_jax.tiny.sft import SFTTrainer
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +81,8 @@ def test_policy_sft_targets_end_with_eos_and_loss_falls(assets):
     pairs = syn.sft_pairs(4, seed=0)
     batch = ws.policy_sft_batch(model, proc, cfg, pairs, 48)
     eos = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    t = batch["input_ids"].shape[1] - 48
-    for row, mask, (_, response) in zip(batch["input_ids"][:, t:], batch["response_mask"], pairs):
+    t = batch.input_ids.shape[1] - 48
+    for row, mask, (_, response) in zip(batch.input_ids[:, t:], batch.response_mask, pairs):
         n = int(mask.sum())
         assert mask[:n].all() and row[n - 1] == eos
         assert proc.tokenizer.decode(row[:n - 1]) == response

@@ -18,7 +18,8 @@ import numpy as np
 from models.causal_lm import QwenCausalLM
 from models.config import ModelConfig
 from pr1_jax.grpo import masked_mean
-from pr1_jax.learner import LearnerConfig, make_optimizer, response_logprobs, train_batch_from_samples
+from pr1_jax.learner import LearnerConfig, make_optimizer, response_logprobs
+from pr1_jax.rollout import LearnerBatch, train_batch_from_samples
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,15 +43,15 @@ def pad_targets(targets: Sequence[Sequence[int]], length: int, pad_id: int) -> T
 
 
 def sft_batch(config: ModelConfig, prompt_inputs: dict, targets: Targets, pixel_values=None,
-              image_grid_thw=None, num_patches: int | None = None) -> dict:
-    """The learner batch (see `pr1_jax.learner`) for one target per prompt."""
+              image_grid_thw=None, num_patches: int | None = None) -> LearnerBatch:
+    """The learner batch (see `pr1_jax.rollout`) for one target per prompt."""
     return train_batch_from_samples(config, prompt_inputs, targets, 1, pixel_values, image_grid_thw, num_patches)
 
 
-def sft_loss(params, batch: dict, module: QwenCausalLM):
-    """Mean negative log-likelihood per target token, and the token accuracy of greedy choice."""
+def sft_loss(params, batch: LearnerBatch, module: QwenCausalLM):
+    """Mean negative log-likelihood per target token, and the number of target tokens."""
     logp, _ = response_logprobs(module, params, batch, 1.0, entropy_grad=False)
-    mask = batch["response_mask"]
+    mask = batch.response_mask
     loss = -masked_mean(logp, mask)
     return loss, {"loss": loss, "tokens": mask.sum()}
 
@@ -76,7 +77,7 @@ class SFTTrainer:
     def init(self, params):
         return self.tx.init(params)
 
-    def step(self, params, opt_state, batch: dict):
+    def step(self, params, opt_state, batch: LearnerBatch):
         return self._step(params, opt_state, batch)
 
 

@@ -48,20 +48,18 @@ import optax
 
 from models.causal_lm import QwenCausalLM
 from models.pretrained import Model, load_pretrained
-from pr1_jax import synthetic
+from models.weights import copy_side_files
 from pr1_jax.data.batching import collate
 from pr1_jax.data.config import DataConfig
-from pr1_jax.data.processing import ExampleProcessor
-from pr1_jax.export import copy_side_files
-from pr1_jax.judge import Judge, JudgeBatch, JudgeConfig, answer_logits, load_tokenizer, pack
+from pr1_jax.data.processing import ExampleProcessor, load_tokenizer
+from pr1_jax.judge import Judge, JudgeBatch, JudgeConfig, judge_hidden_states, margins_from_hidden, pack
 from pr1_jax.learner import LearnerConfig, make_optimizer
-from pr1_jax.rollout import policy_inputs
-from pr1_jax.sft import SFTTrainer, pad_targets, sft_batch, token_ids
-from pr1_jax.tiny import TinyAssets, judge_prompt_config, spec_hash_of
+from pr1_jax.rollout import LearnerBatch, policy_inputs
+from pr1_jax.tiny import synthetic
+from pr1_jax.tiny.assets import TinyAssets, judge_prompt_config, spec_hash_of
+from pr1_jax.tiny.sft import SFTTrainer, pad_targets, sft_batch, token_ids
 
 log = logging.getLogger(__name__)
-
-
 
 SPEC_FILE = "warm_start.json"
 
@@ -96,7 +94,8 @@ def _save(model: Model, params, out: Path, tokenizer_dir: str, spec: dict) -> No
     tmp.rename(out)  # a killed warm start leaves no half checkpoint under the final name
 
 
-def policy_sft_batch(model: Model, proc: ExampleProcessor, data_cfg: DataConfig, pairs, response_tokens: int) -> dict:
+def policy_sft_batch(model: Model, proc: ExampleProcessor, data_cfg: DataConfig, pairs,
+                     response_tokens: int) -> LearnerBatch:
     """The learner batch of (record, response) pairs: each record's prompt exactly as the data
     pipeline builds it (chat template, format prompt, image), the response's ids then EOS."""
     tok = proc.tokenizer
@@ -164,7 +163,7 @@ def judge_batch(judge: Judge, examples, length: int, k: int, copy_slots: int = 3
         labels[i, :len(ys)] = ys
         at, c = len(row.prefix), 0
         for branch, y in zip(row.branches, ys):
-            n = len(branch) - len(judge.pieces.tail_ids)  # the statement's tokens
+            n = len(branch) - row.tail  # the statement's tokens
             for j in range(n - 1 if y else 0):
                 if c == copy_slots:
                     raise ValueError(f"more than copy_slots={copy_slots} copy targets in example {i}")
@@ -179,12 +178,8 @@ def judge_loss(params, batch: JudgeBatch, labels, copy, module, yes_ids, no_ids,
     as `judge.yes_no_margin`: the very quantity its verdicts threshold) against the labels,
     over valid annotation slots, i.e. the cross-entropy of the verdict token restricted to
     {yes, no}; plus `copy_weight` times the mean next-token loss at the copy slots."""
-    h, _ = module.apply({"params": params}, batch.input_ids, batch.positions, batch.attention_mask, None, None,
-                        batch.branches, method=QwenCausalLM.hidden_states)
-    hk = jnp.take_along_axis(h, batch.verdict_index[..., None].astype(jnp.int32), axis=1)
-    ans = answer_logits(module, params, hk, tuple(yes_ids) + tuple(no_ids))
-    ny = len(yes_ids)
-    margin = jax.nn.logsumexp(ans[..., :ny], -1) - jax.nn.logsumexp(ans[..., ny:], -1)
+    h = judge_hidden_states(module, params, batch)
+    margin = margins_from_hidden(module, params, h, batch, yes_ids, no_ids)
     sign = 2.0 * labels - 1.0
     nll = -jax.nn.log_sigmoid(sign * margin)
     valid = batch.valid

@@ -8,7 +8,7 @@ the code path a real checkpoint takes (`load_tokenizer`, `models.load_pretrained
 
     assets = build_tiny_assets("runs/tiny", seed=0)
     assets.tokenizer, assets.policy, assets.judge     # HF directories
-    assets.train, assets.val                          # JSONL files (pr1_jax.synthetic task)
+    assets.train, assets.val                          # JSONL files (pr1_jax.tiny.synthetic task)
     assets.data_config("train", batch_size=8)         # DataConfig reading the train split
 
 * :func:`train_tokenizer`: byte-level BPE trained on the synthetic task's text (prompts,
@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from pr1_jax import synthetic
+from pr1_jax.tiny import synthetic
 from pr1_jax.data.config import DEFAULT_FORMAT_PROMPT, DataConfig
 from pr1_jax.judge import DEFAULT_QUESTION_TEMPLATE, DEFAULT_SYSTEM_PROMPT, JudgeConfig
 
