@@ -42,9 +42,6 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     n: int = 1  # samples per prompt, sharing one prefill
-
-
-@flax.struct.dataclass
     eos_tokens: tuple[str, ...] = ("<|im_end|>",)
 
     @property
@@ -68,6 +65,8 @@ class SamplingConfig:
         if pad is None:
             raise ValueError("the policy's tokenizer has no pad token; set sampling.pad_id")
         return dataclasses.replace(self, eos_ids=eos, pad_id=int(pad))
+
+@flax.struct.dataclass
 class SampleOutput:
     """Row i = prompt i // n, sample i % n. Positions after a row's EOS hold pad_id, logprob 0."""
 
@@ -117,6 +116,8 @@ def sample(module: QwenCausalLM, params, input_ids, positions, attention_mask, v
     With a mesh, the cache is sharded like the activations (batch over the data axes, KV heads
     over `tensor`) and so are the output rows. vision: packed or per row (see
     `QwenCausalLM.hidden_states`)."""
+    if not cfg.eos_ids or cfg.pad_id is None:
+        raise ValueError("SamplingConfig needs eos_ids and pad_id (SamplingConfig.with_tokenizer resolves them)")
     b, t = input_ids.shape
     n, new = cfg.n, cfg.max_new_tokens
     apply = lambda *a, **k: module.apply({"params": params}, *a, **k)  # noqa: E731
