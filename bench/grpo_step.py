@@ -133,7 +133,8 @@ def run(size: str, args, peak: float) -> tuple[list[dict], dict]:
                  "val_before_train=false", "val_freq=0", "save_freq=1000", f"data.batch_size={args.batch}",
                  f"sampling.n={args.n}", f"sampling.max_new_tokens={args.new}", "reward.num_workers=2",
                  "data.max_prompt_length=128", "data.length_buckets=[128]", "data.min_pixels=3136",
-                 "data.max_pixels=3136", "judge.length_buckets=[128,256]", "judge.annotation_buckets=[1,2,4]",
+                 "data.max_pixels=3136", "data.max_patches_per_record=16", "judge.length_buckets=[128,256]",
+                 "judge.annotation_buckets=[1,2,4]",
                  'judge.yes_tokens=["yes"]', 'judge.no_tokens=["no"]', "learner.lr=1e-3", "learner.warmup_ratio=0",
                  "data.image_column=image", "data.annotations_column=annotations"]
     trainer = train.Trainer(train.parse_config(overrides))

@@ -214,6 +214,7 @@ class Trainer:
         out.pop("has_visual", None)
         for reason, count in self.data.skip_counts.items():
             out[f"skipped_{reason}"] = count
+        out["truncated_prompts"] = self.data.truncation_count
         return out
 
     def validate(self, step: int) -> dict | None:

@@ -274,10 +274,13 @@ class TinyAssets:
         """A DataConfig reading one split with the tiny tokenizer (keys of the synthetic JSONL),
         sized for the tiny task: images kept at their own size (min = max pixels = the canvas,
         so a 56 px figure is 16 patches, 4 image tokens, instead of the paper's 9216-patch
-        budget per image) and prompts of at most 128 tokens (the task's are ~90)."""
+        budget per image; the patch budget says so, since pixel bounds alone must also admit
+        the thin images smart_resize could make of them) and prompts of at most 128 tokens
+        (the task's are ~90)."""
         kw = dict(paths={"train": self.train, "val": self.val}[split], tokenizer_path=self.tokenizer,
                   image_column="image", annotations_column="annotations",
                   min_pixels=self.image_size ** 2, max_pixels=self.image_size ** 2,
+                  max_patches_per_record=(self.image_size // 14) ** 2,
                   max_prompt_length=128, length_buckets=(64, 96, 128))
         kw.update(overrides)
         return DataConfig(**kw)
