@@ -258,6 +258,13 @@ def kl_penalty(logp: Array, ref_logp: Array, kind: KLKind = "low_var_kl") -> Arr
     raise ValueError(f"unknown kl kind {kind!r}")
 
 
+def _check_dual_clip(c) -> None:
+    # c <= 1 would cap the loss below its unclipped value at ratio 1: not a bound on outliers
+    # but a different objective.
+    if c is not None and c != 0 and not c > 1:
+        raise ValueError(f"dual_clip must be None or 0 (off) or > 1, got {c}")
+
+
 def _sanitize(x: Array, mask: Array) -> Array:
     """float32 ``x`` with masked-out positions replaced by 0 (value and gradient)."""
     return jnp.where(mask, _f32(x), 0.0)
@@ -271,11 +278,12 @@ def policy_loss(
     *,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
+    dual_clip: float | None = None,
     loss_agg: LossAgg = "token-mean",
     num_tokens: Array | float | None = None,
     num_seqs: Array | float | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-    """PPO clipped surrogate (GRPO / DAPO clip-higher).
+    """PPO clipped surrogate (GRPO / DAPO clip-higher, optional dual clip).
 
     logp: ``[B, T]`` current-policy log-probs of the sampled tokens (differentiable).
     old_logp: ``[B, T]`` behaviour-policy log-probs (treated as constants: wrapped in
@@ -284,6 +292,9 @@ def policy_loss(
     mask: ``[B, T]`` valid response tokens.
     clip_low / clip_high: ratio clipped to ``[1 - clip_low, 1 + clip_high]`` (asymmetric
       "clip-higher" when ``clip_high > clip_low``).
+    dual_clip: ``c > 1`` bounds the loss of a negative-advantage token by ``-A * c`` (dual-clip
+      PPO, arXiv 1912.09729): a token whose ratio has grown far past 1 while A < 0 no longer
+      pushes an unbounded gradient. ``None`` or 0 disables it.
     loss_agg, num_tokens, num_seqs: see :func:`agg_loss`. For gradient accumulation pass the
       global ``num_tokens`` (token-mean) / ``num_seqs`` (seq-mean-token-mean) of the whole
       mini-batch and *sum* the micro-batch losses.
@@ -291,16 +302,22 @@ def policy_loss(
     Per token: ``log_ratio = clip(logp - old_logp, -20, 20)`` (as verl, so ``exp`` cannot
     overflow), ``ratio = exp(log_ratio)``,
     ``pg = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))``
-    (= ``-min(ratio*A, clip(ratio)*A)``).
+    (= ``-min(ratio*A, clip(ratio)*A)``); with ``dual_clip = c``, where ``A < 0``:
+    ``pg = min(pg, -A * c)``.
 
     Returns ``(loss, metrics)``; metrics (all stop-gradient, float32 scalars):
       ``pg_loss`` (== loss), ``clip_frac`` (fraction of valid tokens where the clipped term
-      is active, i.e. the token gets no gradient), ``clip_frac_low`` (``ratio < 1-clip_low``
-      and ``A < 0``), ``clip_frac_high`` (``ratio > 1+clip_high`` and ``A > 0``),
-      ``approx_kl`` (mean of ``old_logp - logp``), ``ratio_mean``.
+      is active: no gradient), ``clip_frac_low`` (``ratio < 1-clip_low`` and ``A < 0``),
+      ``clip_frac_high`` (``ratio > 1+clip_high`` and ``A > 0``), ``clip_frac_dual`` (the dual
+      clip is active: ``A < 0`` and ``max(-A r, -A clip(r)) > -A c``; no gradient either; 0 when
+      off), ``approx_kl`` (mean of ``old_logp - logp``), ``ratio_mean``; and the reference
+      run's names (verl ``core_algos.compute_policy_loss``) for two of them:
+      ``pg_clipfrac_higher`` (== clip_frac: its "clipped to a higher loss") and
+      ``pg_clipfrac_lower`` (== clip_frac_dual).
       Token-level metrics are divided by ``num_tokens`` when given (else the local valid-token
       count), so with the global ``num_tokens`` they also sum across micro-batches.
     """
+    _check_dual_clip(dual_clip)
     mask = _bool_mask(mask)
     logp = _sanitize(logp, mask)
     old_logp = _sanitize(jax.lax.stop_gradient(old_logp), mask)
@@ -314,6 +331,11 @@ def policy_loss(
     pg_unclipped = -adv * ratio
     pg_clipped = -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
     pg = jnp.maximum(pg_unclipped, pg_clipped)
+    dual_active = jnp.zeros(mask.shape, bool)
+    if dual_clip:
+        pg_dual = -adv * dual_clip
+        dual_active = (adv < 0) & (pg > pg_dual)
+        pg = jnp.where(dual_active, pg_dual, pg)
 
     loss = agg_loss(pg, mask, loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
 
@@ -327,11 +349,16 @@ def policy_loss(
 
     clipped_high = (ratio > 1.0 + clip_high) & (adv > 0)
     clipped_low = (ratio < 1.0 - clip_low) & (adv < 0)
+    clip_frac = tok_mean((pg_clipped > pg_unclipped).astype(jnp.float32))
+    clip_frac_dual = tok_mean(dual_active.astype(jnp.float32))
     metrics = {
         "pg_loss": jax.lax.stop_gradient(loss),
-        "clip_frac": tok_mean((pg_clipped > pg_unclipped).astype(jnp.float32)),
+        "clip_frac": clip_frac,
         "clip_frac_low": tok_mean(clipped_low.astype(jnp.float32)),
         "clip_frac_high": tok_mean(clipped_high.astype(jnp.float32)),
+        "clip_frac_dual": clip_frac_dual,
+        "pg_clipfrac_higher": clip_frac,
+        "pg_clipfrac_lower": clip_frac_dual,
         "approx_kl": tok_mean(old_logp - logp),
         "ratio_mean": tok_mean(ratio),
     }
@@ -343,6 +370,8 @@ class GRPOLossConfig:
     """Static (hashable) configuration of :func:`grpo_loss`.
 
     clip_low / clip_high: PPO ratio clip ``[1 - clip_low, 1 + clip_high]``.
+    dual_clip: ``c > 1`` caps a negative-advantage token's loss at ``-A * c``; None or 0: off
+      (see :func:`policy_loss`). The reference run: 0.2 / 0.3 / 3.0.
     loss_agg: ``"token-mean"`` or ``"seq-mean-token-mean"`` (used for pg, KL and entropy).
     kl_coef: weight of the KL-to-reference loss term (0 disables it; then ``ref_logp`` may
       be ``None``).
@@ -352,10 +381,14 @@ class GRPOLossConfig:
 
     clip_low: float = 0.2
     clip_high: float = 0.2
+    dual_clip: float | None = None
     loss_agg: LossAgg = "token-mean"
     kl_coef: float = 0.0
     kl_kind: KLKind = "low_var_kl"
     entropy_coef: float = 0.0
+
+    def __post_init__(self):
+        _check_dual_clip(self.dual_clip)
 
 
 def grpo_loss(
@@ -380,9 +413,9 @@ def grpo_loss(
       :func:`agg_loss`); all terms use the same aggregation, so summed micro-batch losses
       equal the full mini-batch loss.
 
-    Returns ``(loss, metrics)`` with metrics ``loss``, ``pg_loss``, ``clip_frac``,
-    ``clip_frac_low``, ``clip_frac_high``, ``approx_kl``, ``ratio_mean``, plus ``kl`` when
-    ``ref_logp`` is given and ``entropy`` when ``entropy`` is given (aggregated like the loss).
+    Returns ``(loss, metrics)`` with metrics ``loss`` and those of :func:`policy_loss`, plus
+    ``kl`` when ``ref_logp`` is given and ``entropy`` when ``entropy`` is given (aggregated like
+    the loss).
     """
     mask = _bool_mask(mask)
     pg, metrics = policy_loss(
@@ -392,6 +425,7 @@ def grpo_loss(
         mask,
         clip_low=cfg.clip_low,
         clip_high=cfg.clip_high,
+        dual_clip=cfg.dual_clip,
         loss_agg=cfg.loss_agg,
         num_tokens=num_tokens,
         num_seqs=num_seqs,

@@ -52,8 +52,9 @@ def np_entropy(logits, temp):
     return -(np.exp(ls) * ls).sum(-1)
 
 
-def np_pg_tokens(logp, old, adv, cl, ch):
-    """Per-token PPO clipped loss, written elementwise with python scalars."""
+def np_pg_tokens(logp, old, adv, cl, ch, dual=None):
+    """Per-token PPO clipped loss (dual clip: min(., -A c) where A < 0), written elementwise
+    with python scalars."""
     B, T = logp.shape
     out = np.zeros((B, T))
     for b in range(B):
@@ -62,7 +63,22 @@ def np_pg_tokens(logp, old, adv, cl, ch):
             r = np.exp(float(logp[b, t]) - float(old[b, t]))
             rc = min(max(r, 1 - cl), 1 + ch)
             out[b, t] = -min(r * a, rc * a)
+            if dual and a < 0:
+                out[b, t] = min(out[b, t], -a * dual)
     return out
+
+
+def np_reference_clipfracs(logp, old, adv, mask, cl, ch, dual):
+    """pg_clipfrac_higher / pg_clipfrac_lower as the reference run defines them (verl
+    core_algos.compute_policy_loss): the clipped term raises the loss; the dual clip lowers it."""
+    A = np.broadcast_to(np.asarray(adv, np.float64)[:, None], mask.shape)
+    log_ratio = np.asarray(logp, np.float64) - old
+    pg1 = -A * np.exp(log_ratio)
+    pg2 = -A * np.exp(np.clip(log_ratio, np.log(1 - cl), np.log(1 + ch)))
+    pg3 = -A * dual
+    higher = pg1 < pg2
+    lower = (np.maximum(pg1, pg2) > pg3) & (A < 0)
+    return higher[mask].mean(), lower[mask].mean()
 
 
 def np_agg(mat, mask, agg):
@@ -301,6 +317,77 @@ def test_clip_higher_asymmetric():
     assert float(loss) == pytest.approx(-2.0 * 1.28, rel=1e-6)
 
 
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_dual_clip_matches_numpy(agg):
+    cl, ch, dual = 0.2, 0.3, 3.0  # the reference run's
+    logp, old, adv, mask = make_batch(12, B=8, T=9)
+    clean = lambda x: np.where(mask, x, 0.0)
+    logp = np.where(mask, old + 4.0 * (clean(logp) - clean(old)), logp).astype(np.float32)  # ratios up to e^4
+    want = np_agg(np_pg_tokens(clean(logp), clean(old), adv, cl, ch, dual), mask, agg)
+    plain = np_agg(np_pg_tokens(clean(logp), clean(old), adv, cl, ch), mask, agg)
+
+    def f(lp):
+        return grpo.policy_loss(lp, jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask),
+                                clip_low=cl, clip_high=ch, dual_clip=dual, loss_agg=agg)
+
+    (loss, met), grad = jax.value_and_grad(f, has_aux=True)(jnp.asarray(logp))
+    np.testing.assert_allclose(float(loss), want, rtol=RTOL, atol=ATOL)
+    assert abs(want - plain) > 1e-3  # the dual clip changed the loss on this batch
+    higher, lower = np_reference_clipfracs(clean(logp), clean(old), adv, mask, cl, ch, dual)
+    np.testing.assert_allclose(float(met["pg_clipfrac_higher"]), higher, atol=1e-6)
+    np.testing.assert_allclose(float(met["pg_clipfrac_lower"]), lower, atol=1e-6)
+    assert float(met["clip_frac"]) == float(met["pg_clipfrac_higher"])
+    assert float(met["clip_frac_dual"]) == float(met["pg_clipfrac_lower"])
+    assert 0 < lower < 1 and 0 < higher < 1
+
+    # no gradient where the dual clip holds; elsewhere the numpy loss's (finite differences)
+    A = np.broadcast_to(adv[:, None], mask.shape)
+    ratio = np.exp(clean(logp).astype(np.float64) - clean(old))
+    held = mask & (A < 0) & (np.maximum(ratio, 1 - cl) > dual)
+    grad = np.asarray(grad)
+    assert held.any() and np.all(grad[held] == 0.0) and np.all(grad[~mask] == 0.0)
+    b, t = np.argwhere(mask & ~held & (A < 0) & (ratio > 1 + ch))[0]  # A < 0, past 1 + ch, below c
+    h = 1e-4
+    lp_p = clean(logp).astype(np.float64); lp_p[b, t] += h
+    lp_m = clean(logp).astype(np.float64); lp_m[b, t] -= h
+    fd = (np_agg(np_pg_tokens(lp_p, clean(old), adv, cl, ch, dual), mask, agg)
+          - np_agg(np_pg_tokens(lp_m, clean(old), adv, cl, ch, dual), mask, agg)) / (2 * h)
+    np.testing.assert_allclose(grad[b, t], fd, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "ratio,adv,dual,loss,grad,dual_active",
+    [
+        (5.0, -1.0, 3.0, 3.0, 0.0, True),    # A < 0, ratio past c: loss held at -A c, no gradient
+        (2.0, -1.0, 3.0, 2.0, 2.0, False),   # A < 0, 1 + ch < ratio < c: PPO's unclipped term
+        (5.0, -1.0, None, 5.0, 5.0, False),  # off: the loss grows with the ratio
+        (5.0, -1.0, 0.0, 5.0, 5.0, False),   # 0 is off too
+        (5.0, +1.0, 3.0, -1.3, 0.0, False),  # A > 0: the dual clip never applies
+        (0.1, -2.0, 3.0, 1.6, 0.0, False),   # A < 0, ratio below 1 - cl: PPO's clip, -A (1 - cl)
+    ],
+)
+def test_dual_clip_single_token(ratio, adv, dual, loss, grad, dual_active):
+    old = jnp.array([[-1.0]])
+    f = lambda x: grpo.policy_loss(x, old, jnp.array([adv]), jnp.array([[True]]), clip_low=0.2, clip_high=0.3,
+                                   dual_clip=dual)
+    (l, met), g = jax.value_and_grad(f, has_aux=True)(old + np.log(ratio))
+    assert float(l) == pytest.approx(loss, rel=1e-5)
+    assert float(g[0, 0]) == pytest.approx(grad, rel=1e-5, abs=1e-7)
+    assert float(met["clip_frac_dual"]) == float(met["pg_clipfrac_lower"]) == float(dual_active)
+
+
+def test_dual_clip_config():
+    assert grpo.GRPOLossConfig().dual_clip is None
+    assert grpo.GRPOLossConfig(dual_clip=3.0).dual_clip == 3.0
+    grpo.GRPOLossConfig(dual_clip=0.0)
+    for bad in (1.0, 0.5, -3.0):
+        with pytest.raises(ValueError, match="dual_clip"):
+            grpo.GRPOLossConfig(dual_clip=bad)
+        with pytest.raises(ValueError, match="dual_clip"):
+            grpo.policy_loss(jnp.zeros((1, 1)), jnp.zeros((1, 1)), jnp.ones(1), jnp.ones((1, 1), bool),
+                             dual_clip=bad)
+
+
 def test_seq_mean_differs_from_token_mean():
     # one long sequence with loss 1/token and one short with loss 3/token
     logp = jnp.zeros((2, 4))
@@ -320,7 +407,8 @@ def test_microbatch_accumulation_equals_full_batch(agg):
     ref = jnp.asarray(np.random.default_rng(6).normal(-2.0, 0.5, mask.shape).astype(np.float32))
     rng = np.random.default_rng(7)
     ent = jnp.asarray(rng.uniform(0, 3, mask.shape).astype(np.float32))
-    cfg = grpo.GRPOLossConfig(clip_low=0.2, clip_high=0.28, loss_agg=agg, kl_coef=0.05, entropy_coef=0.01)
+    cfg = grpo.GRPOLossConfig(clip_low=0.2, clip_high=0.28, dual_clip=1.5, loss_agg=agg, kl_coef=0.05,
+                              entropy_coef=0.01)
     logp, old, adv, maskj = map(jnp.asarray, (logp, old, adv, mask))
 
     @jax.jit
@@ -395,8 +483,8 @@ def test_grpo_loss_combination(agg, kl_kind):
     np.testing.assert_allclose(float(met["pg_loss"]), pg, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(met["kl"]), kl, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(met["entropy"]), en, rtol=1e-5, atol=1e-6)
-    assert set(met) >= {"loss", "pg_loss", "clip_frac", "clip_frac_low", "clip_frac_high", "kl", "entropy",
-                        "ratio_mean", "approx_kl"}
+    assert set(met) >= {"loss", "pg_loss", "clip_frac", "clip_frac_low", "clip_frac_high", "clip_frac_dual",
+                        "pg_clipfrac_higher", "pg_clipfrac_lower", "kl", "entropy", "ratio_mean", "approx_kl"}
 
     g_lp, g_ent = jax.grad(lambda lp, e: f(lp, e)[0], argnums=(0, 1))(jnp.asarray(logp), jnp.asarray(ent))
     for g in (np.asarray(g_lp), np.asarray(g_ent)):
