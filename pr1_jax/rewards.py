@@ -3,14 +3,19 @@
 Per response: ``overall = 0.9*accuracy + 0.1*format + 0.7*visual + 1.0*ngram_penalty``.
 
 * ``accuracy``: the text inside ``<answer>...</answer>`` (whole response when there are
-  no tags) checked against the ground truth by math-verify; 1.0 or 0.0.
+  no tags) checked against the ground truth by math-verify; 1.0 or 0.0. Two modes
+  (``RewardConfig.accuracy_mode``): ``paper`` reads any answer block and the gold as math;
+  ``reference`` reproduces the reference code (an answer block on one line only, bare gold).
 * ``format``: the reference regex must match the *whole* response; 1.0 or 0.0.
 * ``ngram_penalty``: share of repeated word 20-grams times ``max_penalty`` (-2.0).
 * ``visual``: the judge's score, computed elsewhere and passed in; ``None`` when the sample
   has no visual annotations, which scores 0 and is left out of the logged visual mean.
 
-Reward terms are plain functions ``fn(response, ground_truth, **record_fields) -> float``
-registered by name; ``RewardConfig.weights`` names the ones to use. ``score`` runs them
+Reward terms are plain functions ``fn(response, ground_truth, *, option_or_field=...) -> float``
+registered by name; ``RewardConfig.weights`` names the ones to use. A term receives the record
+fields and the options it declares by keyword, nothing else: an option or field that no
+configured term declares is an error, not silently dropped (``RewardConfig.reward_kwargs``).
+``score`` runs them
 in-process with no time bound, for trusted text. Policy samples go through
 ``RewardScorer``, which runs every term call in a spawned worker process under a wall-clock
 deadline, so a hostile answer (``9^{9^{9^{9}}}``) costs one timeout, not a stalled trainer;
@@ -22,6 +27,9 @@ This module must stay free of JAX imports: worker processes import it.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import logging
 import math
 import multiprocessing
@@ -47,16 +55,23 @@ RewardFn = Callable[..., float]
 VISUAL = "visual"
 """Reserved weight name: the externally computed judge score, not a registered function."""
 
+NGRAM = "ngram_penalty"
+"""Left out of the reference run's logged ``overall`` (it adds the penalty to the reward only)."""
+
+ACCURACY_MODES = ("paper", "reference")
+
 DEFAULT_WEIGHTS = {"accuracy": 0.9, "format": 0.1, "ngram_penalty": 1.0, VISUAL: 0.7}
 
 _REGISTRY: dict[str, RewardFn] = {}
 
 
 def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator registering ``fn(response, ground_truth, **record_fields) -> float`` as ``name``.
+    """Decorator registering ``fn(response, ground_truth, *, ...) -> float`` as ``name``.
 
-    Functions used by ``RewardScorer`` must be defined at module level, because worker
-    processes receive them by pickled reference (module and name).
+    The keyword parameters after the first two are the record fields and options ``fn``
+    takes (a ``**kwargs`` parameter takes every record field). Functions used by
+    ``RewardScorer`` must be defined at module level, because worker processes receive them
+    by pickled reference (module and name).
     """
 
     def decorator(fn: RewardFn) -> RewardFn:
@@ -78,41 +93,88 @@ def get_reward(name: str) -> RewardFn:
         raise KeyError(f"unknown reward {name!r}; registered: {sorted(_REGISTRY)}") from None
 
 
+@functools.cache
+def _keywords(fn: RewardFn) -> frozenset[str] | None:
+    """The keyword names ``fn`` takes after ``(response, ground_truth)``; None: any (``**``)."""
+    params = list(inspect.signature(fn).parameters.values())[2:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
 @dataclass(frozen=True)
 class RewardConfig:
     """Which rewards to combine, with what weights, and how ``RewardScorer`` bounds them.
 
     ``weights`` maps registered reward names (plus ``"visual"``) to their weight in
-    ``overall``. ``options`` holds per-reward keyword arguments, e.g. the n-gram size.
-    ``timeout_s`` bounds each reward call in a worker; ``num_workers`` is the pool size.
+    ``overall``. ``options`` holds per-reward keyword arguments, e.g. the n-gram size; each
+    must be a parameter of that reward. ``accuracy_mode`` is the accuracy reward's mode
+    (``paper`` or ``reference``, see ``accuracy_reward``). ``timeout_s`` bounds each reward
+    call in a worker; ``num_workers`` is the pool size.
     """
 
     weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     options: Mapping[str, Mapping[str, object]] = field(
-        default_factory=lambda: {"ngram_penalty": {"n": 20, "max_penalty": -2.0}}
+        default_factory=lambda: {NGRAM: {"n": 20, "max_penalty": -2.0}}
     )
+    accuracy_mode: str = "paper"
     timeout_s: float = 5.0
     num_workers: int = 4
 
     def __post_init__(self):
         if self.timeout_s <= 0 or self.num_workers < 1:
             raise ValueError("timeout_s must be > 0 and num_workers >= 1")
+        if self.accuracy_mode not in ACCURACY_MODES:
+            raise ValueError(f"accuracy_mode must be one of {ACCURACY_MODES}, got {self.accuracy_mode!r}")
+        for name in [*self.reward_names, *self.options]:
+            if name not in _REGISTRY:
+                raise ValueError(f"unknown reward {name!r}; registered: {sorted(_REGISTRY)}")
+        for name, opts in self.options.items():
+            takes = _keywords(_REGISTRY[name])
+            if name == "accuracy" and "mode" in opts:
+                raise ValueError("set the accuracy mode as accuracy_mode, not options.accuracy.mode")
+            unknown = sorted(set(opts) - takes) if takes is not None else []
+            if unknown:
+                raise ValueError(f"options.{name}: unknown option(s) {unknown}; {name} takes {sorted(takes)}")
 
     @property
     def reward_names(self) -> list[str]:
         """The registered rewards to compute (every weighted name but ``"visual"``)."""
         return [name for name in self.weights if name != VISUAL]
 
-    def kwargs_for(self, name: str, fields: Mapping[str, object]) -> dict:
-        """Keyword arguments for reward ``name``: the record's fields, then its options."""
-        return {**fields, **self.options.get(name, {})}
+    def _options(self, name: str) -> dict:
+        mode = {"mode": self.accuracy_mode} if name == "accuracy" else {}
+        return {**self.options.get(name, {}), **mode}
+
+    def reward_kwargs(self, fields: Mapping[str, object] | None = None) -> dict[str, dict]:
+        """Keyword arguments of each configured reward for one record: the record ``fields``
+        that reward declares, then its options. A field that no configured reward declares,
+        or one that is also an option of the reward taking it, is an error naming it."""
+        fields = fields or {}
+        out, used = {}, set()
+        for name in self.reward_names:
+            takes = _keywords(_REGISTRY[name])
+            mine = {k: v for k, v in fields.items() if takes is None or k in takes}
+            options = self._options(name)
+            if set(mine) & set(options):
+                raise ValueError(f"record field(s) {sorted(set(mine) & set(options))} are also options of {name!r}")
+            out[name] = {**mine, **options}
+            used |= set(mine)
+        unknown = sorted(set(fields) - used)
+        if unknown:
+            raise ValueError(f"record field(s) {unknown} are taken by none of the rewards {self.reward_names}")
+        return out
 
 
 # --- built-in rewards ------------------------------------------------------------------
 
-# DOTALL on purpose: the reference omits it, so its multi-line answer blocks (the very
-# format it rewards) never match and it verifies the whole response, think block included.
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# "paper" has DOTALL on purpose; the reference code omits it, so its multi-line answer blocks
+# (the very format it rewards) never match and it verifies the whole response, think block
+# included: math-verify then reads the last \boxed{} of the text.
+_ANSWER_RE = {
+    "paper": re.compile(r"<answer>(.*?)</answer>", re.DOTALL),
+    "reference": re.compile(r"<answer>(.*?)</answer>"),
+}
 
 # The reference pattern verbatim. It is applied with fullmatch to the raw decoded text, as
 # the reference does: a trailing newline or any text after </answer> fails the format.
@@ -122,41 +184,56 @@ _FORMAT_RE = re.compile(
 )
 
 
-def extract_answer(response: str) -> str:
-    """The first ``<answer>`` block's contents, or the whole response without tags."""
-    match = _ANSWER_RE.search(response)
+def _check_mode(mode: str) -> None:
+    if mode not in ACCURACY_MODES:
+        raise ValueError(f"accuracy mode must be one of {ACCURACY_MODES}, got {mode!r}")
+
+
+def extract_answer(response: str, mode: str = "paper") -> str:
+    """The first ``<answer>`` block's contents (``reference``: one on a single line), or the
+    whole response; stripped."""
+    _check_mode(mode)
+    match = _ANSWER_RE[mode].search(response)
     return (match.group(1) if match else response).strip()
 
 
-def _gold_latex(ground_truth: str) -> str:
-    """Wrap bare gold in ``$...$``: math-verify reads bare ``2\\sqrt{3}`` as ``2``."""
+def gold_text(ground_truth: str, mode: str = "paper") -> str:
+    """The gold as math-verify gets it. ``paper`` wraps bare gold in ``$...$``, because
+    math-verify reads bare ``2\\sqrt{3}`` as ``2`` and bare ``\\sqrt{3}`` as nothing;
+    ``reference`` passes it bare, as the reference code does."""
+    _check_mode(mode)
     gold = ground_truth.strip()
-    return gold if "$" in gold or "\\boxed" in gold else f"${gold}$"
+    if mode == "reference" or "$" in gold or "\\boxed" in gold:
+        return gold
+    return f"${gold}$"
 
 
 @register_reward("accuracy")
-def accuracy_reward(response: str, ground_truth: str, **_) -> float:
+def accuracy_reward(response: str, ground_truth: str, *, mode: str = "paper") -> float:
     """1.0 if the extracted answer is mathematically equivalent to the ground truth.
+
+    mode: ``paper`` (any ``<answer>`` block, gold read as math) or ``reference`` (the reference
+    code's ``boxed_math_verify_accuracy_reward``: its regex without DOTALL, so a multi-line
+    block falls back to the whole response, and the gold parsed bare).
 
     math-verify's own signal-based timeouts are disabled (they fail off the main thread and
     cannot interrupt C code); the caller bounds the time, see ``RewardScorer``. Errors
-    raise so that they can be counted instead of silently scoring 0.
+    raise so that they can be counted instead of silently scoring 0 (the reference scores
+    them 0 uncounted; under ``RewardScorer`` the value is the same).
     """
-    gold = parse(_gold_latex(ground_truth), parsing_timeout=None, raise_on_error=True)
-    pred = parse(extract_answer(response), parsing_timeout=None, raise_on_error=True)
+    gold = parse(gold_text(ground_truth, mode), parsing_timeout=None, raise_on_error=True)
+    pred = parse(extract_answer(response, mode), parsing_timeout=None, raise_on_error=True)
     return float(verify(gold, pred, timeout_seconds=None, raise_on_error=True))
 
 
 @register_reward("format")
-def format_reward(response: str, ground_truth: str = "", **_) -> float:
+def format_reward(response: str, ground_truth: str = "") -> float:
     """1.0 if the response is exactly ``<think>`` block, then ``<answer>`` block with ``\\boxed{}``."""
     return 1.0 if _FORMAT_RE.fullmatch(response) else 0.0
 
 
-@register_reward("ngram_penalty")
-def ngram_penalty(
-    response: str, ground_truth: str = "", *, n: int = 20, max_penalty: float = -2.0, **_
-) -> float:
+@register_reward(NGRAM)
+def ngram_penalty(response: str, ground_truth: str = "", *, n: int = 20, max_penalty: float = -2.0) -> float:
     """``(1 - unique/total)`` word n-grams, lower-cased, times ``max_penalty``; 0 below n words.
 
     Penalises degenerate looping generations, which GRPO otherwise reinforces once a
@@ -182,11 +259,14 @@ def _call(fn: RewardFn, response: str, ground_truth: str, kwargs: Mapping) -> fl
 
 def combine(terms: Mapping[str, float], visual: float | None, weights: Mapping[str, float]) -> dict:
     """Score dict of one sample from its raw reward terms and the judge score (None: no
-    annotations, or no judge): the terms, visual, has_visual, and the weighted overall."""
+    annotations, or no judge): the terms, visual, has_visual, the weighted ``overall`` (the
+    reward trained on) and ``overall_reference``, the reference run's logged ``overall``: the
+    same sum without the n-gram penalty, which it adds to the reward only."""
     scores = dict(terms)
     scores[VISUAL] = 0.0 if visual is None else float(visual)
     scores["has_visual"] = visual is not None
     scores["overall"] = sum(w * scores[name] for name, w in weights.items())
+    scores["overall_reference"] = sum(w * scores[name] for name, w in weights.items() if name != NGRAM)
     return scores
 
 
@@ -210,27 +290,49 @@ def score(
     *,
     visual: float | None = None,
     config: RewardConfig = RewardConfig(),
-    **fields,
+    accuracy_mode: str | None = None,
+    fields: Mapping[str, object] | None = None,
 ) -> dict:
     """All configured rewards for one response, in-process and unbounded in time.
 
-    Returns the raw value of each reward term, ``visual`` (0.0 when None), ``has_visual``
-    and the weighted ``overall``. Errors propagate; use ``RewardScorer`` for policy samples.
+    accuracy_mode: ``paper`` or ``reference`` (None: ``config.accuracy_mode``). fields: the
+    record's further fields, for rewards that declare them (see ``RewardConfig.reward_kwargs``).
+    Returns the raw value of each reward term, ``visual`` (0.0 when None), ``has_visual``,
+    ``overall`` and ``overall_reference`` (``combine``). Errors propagate; use
+    ``RewardScorer`` for policy samples.
     """
-    terms = {
-        name: _call(get_reward(name), response, ground_truth, config.kwargs_for(name, fields))
-        for name in config.reward_names
-    }
+    if accuracy_mode is not None:
+        config = dataclasses.replace(config, accuracy_mode=accuracy_mode)
+    kwargs = config.reward_kwargs(fields)
+    terms = {name: _call(get_reward(name), response, ground_truth, kwargs[name]) for name in config.reward_names}
     return combine(terms, visual, config.weights)
 
 
-def mean_metrics(scores: Sequence[Mapping]) -> dict[str, float]:
-    """Batch means for logging; ``visual`` averages only samples that have annotations."""
+def _reference_names(means: Mapping[str, float], split: str) -> dict[str, float]:
+    """The reference run's names for the same reward means (verl ray_trainer: ``reward/{key}``
+    at a training step; ``val/{key}_reward`` and ``val/reward_score`` at validation, where
+    our logger adds the ``val/`` itself). Its ``overall`` is our ``overall_reference``; the
+    reward it trains on (our ``overall``) it logs as ``critic/score/mean`` / ``reward_score``."""
+    terms = {k: v for k, v in means.items() if k not in ("overall", "overall_reference")}
+    terms["overall"] = means["overall_reference"]
+    if split == "train":
+        return {**{f"reward/{k}": v for k, v in terms.items()}, "critic/score/mean": means["overall"]}
+    if split == "val":
+        return {**{f"{k}_reward": v for k, v in terms.items()}, "reward_score": means["overall"]}
+    raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+
+
+def mean_metrics(scores: Sequence[Mapping], split: str | None = None) -> dict[str, float]:
+    """Batch means for logging; ``visual`` averages only samples that have annotations.
+    split ``"train"`` / ``"val"``: the reference run's names for the same numbers are added
+    beside ours (``_reference_names``)."""
     keys = [k for k in scores[0] if k not in (VISUAL, "has_visual")] if scores else []
     means = {k: statistics.fmean(s[k] for s in scores) for k in keys}
     visual = [s[VISUAL] for s in scores if s["has_visual"]]
     if visual:
         means[VISUAL] = statistics.fmean(visual)
+    if split is not None and scores:
+        means.update(_reference_names(means, split))
     return means
 
 
@@ -332,17 +434,21 @@ class RewardScorer:
     def submit(self, records: Sequence[Mapping]) -> Future:
         """Queue a batch; the future's result is a ``BatchScores``.
 
-        Each record has ``response``, ``ground_truth`` and any further fields, passed to every
-        reward function as keyword arguments. Records are validated and pickled here, so bad
-        input raises in the caller.
+        Each record has ``response``, ``ground_truth`` and any further fields, each passed to
+        the rewards that declare it (``RewardConfig.reward_kwargs``). Records are validated and
+        pickled here, so bad input (a missing key, a field no reward takes) raises in the
+        caller, naming the record.
         """
         tasks = []
         for i, record in enumerate(records):
             fields = dict(record)
             response, ground_truth = fields.pop("response"), fields.pop("ground_truth")
+            try:
+                kwargs = self.config.reward_kwargs(fields)
+            except ValueError as exc:
+                raise ValueError(f"record {i}: {exc}") from None
             for name, fn in self._fns.items():
-                kwargs = self.config.kwargs_for(name, fields)
-                tasks.append((i, name, pickle.dumps((fn, response, ground_truth, kwargs))))
+                tasks.append((i, name, pickle.dumps((fn, response, ground_truth, kwargs[name]))))
         future: Future = Future()
         with self._lock:
             if self._closed:

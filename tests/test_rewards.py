@@ -15,6 +15,7 @@ from pr1_jax.rewards import (
     accuracy_reward,
     extract_answer,
     format_reward,
+    gold_text,
     get_reward,
     mean_metrics,
     ngram_penalty,
@@ -28,12 +29,12 @@ HOSTILE = "<think>\nbig\n</think>\n<answer>\n\\boxed{9^{9^{9^{9}}}}\n</answer>"
 
 # Custom rewards live at module level so worker processes can unpickle them by reference.
 @register_reward("test_keyword")
-def keyword_reward(response, ground_truth, *, keyword="", **_):
+def keyword_reward(response, ground_truth, *, keyword=""):
     return 1.0 if keyword and keyword in response else 0.0
 
 
 @register_reward("test_flaky")
-def flaky_reward(response, ground_truth, *, mode="ok", **_):
+def flaky_reward(response, ground_truth, *, mode="ok"):
     if mode == "raise":
         raise ValueError("boom")
     if mode == "exit":
@@ -88,6 +89,51 @@ def test_extract_answer():
     assert extract_answer("  no tags \n") == "no tags"
     assert extract_answer("<answer><answer>12</answer></answer>") == "<answer>12"
     assert extract_answer("<answer>unclosed") == "<answer>unclosed"
+    # The reference's regex has no DOTALL: a block spanning lines is no block, the whole text is.
+    assert extract_answer("<answer>\nx\n</answer>", "reference") == "<answer>\nx\n</answer>"
+    assert extract_answer("<think>\nx\n</think> <answer> 7 </answer>", "reference") == "7"
+    with pytest.raises(ValueError, match="accuracy mode"):
+        extract_answer("x", "Reference")
+
+
+def test_gold_text():
+    assert gold_text(" 2\\sqrt{3} ") == "$2\\sqrt{3}$"
+    assert gold_text("$12$") == "$12$" and gold_text("\\boxed{12}") == "\\boxed{12}"
+    assert gold_text(" 2\\sqrt{3} ", "reference") == "2\\sqrt{3}"
+
+
+# Where the two accuracy modes differ: (response, gold, paper, reference), verified with
+# math-verify 0.9. In the reference a multi-line answer block is never read, so math-verify
+# reads the last \boxed{} of the whole response; bare gold reads `2\sqrt{3}` as 2, `5 \sqrt { 3 }`
+# (Geometry3K's own spacing) as 3, and `\sqrt{3}` as nothing.
+MODE_CASES = [
+    # boxed in think, unboxed answer block: the reference credits the think block
+    ("<think>\nI get \\boxed{12}.\n</think>\n<answer>\nThe answer is 13\n</answer>", "12", 0.0, 1.0),
+    # text after the answer block: the reference reads its last \boxed{}
+    ("<think>\nx\n</think>\n<answer>\n\\boxed{12}\n</answer>\nOr maybe \\boxed{13}", "12", 1.0, 0.0),
+    # the right answer in the rewarded format, gold with a root: the reference scores it 0 ...
+    ("<think>\nx\n</think>\n<answer>\n\\boxed{4\\sqrt{2}}\n</answer>", "4\\sqrt{2}", 1.0, 0.0),
+    ("<answer>\\boxed{5\\sqrt{3}}</answer>", "5 \\sqrt { 3 }", 1.0, 0.0),
+    ("<answer>\\boxed{\\sqrt{3}}</answer>", "\\sqrt{3}", 1.0, 0.0),
+    # ... and the coefficient alone 1
+    ("<answer>\\boxed{2}</answer>", "2\\sqrt{3}", 0.0, 1.0),
+    # agreeing: one-line block, a wrong guess in think with the right multi-line answer last,
+    # a gold without a root
+    ("<answer>\\boxed{0.5}</answer>", "\\frac{1}{2}", 1.0, 1.0),
+    ("<think>\nFirst guess \\boxed{13}.\n</think>\n<answer>\n\\boxed{12}\n</answer>", "12", 1.0, 1.0),
+    ("<think>\nx\n</think>\n<answer>\n\\boxed{13}\n</answer>", "12", 0.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("response, gold, paper, reference", MODE_CASES)
+def test_accuracy_modes(response, gold, paper, reference):
+    assert accuracy_reward(response, gold) == paper  # paper is the default
+    assert accuracy_reward(response, gold, mode="paper") == paper
+    assert accuracy_reward(response, gold, mode="reference") == reference
+    assert score(response, gold, accuracy_mode="reference")["accuracy"] == reference
+    assert score(response, gold, config=RewardConfig(accuracy_mode="reference"))["accuracy"] == reference
+    assert score(response, gold, config=RewardConfig(accuracy_mode="reference"),
+                 accuracy_mode="paper")["accuracy"] == paper
 
 
 # --- format ----------------------------------------------------------------------------
@@ -174,6 +220,7 @@ def test_score_default_weights():
         "visual": 0.5,
         "has_visual": True,
         "overall": pytest.approx(0.9 + 0.1 + 0.7 * 0.5),
+        "overall_reference": pytest.approx(0.9 + 0.1 + 0.7 * 0.5),
     }
     s = score(GOOD, "13")
     assert (s["visual"], s["has_visual"], s["overall"]) == (0.0, False, pytest.approx(0.1))
@@ -186,21 +233,49 @@ def test_score_adds_ngram_penalty():
     s = score(response, "12", visual=1.0)
     assert s["ngram_penalty"] == pytest.approx(penalty)
     assert s["overall"] == pytest.approx(0.9 + 0.1 + 0.7 + penalty)
+    assert s["overall_reference"] == pytest.approx(0.9 + 0.1 + 0.7)  # the reference logs it without
 
 
 def test_score_custom_weights_and_reward():
     config = RewardConfig(weights={"accuracy": 2.0, "test_keyword": 0.5, "visual": 1.0})
-    s = score(GOOD, "12", visual=0.25, config=config, keyword="legs")
-    assert set(s) == {"accuracy", "test_keyword", "visual", "has_visual", "overall"}
+    s = score(GOOD, "12", visual=0.25, config=config, fields={"keyword": "legs"})
+    assert set(s) == {"accuracy", "test_keyword", "visual", "has_visual", "overall", "overall_reference"}
     assert s["overall"] == pytest.approx(2.0 + 0.5 + 0.25)
-    assert score(GOOD, "12", config=config, keyword="hypotenuse")["test_keyword"] == 0.0
+    assert score(GOOD, "12", config=config, fields={"keyword": "hypotenuse"})["test_keyword"] == 0.0
 
 
 def test_score_rejects_non_finite_rewards():
     config = RewardConfig(weights={"test_flaky": 1.0})
     assert score("x", "y", config=config)["overall"] == 1.0
     with pytest.raises(ValueError, match="nan"):
-        score("x", "y", config=config, mode="nan")
+        score("x", "y", config=config, fields={"mode": "nan"})
+
+
+def test_misspelt_keywords_options_and_fields_fail():
+    with pytest.raises(TypeError, match="accuracy_mod"):
+        score(GOOD, "12", accuracy_mod="reference")
+    with pytest.raises(TypeError, match="keyword"):
+        score(GOOD, "12", keyword="legs")  # record fields go in fields=
+    with pytest.raises(ValueError, match="accuracy_mode"):
+        score(GOOD, "12", accuracy_mode="refrence")
+    with pytest.raises(ValueError, match="accuracy_mode"):
+        RewardConfig(accuracy_mode="Paper")
+    config = RewardConfig(weights={"accuracy": 1.0, "test_keyword": 1.0})
+    with pytest.raises(ValueError, match="keywrd"):
+        score(GOOD, "12", config=config, fields={"keywrd": "legs"})
+    with pytest.raises(ValueError, match="keyword"):  # taken by no configured reward
+        score(GOOD, "12", fields={"keyword": "legs"})
+    with pytest.raises(ValueError, match=r"options.ngram_penalty: unknown option\(s\) \['size'\]"):
+        RewardConfig(options={"ngram_penalty": {"size": 3}})
+    with pytest.raises(ValueError, match="accuracy_mode"):
+        RewardConfig(options={"accuracy": {"mode": "reference"}})
+    with pytest.raises(ValueError, match="unknown reward 'ngram'"):
+        RewardConfig(options={"ngram": {"n": 3}})
+    with pytest.raises(ValueError, match="also options"):
+        score("x", "y", config=RewardConfig(weights={"test_flaky": 1.0}, options={"test_flaky": {"mode": "ok"}}),
+              fields={"mode": "nan"})
+    # options of a reward without a weight are allowed (the default n-gram options stay valid)
+    assert RewardConfig(weights={"accuracy": 1.0}).reward_kwargs() == {"accuracy": {"mode": "paper"}}
 
 
 def test_mean_metrics_leaves_unannotated_samples_out_of_visual():
@@ -210,6 +285,24 @@ def test_mean_metrics_leaves_unannotated_samples_out_of_visual():
     assert means["accuracy"] == pytest.approx(2 / 3)
     assert means["overall"] == pytest.approx((1.35 + 1.0 + 0.8) / 3)
     assert "visual" not in mean_metrics([score(GOOD, "12")])
+
+
+def test_mean_metrics_adds_the_reference_names():
+    looping = "<think>\n" + "a b c d e " * 8 + "\n</think>\n<answer>\n\\boxed{12}\n</answer>"
+    scores = [score(looping, "12", visual=0.5), score(GOOD, "13")]
+    ours = mean_metrics(scores)
+    penalty = scores[0]["ngram_penalty"] / 2
+    assert ours["overall"] == pytest.approx(ours["overall_reference"] + penalty)
+    train = mean_metrics(scores, split="train")
+    assert train == {**ours, "reward/overall": ours["overall_reference"], "reward/accuracy": 0.5,
+                     "reward/format": 1.0, "reward/ngram_penalty": penalty, "reward/visual": 0.5,
+                     "critic/score/mean": ours["overall"]}
+    val = mean_metrics(scores, split="val")
+    assert val == {**ours, "overall_reward": ours["overall_reference"], "accuracy_reward": 0.5,
+                   "format_reward": 1.0, "ngram_penalty_reward": penalty, "visual_reward": 0.5,
+                   "reward_score": ours["overall"]}
+    with pytest.raises(ValueError, match="split"):
+        mean_metrics(scores, split="test")
 
 
 # --- registry --------------------------------------------------------------------------
@@ -225,8 +318,8 @@ def test_registry():
         register_reward("visual")(keyword_reward)
     with pytest.raises(KeyError, match="unknown reward"):
         get_reward("no_such_reward")
-    with pytest.raises(KeyError):
-        score(GOOD, "12", config=RewardConfig(weights={"no_such_reward": 1.0}))
+    with pytest.raises(ValueError, match="unknown reward"):  # a config error at start-up
+        RewardConfig(weights={"no_such_reward": 1.0})
 
 
 def test_config_validation():
@@ -279,6 +372,14 @@ def test_scorer_matches_in_process_score(scorer):
     with pytest.raises(ValueError, match="judge verdicts"):
         combine_batch(result.terms[:2], JUDGED, RewardConfig().weights)
     assert scorer.submit([]).result(timeout=60) == BatchScores([], 0, 0)
+
+
+def test_scorer_passes_the_accuracy_mode_to_workers():
+    records = [{"response": r, "ground_truth": g} for r, g, _, _ in MODE_CASES]
+    with RewardScorer(RewardConfig(accuracy_mode="reference", num_workers=1)) as s:
+        result = s.submit(records).result(timeout=60)
+    assert (result.timeouts, result.errors) == (0, 0)
+    assert [t["accuracy"] for t in result.terms] == [c[3] for c in MODE_CASES]
 
 
 def test_scorer_queues_batches_in_order(scorer):
@@ -351,6 +452,8 @@ def test_scorer_counts_errors_and_survives_crashes():
 def test_scorer_rejects_bad_input_in_the_caller(scorer):
     with pytest.raises(KeyError):
         scorer.submit([{"response": GOOD}])
+    with pytest.raises(ValueError, match="record 1: .*'answer'"):
+        scorer.submit([RECORDS[0], {**RECORDS[0], "answer": "12"}])
     register_reward("test_lambda")(lambda response, ground_truth, **_: 1.0)
     with pytest.raises(ValueError, match="module-level"):
         RewardScorer(RewardConfig(weights={"test_lambda": 1.0}))
