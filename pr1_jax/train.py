@@ -205,7 +205,7 @@ class Trainer:
             self.consecutive_bad = 0
         lengths = np.asarray(ro.samples.lengths)
         max_new = self.sample_cfg.max_new_tokens
-        out = {**mean_metrics(_all_processes(scores)), **{k: v for k, v in m.items()}, **extra}
+        out = {**mean_metrics(_all_processes(scores), split="train"), **{k: v for k, v in m.items()}, **extra}
         out.update(response_len=float(lengths.mean()), response_len_max=float(lengths.max()),
                    clipped_frac=float(np.mean(lengths >= max_new)), adv_mean=float(adv.mean()),
                    adv_std=float(adv.std()), sec_sample=t_sample, sec_update=t_update,
@@ -242,7 +242,7 @@ class Trainer:
             if i == 0:  # what the policy writes now, to read beside the numbers
                 log.info("val sample %s (answer %s): %r", batch["record_id"][0], batch["answer"][0], ro.texts[0])
         scores = _all_processes(scores)
-        out = mean_metrics(scores) if scores else {}
+        out = mean_metrics(scores, split="val") if scores else {}
         out["samples"] = len(scores)
         self.metrics.write(step, out, prefix="val")
         return out
@@ -293,12 +293,21 @@ def _yaml(d: dict) -> str:
     return yaml.safe_dump(d, sort_keys=False)
 
 
-def parse_config(argv: list[str]) -> TrainConfig:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pr1_jax.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG})")
     p.add_argument("--no-resume", action="store_true", help="start fresh even if the run directory has checkpoints")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (every section and default, overrides applied) as YAML and exit")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_config(argv: list[str]) -> TrainConfig:
+    return _config(_parser().parse_args(argv))
+
+
+def _config(args: argparse.Namespace) -> TrainConfig:
     path = args.config or DEFAULT_CONFIG
     if not Path(path).exists():
         raise configlib.ConfigError(f"{path}: config file not found")
@@ -313,11 +322,15 @@ def main(argv: list[str] | None = None) -> int:
                         force=True)
     for noisy in ("absl", "jax._src", "orbax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = parse_config(sys.argv[1:] if argv is None else argv)
+        cfg = _config(args)
     except configlib.ConfigError as e:
         log.error("config error: %s", e)
         return 2
+    if args.print_config:
+        print(_yaml(configlib.to_dict(cfg)), end="")
+        return 0
     if cfg.distributed:
         jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
                                    process_id=cfg.process_id)
