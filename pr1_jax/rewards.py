@@ -209,12 +209,14 @@ def gold_text(ground_truth: str, mode: str = "paper") -> str:
 
 
 @register_reward("accuracy")
-def accuracy_reward(response: str, ground_truth: str, *, mode: str = "paper") -> float:
+def accuracy_reward(response: str, ground_truth: str, *, mode: str = "paper", float_rounding: int = 6) -> float:
     """1.0 if the extracted answer is mathematically equivalent to the ground truth.
 
     mode: ``paper`` (any ``<answer>`` block, gold read as math) or ``reference`` (the reference
     code's ``boxed_math_verify_accuracy_reward``: its regex without DOTALL, so a multi-line
     block falls back to the whole response, and the gold parsed bare).
+    float_rounding: decimals numbers are compared at (math-verify's default 6; a benchmark's
+    stated precision in evaluation).
 
     math-verify's own signal-based timeouts are disabled (they fail off the main thread and
     cannot interrupt C code); the caller bounds the time, see ``RewardScorer``. Errors
@@ -223,7 +225,7 @@ def accuracy_reward(response: str, ground_truth: str, *, mode: str = "paper") ->
     """
     gold = parse(gold_text(ground_truth, mode), parsing_timeout=None, raise_on_error=True)
     pred = parse(extract_answer(response, mode), parsing_timeout=None, raise_on_error=True)
-    return float(verify(gold, pred, timeout_seconds=None, raise_on_error=True))
+    return float(verify(gold, pred, float_rounding=float_rounding, timeout_seconds=None, raise_on_error=True))
 
 
 @register_reward("format")
