@@ -358,7 +358,9 @@ def format_number(v: float) -> str:
     return repr(float(v))
 
 
-def _image_refs(value: Any, base_dir: str) -> list[ImageRef]:
+def image_refs(value: Any, base_dir: str) -> list[ImageRef]:
+    """An image cell as stored (a path, raw bytes, a `{"bytes", "path"}` struct, or a list of
+    those; relative paths resolved against `base_dir`) -> its images; empty cells dropped."""
     def one(v) -> ImageRef | None:
         if _is_missing(v):
             return None
@@ -448,7 +450,7 @@ def row_to_record(raw: RawRow, config: DataConfig) -> Record:
         answer = _answer_text(data.get(config.answer_column))
         if answer is None:
             raise BadRecordError(rid, MISSING_ANSWER, f"column {config.answer_column!r} is empty or missing")
-        images = _image_refs(data.get(config.image_column), raw.base_dir)
+        images = image_refs(data.get(config.image_column), raw.base_dir)
         if not images and config.require_image:
             raise BadRecordError(rid, MISSING_IMAGE, f"column {config.image_column!r} holds no image")
         if len(images) > config.image_limit_per_record:
