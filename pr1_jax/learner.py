@@ -42,8 +42,10 @@ from pr1_jax.sharding import batch_sharding, batch_shardings, map_batch, param_s
 
 @dataclasses.dataclass(frozen=True)
 class LearnerConfig:
-    """Paper settings by default: AdamW lr 1e-6, betas (0.9, 0.999), weight decay 1e-3, warmup
-    ratio 0.05, grad-norm clip 1.0, PPO clip 0.2, token-mean loss, no KL."""
+    """The reference run's optimizer by default: AdamW lr 1e-6, betas (0.9, 0.999), weight decay
+    1e-3, warmup ratio 0.05, grad-norm clip 1.0; token-mean loss, no KL. The loss defaults are plain
+    PPO clip 0.2 with the sampler's log-probs; the paper configs set the reference's clip-higher
+    0.3, dual clip 3.0 and recomputed old log-probs (docs/FIDELITY.md)."""
 
     lr: float = 1e-6
     weight_decay: float = 1e-3
@@ -267,7 +269,8 @@ def train_step(state: TrainState, batch: LearnerBatch, cfg: LearnerConfig, modul
     """One optimizer update on a mini-batch (pure; jit it with everything but state/batch bound):
     `loss_and_grads` then `apply_update`. `temperature`: the sampler's (`score_temperature`).
 
-    Returns (new_state, metrics): loss, pg_loss, clip_frac(_low/_high), approx_kl, ratio_mean,
+    Returns (new_state, metrics): loss, pg_loss, clip_frac(_low/_high/_dual) and the reference's
+    pg_clipfrac_higher/lower (`grpo.policy_loss`), approx_kl, ratio_mean,
     ratio_max, ratio_min, entropy, kl (with ref_logprobs), logprob_diff_mean/max (learner vs
     sampler log-probs of the old policy), grad_norm (before clipping), lr (of this update),
     num_tokens, num_seqs, skipped (1.0 when this step was skipped).
