@@ -34,17 +34,21 @@ def scatter_image_features(x, is_img, features):
 
 
 class QwenCausalLM(nn.Module):
+    """attention: the attention implementation of the decoder and the vision tower, "auto" |
+    "xla" | "cudnn" | "pallas" (see `models.attention`); decode steps always use "xla"."""
+
     cfg: ModelConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = "auto"
 
     def setup(self):
         text, kw = self.cfg.text, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = nn.Embed(
             text.vocab_size, text.hidden_size, embedding_init=param_init(("vocab", "embed")), **kw
         )
-        self.decoder = Qwen2Decoder(text, remat=self.remat, **kw)
+        self.decoder = Qwen2Decoder(text, remat=self.remat, attention=self.attention, **kw)
         if not text.tie_word_embeddings:
             self.lm_head = nn.Dense(
                 text.vocab_size, use_bias=False, kernel_init=param_init(("embed", "vocab")), **kw
@@ -53,14 +57,15 @@ class QwenCausalLM(nn.Module):
             # Vectorised over a leading group axis with shared params: one group holds a whole
             # batch's packed patches (sampler), or one sequence's (learner, sharded by sequence).
             tower = nn.vmap(VisionTower, variable_axes={"params": None}, split_rngs={"params": False})
-            self.visual = tower(self.cfg.vision, remat=self.remat, **kw)
+            self.visual = tower(self.cfg.vision, remat=self.remat, attention=self.attention, **kw)
 
     def hidden_states(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None,
-                      cache: KVCache | None = None, branches=None, image_mask=None):
+                      cache_len: int | None = None, branches=None, image_mask=None):
         """input_ids: [B, T] int; positions: [3, B, T] (VLM) or [B, T]; attention_mask: [B, T];
         branches: see `Qwen2Decoder`. vision: the batch's packed patches (`pixel_values`
         [P, patch_dim]) or per-row patches (every field with a leading B axis). Returns final
-        hidden states [B, T, E] and the extended cache (None without one).
+        hidden states [B, T, E] and, with cache_len, a KVCache of that many slots holding these
+        tokens (a sampler's prefill; else None).
         image_mask: [B, T] bool, the slots that take visual tokens (default: every image token;
         a scorer of sampled responses passes the prompt's only, since a generated image token
         was fed to the sampler as a plain embedding)."""
@@ -72,7 +77,28 @@ class QwenCausalLM(nn.Module):
             if image_mask is None:
                 image_mask = input_ids == self.cfg.image_token_id
             x = scatter_image_features(x, image_mask, features if per_row else features[0])
-        return self.decoder(x, positions, attention_mask, cache, branches)
+        return self.decoder(x, positions, attention_mask, branches, cache_len)
+
+    def decode(self, input_ids, positions, attention_mask, cache: KVCache):
+        """t new text tokens (input_ids [B, t], positions [3, B, t] or [B, t], attention_mask
+        [B, t]) on top of `cache`: returns hidden states [B, t, E] and the extended cache. Apply
+        it with `decode_params(params)`, not the stacked params."""
+        return self.decoder.decode(self.embed_tokens(input_ids), positions, attention_mask, cache)
+
+    def decode_params(self, params) -> dict:
+        """The params a decode step reads, made once per sampler call (outside its loop): every
+        weight in the compute dtype and the decoder's stacked [L, ...] layers split into a tuple
+        of L per-layer trees, so that a step reads each weight once, where it lies (no per-step
+        slice or cast of the stacked arrays). Costs one copy of the text weights in the compute
+        dtype while sampling. The vision tower is left out."""
+        cast = lambda a: a.astype(self.dtype)  # noqa: E731
+        out = {k: jax.tree.map(cast, v) for k, v in params.items() if k not in ("decoder", "visual")}
+        layers = params["decoder"]["layers"]
+        out["decoder"] = {
+            "layers": tuple(jax.tree.map(lambda a: cast(a[i]), layers) for i in range(self.cfg.text.num_layers)),
+            "norm": jax.tree.map(cast, params["decoder"]["norm"]),
+        }
+        return out
 
     def logits(self, h):
         """[B, T, E] -> [B, T, V]."""
@@ -81,6 +107,6 @@ class QwenCausalLM(nn.Module):
         return self.lm_head(h)
 
     def __call__(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None,
-                 cache: KVCache | None = None, branches=None):
-        h, cache = self.hidden_states(input_ids, positions, attention_mask, vision, cache, branches)
+                 cache_len: int | None = None, branches=None):
+        h, cache = self.hidden_states(input_ids, positions, attention_mask, vision, cache_len, branches)
         return self.logits(h), cache

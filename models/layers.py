@@ -1,12 +1,14 @@
 """Building blocks shared by the Qwen2 decoder and the vision towers.
 
-Every parameter names its logical axes (see `pr1_jax/sharding.py` for the table that maps them to
-mesh axes); no module here knows how many devices there are.
+Every parameter names its logical axes, and the decoder layers constrain their activations by
+logical axes too (`nn.with_logical_constraint`); the caller's rules table (`pr1_jax/sharding.py`)
+maps them to mesh axes inside `activation_sharding`. No module here knows how many devices there are.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -68,27 +70,11 @@ def rope_inv_freq(dim: int, theta: float):
     return 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
 
 
-def dot_attention(q, k, v, mask, dtype):
-    """Grouped-query attention.
-
-    q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K; mask: [B, T, S] bool (True = attend).
-    Scores and softmax in fp32 (as transformers' eager path); every query row must allow at least
-    one key (callers give padding rows a key of their own) so no row is all -inf.
-    """
-    b, t, h, d = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dtype))
-    return out.reshape(b, t, h * d)
-
-
 def layer_stack(layer: type[nn.Module], length: int, remat: bool, num_broadcast: int):
     """`layer` repeated `length` times with `nn.scan`: params stacked on a leading `layers` axis,
     one body compiled whatever the depth. The layer's first argument is the carry, its second is
-    scanned (per-layer input such as a KV-cache slice), the next `num_broadcast` are shared.
+    scanned (per-layer input such as the vision blocks' full-attention flag, or None), the next
+    `num_broadcast` are shared.
     `remat` recomputes each layer's activations in the backward pass."""
     if remat:
         layer = nn.remat(layer, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
@@ -97,3 +83,12 @@ def layer_stack(layer: type[nn.Module], length: int, remat: bool, num_broadcast:
         in_axes=(0,) + (nn.broadcast,) * num_broadcast, length=length,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh, rules: Sequence[tuple[str, Any]]):
+    """Inside, the models' activation constraints map their logical axes through `rules` onto
+    `mesh` (and splash attention runs per shard); outside any such context they are no-ops
+    (one device, tests). Enter it where a jitted function is traced: constraints are recorded then."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+        yield

@@ -54,11 +54,13 @@ def abstract_params(module: QwenCausalLM) -> Any:
 class Model:
     """Config + params + module. Params are a plain nested dict (HF names inside the Flax tree)."""
 
-    def __init__(self, config: ModelConfig, params: dict, *, dtype=jnp.float32, remat: bool = False):
+    def __init__(self, config: ModelConfig, params: dict, *, dtype=jnp.float32, remat: bool = False,
+                 attention: str = "auto"):
         self.config = config
         self.params = params
         self.module = QwenCausalLM(
-            config, dtype=as_dtype(dtype), param_dtype=jax.tree.leaves(params)[0].dtype, remat=remat
+            config, dtype=as_dtype(dtype), param_dtype=jax.tree.leaves(params)[0].dtype, remat=remat,
+            attention=attention,
         )
         self._forward = jax.jit(lambda p, ids, pos, mask, vi: self.module.apply({"params": p}, ids, pos, mask, vi)[0])
 
@@ -119,17 +121,19 @@ def init_params(config: ModelConfig, rng: jax.Array, *, param_dtype=jnp.float32,
 
 
 def from_config(config: ModelConfig | dict, rng: jax.Array | int = 0, *, dtype=jnp.float32,
-                param_dtype=jnp.float32, remat: bool = False) -> Model:
+                param_dtype=jnp.float32, remat: bool = False, attention: str = "auto") -> Model:
     cfg = config if isinstance(config, ModelConfig) else config_from_dict(config)
     rng = jax.random.key(rng) if isinstance(rng, int) else rng
-    return Model(cfg, init_params(cfg, rng, param_dtype=param_dtype), dtype=dtype, remat=remat)
+    return Model(cfg, init_params(cfg, rng, param_dtype=param_dtype), dtype=dtype, remat=remat, attention=attention)
 
 
 def load_pretrained(path: str | Path, *, dtype=jnp.float32, param_dtype=None, remat: bool = False,
+                    attention: str = "auto",
                     place: Callable[[tuple[str, ...], np.ndarray], jax.Array] | None = None) -> Model:
     """Loads an HF directory (config.json + *.safetensors, sharded or not).
 
-    dtype: compute dtype; param_dtype: storage dtype of params (default: dtype).
+    dtype: compute dtype; param_dtype: storage dtype of params (default: dtype); attention:
+    "auto" | "xla" | "cudnn" | "pallas" (see `models.attention`).
     place(flax_path, host_array) -> device array puts each leaf where it belongs (e.g. sharded
     over a mesh, see `pr1_jax.sharding`); default: the default device.
     """
@@ -139,4 +143,4 @@ def load_pretrained(path: str | Path, *, dtype=jnp.float32, param_dtype=None, re
     module = QwenCausalLM(cfg, param_dtype=param_dtype)
     abstract = nn.unbox(abstract_params(module))
     params = load_params(path, cfg, abstract, place or (lambda _, x: jax.device_put(x)))
-    return Model(cfg, params, dtype=dtype, remat=remat)
+    return Model(cfg, params, dtype=dtype, remat=remat, attention=attention)

@@ -1,7 +1,15 @@
-"""The Qwen2 decoder (text model of Qwen2, Qwen2-VL and Qwen2.5-VL) with an optional KV cache.
+"""The Qwen2 decoder (text model of Qwen2, Qwen2-VL and Qwen2.5-VL) with a KV cache for sampling.
 
-Layers are stacked with `nn.scan` (params carry a leading `layers` axis) so that a 28- or 64-layer
-model compiles one layer body; `remat` recomputes each layer's activations in the backward pass.
+A forward (`Qwen2Decoder.__call__`: learner, judge, a sampler's prefill) runs the layers as an
+`nn.scan` (params carry a leading `layers` axis) so that a 28- or 64-layer model compiles one
+layer body; `remat` recomputes each layer's activations in the backward pass. A prefill also
+returns the tokens' keys and values as a `KVCache`.
+
+A decode step (`Qwen2Decoder.decode`) runs the layers unrolled on per-layer weights and per-layer
+cache buffers (`QwenCausalLM.decode_params` splits the stacked weights once per sampler call), so
+that a step reads each weight and each cache slot once, where it lies, and writes only the new
+token's keys and values: no slice of a stacked array per layer (XLA:CPU copies those, XLA:GPU
+without dynamic-slice fusion too) and no restacking of the cache.
 """
 
 from __future__ import annotations
@@ -11,37 +19,37 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from models.attention import AttentionMask, attend, resolve
 from models.config import TextConfig
-from models.layers import Dtype, RMSNorm, apply_rope, dense, dot_attention, layer_stack, rope_inv_freq
+from models.layers import Dtype, RMSNorm, apply_rope, dense, layer_stack, rope_inv_freq
 
 
 @flax.struct.dataclass
 class KVCache:
-    """Preallocated keys/values of every layer, filled left to right.
+    """Keys/values of every layer, filled left to right.
 
-    k, v:  [L, B, S, K, D]
+    k, v:  tuples of L arrays [B, K, S, D] (heads-major; one buffer per layer, updated in place)
     mask:  [B, S] bool, slots holding real (non-padding) tokens
     index: [] int32, the next slot to write (the same for every row: prompts are left-padded)
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     mask: jax.Array
     index: jax.Array
 
     @classmethod
-    def empty(cls, cfg: TextConfig, batch: int, max_len: int, dtype: Dtype = jnp.float32) -> "KVCache":
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        return cls(
-            k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-            mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32),
-        )
+    def from_prefill(cls, k, v, mask, max_len: int) -> "KVCache":
+        """k, v: [L, B, K, T, D] of T tokens; mask: [B, T] bool. A cache of max_len >= T slots."""
+        t = mask.shape[1]
+        grow = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, max_len - t), (0, 0)))  # noqa: E731
+        return cls(k=tuple(grow(x) for x in k), v=tuple(grow(x) for x in v),
+                   mask=jnp.pad(mask.astype(bool), ((0, 0), (0, max_len - t))), index=jnp.asarray(t, jnp.int32))
 
     def repeat(self, n: int) -> "KVCache":
         """Each row repeated n times in place (row b -> rows b*n .. b*n+n-1): n samples share a prefill."""
-        return self.replace(
-            k=jnp.repeat(self.k, n, axis=1), v=jnp.repeat(self.v, n, axis=1), mask=jnp.repeat(self.mask, n, axis=0)
-        )
+        rep = lambda xs: tuple(jnp.repeat(x, n, axis=0) for x in xs)  # noqa: E731
+        return self.replace(k=rep(self.k), v=rep(self.v), mask=jnp.repeat(self.mask, n, axis=0))
 
 
 def rope_cos_sin(cfg: TextConfig, positions):
@@ -66,72 +74,102 @@ class DecoderLayer(nn.Module):
     cfg: TextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "xla"  # resolved (see models.attention)
+    emit_kv: bool = False
 
     @nn.compact
-    def __call__(self, x, kv, cos, sin, mask, index):
-        """x: [B, T, E]; kv: this layer's (k, v) cache [B, S, K, D] each, or None."""
+    def __call__(self, x, kv, cos, sin, mask: AttentionMask):
+        """x: [B, T, E]. kv: None, the T tokens attend to each other (with `emit_kv` their keys and
+        values [B, K, T, D] are returned for a prefill's cache, else None); or this layer's cache
+        (k, v), [B, K, S, D] each: the new keys and values are written at slots `mask.q_offset`..,
+        the queries attend over the whole cache, and the updated cache is returned."""
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, t, _ = x.shape
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
         q = dense(cfg.num_heads * cfg.head_dim, ("embed", "q_heads"), name="q_proj", **kw)(h)
         k = dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), name="k_proj", **kw)(h)
         v = dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), name="v_proj", **kw)(h)
-        q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), cos, sin)
-        k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), cos, sin).swapaxes(1, 2)
+        k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), cos, sin).swapaxes(1, 2)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim).swapaxes(1, 2)
+        q = nn.with_logical_constraint(q, ("batch", "q_heads", "length", None))
+        k, v = (nn.with_logical_constraint(a, ("batch", "kv_heads", "length", None)) for a in (k, v))
+        implementation = self.attention
         if kv is not None:
-            ck, cv = kv
-            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+            k, v = (jax.lax.dynamic_update_slice(c, a.astype(c.dtype), (0, 0, mask.q_offset, 0))
+                    for c, a in zip(kv, (k, v)))
+            kv, implementation = (k, v), "xla"
+        elif self.emit_kv:
             kv = (k, v)
-        attn = dot_attention(q, k, v, mask, self.dtype)
+        attn = attend(q, k, v, mask, implementation, self.dtype).swapaxes(1, 2).reshape(b, t, -1)
+        attn = nn.with_logical_constraint(attn, ("batch", "length", "q_heads"))
         x = x + dense(cfg.hidden_size, ("q_heads", "embed"), use_bias=False, name="o_proj", **kw)(attn)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         h = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         gate = dense(cfg.intermediate_size, ("embed", "mlp"), use_bias=False, name="gate_proj", **kw)(h)
         up = dense(cfg.intermediate_size, ("embed", "mlp"), use_bias=False, name="up_proj", **kw)(h)
-        x = x + dense(cfg.hidden_size, ("mlp", "embed"), use_bias=False, name="down_proj", **kw)(nn.silu(gate) * up)
-        return x, kv
+        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        x = x + dense(cfg.hidden_size, ("mlp", "embed"), use_bias=False, name="down_proj", **kw)(hidden)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), kv
 
 
 class Qwen2Decoder(nn.Module):
-    """Embeddings in, final-norm hidden states out; optionally reading and extending a KV cache."""
+    """Embeddings in, final-norm hidden states out; a prefill also returns the KV cache, a decode
+    step extends it."""
 
     cfg: TextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = "auto"  # see models.attention
 
     @nn.compact
-    def __call__(self, x, positions, attention_mask, cache: KVCache | None = None, branches=None):
-        """x: [B, T, E]; positions: [3, B, T] or [B, T]; attention_mask: [B, T] (0 = left padding).
+    def __call__(self, x, positions, attention_mask, branches=None, cache_len: int | None = None):
+        """x: [B, T, E]; positions: [3, B, T] or [B, T]; attention_mask: [B, T] (0 = padding).
 
         branches: optional [B, T] int for prefix sharing in one pass: a token of branch k > 0 sees
         the shared prefix (branch 0) and earlier tokens of branch k only, so several continuations
         of one prefix are scored as if each were its own sequence (give them the positions they
-        would have there). Not combined with a cache.
+        would have there).
+        cache_len: also return a KVCache of cache_len >= T slots holding these tokens (a prefill);
+        else the cache returned is None.
         """
-        t = x.shape[1]
-        attention_mask = attention_mask.astype(bool)
-        if cache is None:
-            kv_mask, index, kv = attention_mask, jnp.zeros((), jnp.int32), None
-        else:
-            kv_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
-            index, kv = cache.index, (cache.k, cache.v)
-        q_slot = index + jnp.arange(t)
-        k_slot = jnp.arange(kv_mask.shape[1])
-        causal = k_slot[None, :] <= q_slot[:, None]
-        # A padding query would see no key at all; letting it see itself keeps softmax finite.
-        mask = kv_mask[:, None, :] & causal[None]
+        valid = attention_mask.astype(bool)
+        segment = valid.astype(jnp.int32)
+        shared = None
         if branches is not None:
-            if cache is not None:
-                raise ValueError("branches cannot be combined with a KV cache")
-            mask &= (branches[:, None, :] == 0) | (branches[:, None, :] == branches[:, :, None])
-        mask |= (k_slot[None, :] == q_slot[:, None])[None]
+            segment = jnp.where(valid, branches + 1, 0)
+            shared = valid & (branches == 0)
+        implementation = resolve(self.attention, self.dtype)
+        mask = AttentionMask(q_segment=segment, kv_segment=segment, kv_shared=shared, causal=True)
+        mask = mask.prepare(implementation, self.dtype)
         cos, sin = rope_cos_sin(self.cfg, positions)
-
-        stack = layer_stack(DecoderLayer, self.cfg.num_layers, self.remat, num_broadcast=4)
-        x, kv = stack(self.cfg, self.dtype, self.param_dtype, name="layers")(x, kv, cos, sin, mask, index)
+        stack = layer_stack(DecoderLayer, self.cfg.num_layers, self.remat, num_broadcast=3)
+        layers = stack(self.cfg, self.dtype, self.param_dtype, implementation, emit_kv=bool(cache_len), name="layers")
+        x, kv = layers(x, None, cos, sin, mask)
         x = RMSNorm(self.cfg.rms_norm_eps, name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-        if cache is not None:
-            cache = cache.replace(k=kv[0], v=kv[1], mask=kv_mask, index=index + t)
-        return x, cache
+        return x, (KVCache.from_prefill(*kv, valid, cache_len) if cache_len else None)
+
+    def decode(self, x, positions, attention_mask, cache: KVCache):
+        """x: [B, t, E] of t new tokens (positions [3, B, t] or [B, t], attention_mask [B, t]),
+        written into `cache` at its index; they attend to the cache's real slots and causally to
+        each other. Params in the layout of `QwenCausalLM.decode_params`. Returns the final-norm
+        hidden states [B, t, E] and the extended cache."""
+        params = self.variables["params"]
+        if not isinstance(params["layers"], (tuple, list)):
+            raise TypeError("decode reads per-layer params: pass QwenCausalLM.decode_params(params)")
+        t = x.shape[1]
+        new = attention_mask.astype(jnp.int32)
+        kv_mask = jax.lax.dynamic_update_slice(cache.mask, new.astype(bool), (0, cache.index))
+        mask = AttentionMask(q_segment=new, kv_segment=kv_mask.astype(jnp.int32), q_offset=cache.index, causal=True)
+        cos, sin = rope_cos_sin(self.cfg, positions)
+        layer = DecoderLayer(self.cfg, self.dtype, self.param_dtype, "xla", parent=None)
+        ks, vs = [], []
+        for p, k, v in zip(params["layers"], cache.k, cache.v):
+            x, (k, v) = layer.apply({"params": p}, x, (k, v), cos, sin, mask)
+            ks.append(k)
+            vs.append(v)
+        norm = RMSNorm(self.cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, parent=None)
+        x = norm.apply({"params": params["norm"]}, x)
+        return x, KVCache(k=tuple(ks), v=tuple(vs), mask=kv_mask, index=cache.index + t)

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from models.config import VisionConfig
-from models.layers import Dtype, RMSNorm, apply_rope, dense, dot_attention, layer_norm, layer_stack, rope_inv_freq
+from models.attention import AttentionMask, attend, resolve
+from models.layers import Dtype, RMSNorm, apply_rope, dense, layer_norm, layer_stack, rope_inv_freq
 
 
 @flax.struct.dataclass
@@ -51,6 +52,7 @@ class VisionBlock(nn.Module):
     cfg: VisionConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "xla"  # resolved (see models.attention)
 
     def _norm(self, name):
         if self.cfg.kind == "qwen2_vl":
@@ -58,16 +60,20 @@ class VisionBlock(nn.Module):
         return RMSNorm(1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
     @nn.compact
-    def __call__(self, x, is_full, cos, sin, full_mask, window_mask):
-        """x: [P, W]; is_full: [] bool, this block attends over whole frames rather than windows."""
+    def __call__(self, x, is_full, cos, sin, seg_full, seg_window):
+        """x: [P, W]; is_full: [] bool, this block attends over whole frames (segment ids seg_full
+        [P]) rather than windows (seg_window [P])."""
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         p = x.shape[0]
         h = self._norm("norm1")(x)
         qkv = dense(3 * cfg.width, ("v_embed", "v_heads"), name="qkv", **kw)(h)
         q, k, v = jnp.moveaxis(qkv.reshape(p, 3, cfg.num_heads, cfg.head_dim), 1, 0)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask = jnp.where(is_full, full_mask, window_mask)
-        attn = dot_attention(q[None], k[None], v[None], mask[None], self.dtype)[0]
+        segment = jnp.where(is_full, seg_full, seg_window)[None]
+        heads = lambda a: a.swapaxes(0, 1)[None]  # noqa: E731  [P, N, D] -> [1, N, P, D]
+        attn = attend(heads(q), heads(k), heads(v), AttentionMask(q_segment=segment, kv_segment=segment),
+                      self.attention, self.dtype)
+        attn = attn[0].swapaxes(0, 1).reshape(p, -1)
         x = x + dense(cfg.width, ("v_heads", "v_embed"), name="proj", **kw)(attn)
         h = self._norm("norm2")(x)
         if cfg.kind == "qwen2_vl":
@@ -87,6 +93,7 @@ class VisionTower(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = "auto"  # see models.attention
 
     @nn.compact
     def __call__(self, vi: VisionInputs):
@@ -100,14 +107,13 @@ class VisionTower(nn.Module):
         freqs = (vi.rot_pos[..., None].astype(jnp.float32) * inv).reshape(x.shape[0], -1)
         emb = jnp.concatenate([freqs, freqs], axis=-1)
         cos, sin = jnp.cos(emb), jnp.sin(emb)
-        full_mask = vi.seg_full[:, None] == vi.seg_full[None, :]
-        window_mask = vi.seg_window[:, None] == vi.seg_window[None, :]
         is_full = jnp.array(
             [cfg.kind == "qwen2_vl" or i in cfg.fullatt_block_indexes for i in range(cfg.depth)]
         )
 
         stack = layer_stack(VisionBlock, cfg.depth, self.remat, num_broadcast=4)
-        x, _ = stack(cfg, self.dtype, self.param_dtype, name="blocks")(x, is_full, cos, sin, full_mask, window_mask)
+        blocks = stack(cfg, self.dtype, self.param_dtype, resolve(self.attention, self.dtype), name="blocks")
+        x, _ = blocks(x, is_full, cos, sin, vi.seg_full, vi.seg_window)
 
         if cfg.kind == "qwen2_vl":
             x = layer_norm(1e-6, self.dtype, self.param_dtype, "merger_ln_q")(x)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from models import CheckpointError, ConfigError, KVCache, load_pretrained
+from models import CheckpointError, ConfigError, load_pretrained
+from models.causal_lm import QwenCausalLM
 from models.positions import text_positions
 from reference import hf_logits, vlm_batch
 
@@ -175,7 +176,7 @@ def test_bf16_compute_stays_close(hf_checkpoint):
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen2_5_vl"])
 def test_kv_cache_prefill_then_decode_equals_full_forward(hf_checkpoint, arch):
-    """Prefill T-k tokens into a cache, feed the rest one at a time: same logits as one forward."""
+    """Prefill T-k tokens into a cache, decode the rest one at a time: same logits as one forward."""
     _, path = hf_checkpoint(arch)
     model = load_pretrained(path)
     rng = np.random.default_rng(5)
@@ -192,13 +193,14 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(hf_checkpoint, arch):
     t = ids.shape[1]
     pos = inputs["positions"]
     apply = model.module.apply
-    cache = KVCache.empty(model.config.text, ids.shape[0], t + 4)
     logits, cache = apply({"params": model.params}, ids[:, : t - k], pos[..., : t - k], mask[:, : t - k],
-                          inputs["vision"], cache)
+                          inputs["vision"], t + 4)
     steps = [np.asarray(logits)]
+    decode_params = model.module.decode_params(model.params)
     for j in range(t - k, t):
-        logits, cache = apply({"params": model.params}, ids[:, j:j + 1], pos[..., j:j + 1], mask[:, j:j + 1], None, cache)
-        steps.append(np.asarray(logits))
+        h, cache = apply({"params": decode_params}, ids[:, j:j + 1], pos[..., j:j + 1], mask[:, j:j + 1], cache,
+                         method=QwenCausalLM.decode)
+        steps.append(np.asarray(apply({"params": decode_params}, h, method=QwenCausalLM.logits)))
     _compare(np.concatenate(steps, axis=1), full, mask)
     # Decoding continues at n_valid + rope_delta on every row (what the sampler relies on).
     n_valid = mask.sum(1)

@@ -1,6 +1,7 @@
 """The jitted sampler against transformers' generate, a full-forward recompute, and statistics."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ from pr1_jax.sampling import SamplingConfig, Sampler, filter_logits, next_tokens
 from pr1_jax.sharding import batch_sharding, make_mesh, param_shardings, placer
 from models import abstract_params
 from models.causal_lm import QwenCausalLM
-from reference import vlm_batch
+from reference import IMAGE, vlm_batch
 
 EOS = (2, 7)
 PAD = 0
@@ -66,19 +67,29 @@ def test_greedy_matches_transformers_generate(hf_checkpoint, arch):
 
 
 def _recompute_logprobs(model, ids, mask, pv, thw, out, n, temperature):
-    """One full forward over prompt + response per sample; log-probs of the response tokens."""
+    """One full forward over prompt + response per sample; log-probs of the response tokens. The
+    response continues the prompt's positions and its tokens are text, even a sampled image token
+    (as the learner scores them)."""
     tokens, resp_mask = np.asarray(out.tokens), np.asarray(out.mask)
     patches = np.cumsum([0] + [sum(int(np.prod(g)) for g in grids) for grids in ROW_GRIDS])
     grids = np.cumsum([0] + [len(g) for g in ROW_GRIDS])
-    t = ids.shape[1]
+    t, new = ids.shape[1], tokens.shape[1]
+    apply = functools.partial(model.module.apply, {"params": model.params})
     result = []
     for i in range(tokens.shape[0]):
         r = i // n
         kw = {}
         if pv is not None and grids[r + 1] > grids[r]:
             kw = dict(pixel_values=pv[patches[r]:patches[r + 1]], image_grid_thw=thw[grids[r]:grids[r + 1]])
-        logits = model(np.concatenate([ids[r], tokens[i]])[None], np.concatenate([mask[r], resp_mask[i]])[None], **kw)
-        result.append(np.asarray(token_logprobs(logits[:, t - 1:-1], jnp.asarray(tokens[i:i + 1]), temperature or 1.0)))
+        prompt = model.prepare_inputs(ids[r:r + 1], mask[r:r + 1], **kw)
+        start = mask[r].sum() + prompt["rope_deltas"][0]
+        pos = prompt["positions"]
+        pos = np.concatenate([pos, np.broadcast_to(start + np.arange(new), pos.shape[:-1] + (new,))], -1)
+        seq = np.concatenate([ids[r], tokens[i]])[None]
+        h, _ = apply(seq, pos, np.concatenate([mask[r], resp_mask[i]])[None], prompt["vision"],
+                     image_mask=(seq == IMAGE) & (np.arange(t + new) < t), method=QwenCausalLM.hidden_states)
+        logits = apply(h[:, t - 1:-1], method=QwenCausalLM.logits)
+        result.append(np.asarray(token_logprobs(logits, jnp.asarray(tokens[i:i + 1]), temperature or 1.0)))
     return np.concatenate(result), resp_mask
 
 
@@ -115,17 +126,38 @@ def test_fixed_seed_reproducible_and_shared_prefill_equals_separate(hf_checkpoin
     np.testing.assert_allclose(a.logprobs, sep.logprobs, atol=1e-5)
 
 
-def test_first_step_frequencies_match_softmax():
-    """Chi-square of 20000 draws at temperature 1 against softmax(logits)."""
-    logits = jnp.asarray(np.random.default_rng(0).standard_normal(12) * 1.5, jnp.float32)
+@pytest.mark.parametrize("vocab", [12, 3000])
+def test_first_step_frequencies_match_softmax(vocab):
+    """Chi-square of 20000 draws at temperature 1 against softmax(logits); with 3000 tokens the
+    draw goes through blocks of the vocabulary (12 likely tokens spread over them, the rest one bin).
+    The log-probs reported are log softmax of the drawn tokens."""
+    rng = np.random.default_rng(0)
+    logits = np.full(vocab, -4.0, np.float32)
+    hot = rng.choice(vocab, 12, replace=False)
+    logits[hot] = rng.standard_normal(12) * 1.5
+    logits = jnp.asarray(logits)
     draws = 20000
     keys = jax.random.split(jax.random.key(0), draws)
     cfg = SamplingConfig(max_new_tokens=1, eos_ids=(0,), pad_id=0, temperature=1.0)
-    tokens, _ = next_tokens(jnp.broadcast_to(logits, (draws, 12)), keys, cfg)
-    counts = np.bincount(np.asarray(tokens), minlength=12)
+    tokens, logp = next_tokens(jnp.broadcast_to(logits, (draws, vocab)), keys, cfg)
+    tokens = np.asarray(tokens)
     p = np.asarray(jax.nn.softmax(logits), np.float64)
-    expected = p / p.sum() * draws
-    assert stats.chisquare(counts, expected).pvalue > 1e-3
+    bins = np.full(vocab, 12)
+    bins[hot] = np.arange(12)
+    counts = np.bincount(bins[tokens], minlength=13)
+    expected = np.bincount(bins, weights=p, minlength=13) / p.sum() * draws
+    used = expected > 0
+    assert stats.chisquare(counts[used], expected[used]).pvalue > 1e-3
+    np.testing.assert_allclose(np.asarray(logp), np.log(p[tokens]), atol=1e-5)
+
+
+def test_truncated_tokens_are_never_drawn():
+    """top-k 3 of 3000 (three blocks of the vocabulary): only those three come out."""
+    logits = jnp.asarray(np.random.default_rng(1).standard_normal((64, 3000)), jnp.float32)
+    cfg = SamplingConfig(max_new_tokens=1, eos_ids=(0,), pad_id=0, temperature=1.0, top_k=3)
+    tokens, _ = next_tokens(logits, jax.random.split(jax.random.key(0), 64), cfg)
+    top3 = np.argsort(np.asarray(logits), axis=-1)[:, -3:]
+    assert all(t in row for t, row in zip(np.asarray(tokens), top3))
 
 
 def test_top_k_top_p_filter():

@@ -1,0 +1,179 @@
+"""Attention for the decoder and the vision towers: one entry point, one description of the mask,
+and the implementations the models' `attention` setting chooses from.
+
+    out = attend(q, k, v, mask, implementation, dtype)   # [B, H, T, D]
+
+q: [B, H, T, D]; k, v: [B, K, S, D], H a multiple of K (grouped-query: query head h reads KV head
+h // (H // K)). Heads-major, the layout of the decode KV cache (`models.qwen2.KVCache`), so a
+decode step reads the cache where it lies. Scores are scaled by 1/sqrt(D).
+
+`AttentionMask` says which keys each query sees with per-token vectors rather than a dense
+[T, S] tensor: query t (cache slot `q_offset + t`) sees key s when their segment ids are equal
+or the key is `kv_shared`, and, if `causal`, when s <= q_offset + t. Every mask the models use is
+of this form: left / right padding (segment 0 = padding, 1 = tokens; a padding query sees padding,
+so no row is empty), the judge's prefix-sharing branches (segment = branch, the shared prefix
+visible to all), Qwen2-VL frames and Qwen2.5-VL windows (segment = frame or window), the filled
+slots of a KV cache.
+
+Implementations:
+- "xla": fp32 scores [B, K, G, T, S] and softmax, the way transformers' eager path computes them
+  (the parity path on CPU; decode steps always take it: at T = 1 its scores are a sliver next to
+  the cache it reads). The mask is compared from the vectors inside the softmax fusion.
+- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused flash attention
+  (GPU, bf16 / fp16): no [T, S] scores in memory; `is_causal` for causal masks; segments and
+  shared keys enter as one additive bias [B, 1, T, S] in the compute dtype (`AttentionMask.prepare`
+  builds it once per forward, outside the layer loop, the same for every layer and head).
+- "pallas": splash attention (TPU, `jax.experimental.pallas.ops.tpu.splash_attention`): causal
+  masks and segment ids in the kernel, no O(T x S) tensor at all. Masks with shared keys (the
+  judge's prefix) are not segment masks: they take "xla". On other backends the kernel runs in
+  Pallas' interpreter (tests).
+- "auto": "cudnn" on GPUs for bf16 / fp16 compute, "pallas" on TPUs, "xla" otherwise.
+
+Under a mesh context with logical axis rules (`models.layers.activation_sharding`), the splash
+kernel runs per shard (batch over the rules' `batch` axes, heads over `q_heads` / `kv_heads`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
+_SPLASH_BLOCK = 128  # splash's default block sizes; sequences and head dims are padded to it
+
+
+def resolve(setting: str, dtype) -> str:
+    """The implementation `setting` stands for on the default backend, for compute `dtype`."""
+    if setting not in IMPLEMENTATIONS:
+        raise ValueError(f"attention {setting!r}: expected one of {IMPLEMENTATIONS}")
+    if setting != "auto":
+        return setting
+    backend = jax.default_backend()
+    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "pallas" if backend == "tpu" else "xla"
+
+
+@flax.struct.dataclass
+class AttentionMask:
+    """Which keys each query sees (see the module docstring).
+
+    q_segment: [B, T] int32; kv_segment: [B, S] int32; kv_shared: [B, S] bool or None;
+    q_offset: [] int32, the cache slot of query 0; causal: static. bias: [B, 1, T, S] in the
+    compute dtype (0 or a large negative), only when `prepare` made it for "cudnn".
+    """
+
+    q_segment: jax.Array
+    kv_segment: jax.Array
+    kv_shared: jax.Array | None = None
+    q_offset: jax.Array | int = 0
+    causal: bool = flax.struct.field(pytree_node=False, default=False)
+    bias: jax.Array | None = None
+
+    def dense(self) -> jax.Array:
+        """[B, T, S] bool."""
+        allowed = self.q_segment[:, :, None] == self.kv_segment[:, None, :]
+        if self.kv_shared is not None:
+            allowed |= self.kv_shared[:, None, :]
+        if self.causal:
+            t, s = self.q_segment.shape[1], self.kv_segment.shape[1]
+            allowed &= jnp.arange(s)[None, None, :] <= (self.q_offset + jnp.arange(t))[None, :, None]
+        return allowed
+
+    def prepare(self, implementation: str, dtype) -> "AttentionMask":
+        """The mask with what `implementation` needs computed once (call it outside a layer loop)."""
+        if implementation != "cudnn":
+            return self
+        bias = jnp.where(self.dense(), 0.0, jnp.finfo(dtype).min).astype(dtype)[:, None]
+        return self.replace(bias=bias)
+
+
+def attend(q, k, v, mask: AttentionMask, implementation: str, dtype):
+    """q [B, H, T, D], k / v [B, K, S, D] -> [B, H, T, D] in `dtype`. `implementation` resolved
+    (not "auto"); see the module docstring."""
+    if implementation == "pallas" and mask.kv_shared is None:
+        return _splash(q, k, v, mask).astype(dtype)
+    if implementation == "cudnn":
+        return _cudnn(q, k, v, mask, dtype)
+    return _xla(q, k, v, mask, dtype)
+
+
+def _xla(q, k, v, mask: AttentionMask, dtype):
+    b, h, t, d = q.shape
+    kh = k.shape[1]
+    q = q.reshape(b, kh, h // kh, t, d)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.where(mask.dense()[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return jnp.einsum("bkgts,bksd->bkgtd", probs, v.astype(dtype)).reshape(b, h, t, d)
+
+
+def _cudnn(q, k, v, mask: AttentionMask, dtype):
+    if mask.bias is None:
+        mask = mask.prepare("cudnn", dtype)
+    # jax.nn.dot_product_attention takes [B, T, N, D]; cuDNN is told about causality so that it
+    # skips the blocks above the diagonal (the bias repeats it, harmlessly).
+    out = jax.nn.dot_product_attention(
+        q.swapaxes(1, 2).astype(dtype), k.swapaxes(1, 2).astype(dtype), v.swapaxes(1, 2).astype(dtype),
+        bias=mask.bias, is_causal=mask.causal, implementation="cudnn")
+    return out.swapaxes(1, 2)
+
+
+def _splash(q, k, v, mask: AttentionMask):
+    """Splash attention on [B, H, T, D] / [B, K, S, D]; per shard under a mesh context."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return _splash_local(q, k, v, mask.q_segment, mask.kv_segment, mask.causal)
+    spec = functools.partial(_local_spec, mesh=mesh, rules=rules)
+    q_spec = spec(("batch", "q_heads", None, None), q.shape)
+    kv_spec = spec(("batch", "kv_heads", None, None), k.shape)
+    # GQA groups must stay whole on a shard: heads split only where both head counts divide.
+    if (q_spec[1] is None) != (kv_spec[1] is None):
+        q_spec, kv_spec = (jax.sharding.PartitionSpec(s[0], None, None, None) for s in (q_spec, kv_spec))
+    seg_spec = jax.sharding.PartitionSpec(q_spec[0], None)
+    fn = functools.partial(_splash_local, causal=mask.causal)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v, mask.q_segment, mask.kv_segment)
+
+
+def _local_spec(names, shape, mesh, rules) -> jax.sharding.PartitionSpec:
+    """Mesh axes of `names` under `rules`; a dimension they do not divide stays whole."""
+    axes = []
+    for dim, ax in zip(shape, nn.logical_to_mesh_axes(names, rules)):
+        size = math.prod(mesh.shape[a] for a in ((ax,) if isinstance(ax, str) else ax or ()))
+        axes.append(ax if ax is not None and dim % size == 0 else None)
+    return jax.sharding.PartitionSpec(*axes)
+
+
+def _splash_local(q, k, v, q_segment, kv_segment, causal: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, h, t, d = q.shape
+    kh, s = k.shape[1], k.shape[2]
+    g = h // kh
+    # Blocks of 128 along T, S and D: padded queries and keys get segment -1 (they see each other
+    # only), zero-padded head dims leave q.k and the sliced output unchanged.
+    tp, sp, dp = (-(-n // _SPLASH_BLOCK) * _SPLASH_BLOCK for n in (t, s, d))
+
+    def pad(x, n, axis):
+        return jnp.pad(x, [(0, n - x.shape[axis]) if i == axis else (0, 0) for i in range(x.ndim)])
+
+    q = pad(pad(q * (d ** -0.5), tp, 2), dp, 3).reshape(b, kh, g, tp, dp)
+    k, v = (pad(pad(x, sp, 2), dp, 3) for x in (k, v))
+    q_seg = jnp.pad(q_segment, ((0, 0), (0, tp - t)), constant_values=-1)
+    kv_seg = jnp.pad(kv_segment, ((0, 0), (0, sp - s)), constant_values=-1)
+    base = sm.CausalMask((tp, sp)) if causal else sm.FullMask((tp, sp))
+    kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([base] * g),
+                                              interpret=jax.default_backend() != "tpu")
+    one_group = lambda qg, kg, vg, seg: kernel(qg, kg, vg, segment_ids=seg)  # noqa: E731
+    per_row = jax.vmap(one_group, in_axes=(0, 0, 0, None))  # over KV heads
+    out = jax.vmap(per_row)(q, k, v, sk.SegmentIds(q=q_seg, kv=kv_seg))
+    return out.reshape(b, h, tp, dp)[:, :, :t, :d]
+

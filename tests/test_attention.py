@@ -1,0 +1,79 @@
+"""The attention implementations against each other: splash attention (Pallas' interpreter on CPU)
+against the XLA path, on the masks the models build; the `auto` choice per backend; the models
+with each implementation against transformers' logits (the parity tests use `auto` = XLA on CPU)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import load_pretrained
+from models.attention import AttentionMask, attend, resolve
+from models.layers import activation_sharding
+from pr1_jax.sharding import RULES, make_mesh
+from reference import hf_logits, vlm_batch
+
+
+def _qkv(rng, b, h, kh, t, d):
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((b, h, t, d), (b, kh, t, d), (b, kh, t, d)))
+    return q, k, v
+
+
+def _padded_segments(b, t):
+    """Row 0 right-padded (a learner row), row 1 left-padded (a prompt), others full."""
+    seg = np.ones((b, t), np.int32)
+    seg[0, t - 5:] = 0
+    seg[1, :7] = 0
+    return jnp.asarray(seg)
+
+
+@pytest.mark.parametrize("causal,d", [(True, 32), (False, 80)])
+def test_splash_matches_xla(causal, d):
+    """Causal with padding (the decoder), and segments without causality at an unaligned head dim
+    (Qwen2.5-VL vision windows, head dim 80)."""
+    q, k, v = _qkv(np.random.default_rng(0), 2, 4, 2, 40, d)
+    seg = _padded_segments(2, 40) if causal else jnp.asarray(np.repeat(np.arange(5), 8)[None].repeat(2, 0))
+    mask = AttentionMask(q_segment=seg, kv_segment=seg, causal=causal)
+    ref = attend(q, k, v, mask, "xla", jnp.float32)
+    np.testing.assert_allclose(attend(q, k, v, mask, "pallas", jnp.float32), ref, atol=1e-5)
+
+
+def test_splash_per_shard_under_a_mesh():
+    """Inside `activation_sharding` the kernel runs per shard (rows over data x fsdp, heads over tensor)."""
+    q, k, v = _qkv(np.random.default_rng(1), 4, 4, 2, 24, 32)
+    seg = _padded_segments(4, 24)
+    mask = AttentionMask(q_segment=seg, kv_segment=seg, causal=True)
+    ref = attend(q, k, v, mask, "xla", jnp.float32)
+    mesh = make_mesh((1, 4, 2))
+
+    def sharded(q, k, v, mask):
+        with activation_sharding(mesh, RULES):
+            return attend(q, k, v, mask, "pallas", jnp.float32)
+
+    # Placed on the mesh as a sampler's or learner's inputs are: the program spans its devices.
+    q, k, v, mask = jax.device_put((q, k, v, mask), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    out = jax.jit(sharded)(q, k, v, mask)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_auto_per_backend(monkeypatch):
+    assert resolve("auto", jnp.float32) == "xla"  # CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert resolve("auto", jnp.bfloat16) == "cudnn"
+    assert resolve("auto", jnp.float32) == "xla"  # cuDNN's flash attention takes bf16 / fp16 only
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert resolve("auto", jnp.float32) == "pallas"
+    assert resolve("cudnn", jnp.float32) == "cudnn"
+    with pytest.raises(ValueError, match="attention 'flash'"):
+        resolve("flash", jnp.float32)
+
+
+def test_models_with_splash_match_transformers(hf_checkpoint):
+    """Qwen2.5-VL (window and full attention in the tower, a left-padded batch in the decoder)
+    with `attention="pallas"` against transformers."""
+    hf, path = hf_checkpoint("qwen2_5_vl")
+    model = load_pretrained(path, attention="pallas")
+    ids, mask, mm, pv, thw = vlm_batch([[(1, 6, 10)], [(1, 4, 4)]], [(2, 3), (5, 1)], np.random.default_rng(2))
+    ours = model(ids, attention_mask=mask, pixel_values=pv, image_grid_thw=thw)
+    ref = hf_logits(hf, ids, mask, mm, pv, thw)
+    assert np.abs(np.asarray(ours) - ref)[mask.astype(bool)].max() <= 1e-4
