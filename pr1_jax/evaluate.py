@@ -1,93 +1,268 @@
-"""`python -m pr1_jax.evaluate (--checkpoint RUN_DIR[/STEP] | --model HF_DIR) --data PATH... --out R.jsonl`
+"""`python -m pr1_jax.evaluate --benchmark NAME --data PATH... (--checkpoint RUN_DIR[/STEP] | --model HF_DIR) --out R.jsonl`
 
-Greedy accuracy (and format, n-gram penalty) of a policy on a dataset, one JSON line per sample
-(`id`, `answer`, `response`, reward terms) so two runs can be compared with `pr1_jax.mcnemar`.
-With --checkpoint the run's data settings (columns, tokenizer, pixel limits) are the starting
-point; `key=value` arguments override DataConfig fields (e.g. `problem_column=question`).
+Greedy evaluation on the paper's benchmarks (mathvision, mathvista, mathverse, wemath; geometry3k
+and perception_r1, the training parquet; file formats in `pr1_jax/evaluation/benchmarks.py`):
+one result line per problem (`id`, `correct`, `response`, ...: `pr1_jax/evaluation/report.py`),
+and a report, overall and per category, printed and written as JSON (`--report`, default
+R.report.json). `python -m pr1_jax.mcnemar A.jsonl B.jsonl` compares two result files.
+
+Modes
+  (default)          responses from our sampler (greedy, length buckets, `--max-new-tokens`,
+                     `--batch-size`), scored as they come and appended to --out; a rerun resumes
+                     (problems already in --out are not generated again; `--no-resume` starts over)
+  --prompts-only     with `--tokenizer DIR`: one line per problem {"id", "prompt", "images"} (the
+                     rendered chat, the image paths), no model
+  --score RESP.jsonl scores a response file (lines {"id", "response"}), no policy
+  --answer-judge DIR with either of the above: the reference's LLM answer judge (a Qwen2 /
+                     Qwen2.5 checkpoint) decides `correct`; the rules' verdict stays in `rules`
+
+The prompt is the reference's: the question (choices as "A. text" lines, per benchmark) with the
+format prompt after one space, the image first, the tokenizer's chat template with the
+generation prompt. With --checkpoint the run's data settings (tokenizer, chat template, pixel
+bounds, format prompt, prompt length) are the starting point and its stop tokens end a response;
+with --model the reference's format prompt (`format_prompt=paper` in the user turn) and stop
+tokens (<|im_end|>, <|endoftext|>). `key=value` arguments override DataConfig fields, e.g.
+`max_prompt_length=8192` (longer prompts are skipped and counted) or `format_prompt=project
+format_prompt_placement=system`.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
+from typing import Sequence
 
-import jax
-import numpy as np
-
-from models.pretrained import load_pretrained
 from pr1_jax import configlib
 from pr1_jax.checkpoint import CheckpointRestoreError
 from pr1_jax.data.config import DataConfig
-from pr1_jax.data.pipeline import make_iterator
-from pr1_jax.data.processing import load_tokenizer
-from pr1_jax.export import load_run_policy, quiet_logging
-from pr1_jax.rewards import RewardConfig, RewardScorer, combine_batch, mean_metrics
-from pr1_jax.rollout import rollout
-from pr1_jax.sampling import SamplingConfig, Sampler
+from pr1_jax.data.processing import ExampleProcessor, load_tokenizer
+from pr1_jax.data.records import BadRecordError
+from pr1_jax.evaluation import scoring
+from pr1_jax.evaluation.benchmarks import BENCHMARKS, Problem, eval_data_config, read_problems
+from pr1_jax.evaluation.report import build_report, format_table, read_rows
+from pr1_jax.export import quiet_logging
+from pr1_jax.rewards import RewardConfig, RewardScorer
 
 log = logging.getLogger("pr1_jax")
 
+# The reference's generation config (Qwen2-VL / Qwen2.5-VL Instruct): it stops at either.
+REFERENCE_STOP = ("<|im_end|>", "<|endoftext|>")
 
-def evaluate(model, tokenizer, data: DataConfig, out: Path, max_new_tokens: int, reward: RewardConfig) -> dict:
-    """Writes `out` (JSONL, one sample per line) and returns the mean metrics."""
-    sampler = Sampler(model.module, SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0
-                                                   ).with_tokenizer(tokenizer))
-    data = dataclasses.replace(data, shuffle=False, num_epochs=1, drop_remainder=False, shard_index=0, shard_count=1)
-    rows, all_scores = [], []
-    it = make_iterator(data, tokenizer)
-    with RewardScorer(reward) as scorer:
-        for batch in it:
-            texts = rollout(model, model.params, sampler, tokenizer, batch, jax.random.key(0),
-                            patches_per_row=data.patch_limit_per_record).texts
-            valid = np.asarray(batch["example_valid"], bool)
-            recs = [dict(response=t, ground_truth=a) for t, a, v in zip(texts, batch["answer"], valid) if v]
-            # No judge here: the visual term is left out of these scores and of `overall`.
-            scores = combine_batch(scorer.submit(recs).result().terms, None, reward.weights)
-            all_scores += scores
-            ids = [i for i, v in zip(batch["record_id"], valid) if v]
-            for rid, rec, s in zip(ids, recs, scores):
-                rows.append(dict(id=rid, answer=rec["ground_truth"], response=rec["response"],
-                                 **{k: v for k, v in s.items() if k not in ("has_visual", "visual")}))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = mean_metrics(all_scores) if all_scores else {}
-    summary.update(samples=len(rows), skipped=sum(it.skip_counts.values()))
-    return summary
+
+def scorer_config(workers: int) -> RewardConfig:
+    """The rules' verdict and the format reward, each call bounded in a worker process."""
+    return RewardConfig(weights={"benchmark_correct": 1.0, "format": 0.0}, options={}, timeout_s=10.0,
+                        num_workers=workers)
+
+
+def submit_scores(scorer: RewardScorer, problems: Sequence[Problem], responses: Sequence[str]):
+    """The scorer's future for these responses (`result_rows` reads it)."""
+    return scorer.submit([dict(response=r, ground_truth=p.answer, choice=p.choice, options=p.options,
+                               option_values=p.option_values, precision=p.precision)
+                          for p, r in zip(problems, responses)])
+
+
+def result_rows(problems: Sequence[Problem], responses: Sequence[str], scores,
+                response_tokens: Sequence[int] | None = None) -> list[dict]:
+    """One result line per problem (see `pr1_jax.evaluation.report`)."""
+    rows = []
+    tokens = response_tokens if response_tokens is not None else [None] * len(problems)
+    for p, r, t, n in zip(problems, responses, scores.result().terms, tokens):
+        row = dict(id=p.id, correct=int(t["benchmark_correct"]), rules=int(t["benchmark_correct"]),
+                   format=int(t["format"]), answer=p.answer, extracted=scoring.final_answer(r), response=r,
+                   categories={k: list(v) if isinstance(v, tuple) else v for k, v in p.categories.items()})
+        if n is not None:
+            row["response_tokens"] = int(n)
+        if p.group is not None:
+            row.update(group=p.group, step=p.step)
+        if p.annotations:
+            row["annotations"] = list(p.annotations)
+        rows.append(row)
+    return rows
+
+
+def write_rows(path: Path, rows: Sequence[dict], mode: str = "w") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open(mode, encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def prompts_only(problems: Sequence[Problem], data: DataConfig, tokenizer_dir: str, out: Path,
+                 unreadable: collections.Counter) -> None:
+    proc = ExampleProcessor(data, load_tokenizer(tokenizer_dir, data.chat_template_path))
+    rows = []
+    for p in problems:
+        try:
+            prompt = proc.prompt_text(p.record())
+        except ValueError as e:  # e.g. placeholders that do not match the images
+            unreadable["invalid_record"] += 1
+            log.warning("skipping problem %r: %s", p.id, e)
+            continue
+        rows.append(dict(id=p.id, prompt=prompt, images=[img.describe() for img in p.images]))
+    write_rows(out, rows)
+    log.info("wrote %d prompts to %s", len(rows), out)
+
+
+def read_responses(path: str, problems: Sequence[Problem]) -> tuple[list[Problem], list[str]]:
+    """The problems a response file answers (in benchmark order) and their responses."""
+    responses = {}
+    for row in read_rows(path):
+        if not isinstance(row.get("response"), str):
+            raise ValueError(f"{path}: the line of {row['id']!r} has no response text")
+        responses[str(row["id"])] = row["response"]
+    known = {p.id for p in problems}
+    unknown = sorted(set(responses) - known)
+    if unknown:
+        log.warning("%s: %d responses for ids that are not problems of the benchmark files (e.g. %r), ignored",
+                    path, len(unknown), unknown[0])
+    answered = [p for p in problems if p.id in responses]
+    if len(answered) < len(problems):
+        log.warning("%s answers %d of %d problems", path, len(answered), len(problems))
+    return answered, [responses[p.id] for p in answered]
+
+
+def generate_and_score(args, problems: Sequence[Problem], data: DataConfig, out: Path,
+                       skips: collections.Counter) -> None:
+    """Responses from the policy, scored and appended to `out` batch by batch (scoring a batch in
+    the workers while the next one is generated)."""
+    from pr1_jax.evaluation.generation import generate, greedy_config
+    from pr1_jax.export import load_run_policy
+    from pr1_jax.sampling import SamplingConfig
+    from pr1_jax.sharding import load_model, make_mesh
+
+    mesh = make_mesh()
+    if args.checkpoint:
+        cfg, _, model = load_run_policy(args.checkpoint, mesh)
+        sampling = cfg.sampling
+    else:
+        model, sampling = load_model(args.model, mesh, dtype=args.dtype), SamplingConfig(eos_tokens=REFERENCE_STOP)
+    tokenizer = load_tokenizer(data.tokenizer_path, data.chat_template_path)
+    by_id = {p.id: p for p in problems}
+    done, pending = 0, None
+    with RewardScorer(scorer_config(args.workers)) as scorer:
+        for ids, ro in generate(model, model.params, tokenizer, problems, data,
+                                greedy_config(sampling, args.max_new_tokens, tokenizer), mesh, skips):
+            if pending:
+                write_rows(out, result_rows(*pending), "a")
+            batch = [by_id[i] for i in ids]
+            pending = (batch, ro.texts, submit_scores(scorer, batch, ro.texts), ro.samples.lengths.tolist())
+            done += len(ids)
+            log.info("generated %d / %d", done, len(problems))
+        if pending:
+            write_rows(out, result_rows(*pending), "a")
+
+
+def judge_answers(args, problems: Sequence[Problem], rows: list[dict]) -> None:
+    """`correct` = the reference's answer judge's verdict, in place; `judge`, `judge_margin` beside."""
+    from pr1_jax.evaluation.answer_judge import AnswerJudge
+    from pr1_jax.sharding import make_mesh
+
+    by_id = {p.id: p for p in problems}
+    judge = AnswerJudge.load(args.answer_judge, mesh=make_mesh(), dtype=args.judge_dtype,
+                             tokenizer_path=args.answer_judge_tokenizer)
+    result = judge.submit([by_id[r["id"]] for r in rows], [r["response"] for r in rows]).result()
+    for r, v, m in zip(rows, result["verdicts"], result["margins"]):
+        r.update(correct=int(v[0]), judge=int(v[0]), judge_margin=float(m[0]))
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m pr1_jax.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--benchmark", required=True, choices=BENCHMARKS)
+    p.add_argument("--data", nargs="+", required=True, help="the benchmark's files or directories")
+    p.add_argument("--image-root", help="directory relative image paths are read from (default: each file's)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", help="RUN_DIR (latest step) or RUN_DIR/STEP of a pr1_jax.train run")
+    src.add_argument("--model", help="a Hugging Face checkpoint directory (e.g. an export)")
+    src.add_argument("--prompts-only", action="store_true", help="write the prompts, no model (needs --tokenizer)")
+    src.add_argument("--score", metavar="RESPONSES", help="score a response file ({'id', 'response'} lines)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's or the run's)")
+    p.add_argument("--out", required=True, help="result (or prompt) lines, JSONL")
+    p.add_argument("--report", help="the report's JSON (default: <out>.report.json)")
+    p.add_argument("--max-new-tokens", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="bfloat16", help="compute dtype of --model (default bfloat16)")
+    p.add_argument("--no-resume", action="store_true", help="start --out over instead of resuming it")
+    p.add_argument("--workers", type=int, default=4, help="scoring worker processes")
+    p.add_argument("--answer-judge", metavar="HF_DIR", help="the LLM answer judge (Qwen2 / Qwen2.5 checkpoint)")
+    p.add_argument("--answer-judge-tokenizer", help="its tokenizer directory (default: HF_DIR)")
+    p.add_argument("--judge-dtype", default="bfloat16")
+    p.add_argument("overrides", nargs="*", help="DataConfig field=value")
+    args = p.parse_intermixed_args(argv)
+    if not (args.checkpoint or args.model or args.prompts_only or args.score):
+        p.error("give --checkpoint or --model (generate), --prompts-only, or --score")
+    if args.prompts_only and not args.tokenizer:
+        p.error("--prompts-only needs --tokenizer")
+    return args
+
+
+def data_config(args) -> DataConfig:
+    if args.checkpoint:
+        from pr1_jax.config import TrainConfig
+        from pr1_jax.export import locate
+
+        cfg = configlib.load(TrainConfig, locate(args.checkpoint)[0] / "config.yaml")
+        base, tok = cfg.data, args.tokenizer or cfg.model.tokenizer or cfg.model.policy
+    else:
+        base = DataConfig(format_prompt="paper", format_prompt_placement="user")
+        tok = args.tokenizer or args.model or ""
+    base = dataclasses.replace(eval_data_config(base, args.benchmark), tokenizer_path=tok, batch_size=args.batch_size)
+    return configlib.load(DataConfig, None, args.overrides, base=base)
+
+
+def run(args) -> dict | None:
+    data = data_config(args)
+    problems, bad = read_problems(args.benchmark, args.data, image_root=args.image_root, data=data,
+                                  strict=data.strict)
+    unreadable = collections.Counter(e.reason for e in bad)
+    for e in bad:
+        log.warning("skipping %s", e)
+    if not problems:
+        raise ValueError(f"no {args.benchmark} problems read from {args.data}")
+    log.info("%s: %d problems%s", args.benchmark, len(problems), f", {len(bad)} rows left out" if bad else "")
+    out, skips = Path(args.out), collections.Counter()
+    if args.prompts_only:
+        prompts_only(problems, data, args.tokenizer, out, unreadable)
+        return None
+    if args.score:
+        answered, responses = read_responses(args.score, problems)
+        with RewardScorer(scorer_config(args.workers)) as scorer:
+            rows = result_rows(answered, responses, submit_scores(scorer, answered, responses))
+    else:
+        if args.no_resume or not out.exists():
+            write_rows(out, [])
+        done = {str(r["id"]) for r in read_rows(out)}
+        if done:
+            log.info("resuming %s: %d problems already answered", out, len(done))
+        todo = [p for p in problems if p.id not in done]
+        if todo:
+            generate_and_score(args, todo, data, out, skips)
+        order = {p.id: k for k, p in enumerate(problems)}
+        rows = sorted((r for r in read_rows(out) if r["id"] in order), key=lambda r: order[r["id"]])
+    if args.answer_judge:
+        judge_answers(args, problems, rows)
+    write_rows(out, rows)
+    report = build_report(args.benchmark, rows, problems=len(problems), unreadable=unreadable, skipped=skips)
+    report_path = Path(args.report) if args.report else out.with_suffix(".report.json")
+    report_path.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    print(format_table(report))
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
     quiet_logging()
-    p = argparse.ArgumentParser(prog="python -m pr1_jax.evaluate", description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="RUN_DIR (latest step) or RUN_DIR/STEP of a pr1_jax.train run")
-    src.add_argument("--model", help="a Hugging Face checkpoint directory")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's or the run's)")
-    p.add_argument("--data", nargs="+", required=True, help="parquet / JSONL files or directories")
-    p.add_argument("--out", required=True, help="per-sample results (JSONL)")
-    p.add_argument("--max-new-tokens", type=int, default=4096)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("overrides", nargs="*", help="DataConfig field=value")
-    args = p.parse_args(argv)
+    args = parse_args(argv)
     try:
-        if args.checkpoint:
-            cfg, _, model = load_run_policy(args.checkpoint)
-            data, reward = cfg.data, cfg.reward
-            tok_dir = args.tokenizer or cfg.model.tokenizer or cfg.model.policy
-        else:
-            model = load_pretrained(args.model)
-            data, reward = DataConfig(), RewardConfig()
-            tok_dir = args.tokenizer or args.model
-        base = dataclasses.replace(data, paths=tuple(args.data), tokenizer_path=tok_dir, batch_size=args.batch_size)
-        data = configlib.load(DataConfig, None, args.overrides, base=base)
-        summary = evaluate(model, load_tokenizer(tok_dir), data, Path(args.out), args.max_new_tokens, reward)
-    except (CheckpointRestoreError, configlib.ConfigError, FileNotFoundError, ValueError) as e:
+        run(args)
+    except (CheckpointRestoreError, configlib.ConfigError, FileNotFoundError, ValueError, BadRecordError) as e:
         log.error("%s", e)
         return 2
-    print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     return 0
 
 

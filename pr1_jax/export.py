@@ -1,18 +1,31 @@
 """`python -m pr1_jax.export --checkpoint RUN_DIR[/STEP] --out HF_DIR`
 
-Writes the trained policy as a Hugging Face checkpoint that `transformers` loads unchanged:
-safetensors (hub key layout) + the base model's config.json, plus the tokenizer / processor files
-copied from the base model directory. Only the params are read from the Orbax checkpoint.
+Writes the trained policy as a Hugging Face checkpoint that `transformers` loads unchanged with
+`AutoModelForImageTextToText` and `AutoProcessor`: safetensors (hub key layout) and the base
+model's config.json; the tokenizer / processor files of the base model and tokenizer directories;
+the run's chat template when `data.chat_template_path` set one; and, when neither directory has a
+`preprocessor_config.json` (the tiny default's), one written by transformers' Qwen2-VL image
+processor with the run's pixel bounds (`data.min_pixels`, `data.max_pixels`), so the processor
+resizes images as training did. Only the params are read from the Orbax checkpoint.
+
+`AutoProcessor` builds `Qwen2VLProcessor`, whose video processor needs torchvision (a build that
+matches the installed torch: `pip install torchvision`, from the CPU index for a CPU torch).
+Without it the export still serves every image path: `AutoImageProcessor.from_pretrained` gives
+the PIL image processor (`Qwen2VLImageProcessorPil`) and `AutoTokenizer` the tokenizer with its
+chat template.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 
 import flax.linen as nn
+import jax
+from jax.sharding import Mesh
 
 from models.causal_lm import QwenCausalLM
 from models.config import load_config
@@ -21,8 +34,12 @@ from models.weights import copy_side_files
 from pr1_jax import configlib
 from pr1_jax.checkpoint import Checkpointer, CheckpointRestoreError
 from pr1_jax.config import TrainConfig
+from pr1_jax.data.processing import make_image_processor
+from pr1_jax.sharding import param_shardings
 
 log = logging.getLogger("pr1_jax")
+
+PROCESSOR_CONFIG = "preprocessor_config.json"
 
 
 def locate(checkpoint: str | Path) -> tuple[Path, int | None]:
@@ -37,22 +54,33 @@ def locate(checkpoint: str | Path) -> tuple[Path, int | None]:
     raise CheckpointRestoreError(f"{path}: not a run directory (no checkpoints/ inside) or RUN_DIR/STEP")
 
 
-def load_run_policy(checkpoint: str | Path):
-    """(the run's TrainConfig, step or None for latest, the trained policy as a `Model`)."""
+def load_run_policy(checkpoint: str | Path, mesh: Mesh | None = None):
+    """(the run's TrainConfig, step or None for latest, the trained policy as a `Model` computing in
+    the run's `learner.dtype`). With a mesh, every param is restored straight to its shards."""
     run, step = locate(checkpoint)
     cfg = configlib.load(TrainConfig, run / "config.yaml")
     model_cfg = load_config(cfg.model.policy)
-    module = QwenCausalLM(model_cfg, param_dtype=as_dtype(cfg.learner.param_dtype))
-    params = Checkpointer(run / "checkpoints").restore_params(nn.unbox(abstract_params(module)), step)
-    return cfg, step, Model(model_cfg, params)
+    boxed = abstract_params(QwenCausalLM(model_cfg, param_dtype=as_dtype(cfg.learner.param_dtype)))
+    abstract = nn.unbox(boxed)
+    if mesh is not None:
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                                param_shardings(boxed, mesh))
+    params = Checkpointer(run / "checkpoints").restore_params(abstract, step)
+    return cfg, step, Model(model_cfg, params, dtype=as_dtype(cfg.learner.dtype))
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     cfg, step, model = load_run_policy(checkpoint)
-    base = Path(cfg.model.policy)
+    sources = list(dict.fromkeys([Path(cfg.model.policy), Path(cfg.model.tokenizer or cfg.model.policy)]))
     out = Path(out)
     model.save_pretrained(out)
-    copy_side_files({base, Path(cfg.model.tokenizer or base)}, out)
+    copy_side_files(sources, out)  # in this order: the tokenizer directory's files win
+    if cfg.data.chat_template_path:
+        shutil.copyfile(cfg.data.chat_template_path, out / "chat_template.jinja")
+    if not any((d / PROCESSOR_CONFIG).is_file() for d in sources):
+        make_image_processor(cfg.data).save_pretrained(out)
+        log.info("wrote %s from the run's pixel bounds [%d, %d]", PROCESSOR_CONFIG, cfg.data.min_pixels,
+                 cfg.data.max_pixels)
     log.info("exported %s (step %s) to %s", checkpoint, step if step is not None else "latest", out)
     return out
 
