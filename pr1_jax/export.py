@@ -12,7 +12,9 @@ resizes images as training did. Only the params are read from the Orbax checkpoi
 matches the installed torch: `pip install torchvision`, from the CPU index for a CPU torch).
 Without it the export still serves every image path: `AutoImageProcessor.from_pretrained` gives
 the PIL image processor (`Qwen2VLImageProcessorPil`) and `AutoTokenizer` the tokenizer with its
-chat template.
+chat template. With torchvision, transformers picks its torchvision image processor, whose
+bicubic resize is close to PIL's but not the same; `AutoImageProcessor.from_pretrained(dir,
+backend="pil")` gives the pixels the policy was trained and evaluated on.
 """
 
 from __future__ import annotations

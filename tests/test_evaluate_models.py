@@ -91,10 +91,14 @@ def jax_tree_add_noise(params):
 
 
 def hf_processor(path):
-    """AutoProcessor where torchvision is installed (its video processor needs it); otherwise the
-    same Qwen2VLProcessor class from the export's own files without a video processor."""
+    """AutoProcessor where torchvision is installed (its video processor needs it), with the PIL
+    image processor our pipeline uses (AutoProcessor would pick the torchvision one, whose resize
+    differs slightly); otherwise the same Qwen2VLProcessor class from the export's own files
+    without a video processor."""
     try:
-        return transformers.AutoProcessor.from_pretrained(path)
+        processor = transformers.AutoProcessor.from_pretrained(path)
+        processor.image_processor = transformers.AutoImageProcessor.from_pretrained(path, backend="pil")
+        return processor
     except ImportError:
         from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 
