@@ -2,29 +2,34 @@
 reference's evaluation scripts (github.com/tongxiao2002/Perception-R1, `evaluation/`) give the
 policy. The format prompt is added later, by the data pipeline (`DataConfig.format_prompt`).
 
-==============  ====================================  =======================  =============================================
-benchmark       files (`--data`)                      id                       question text; gold
-==============  ====================================  =======================  =============================================
-mathvision      MATH-V `test.jsonl` / `testmini.jsonl`  `id`                   `question` as is (its `<image1>` kept); with more
-                (images relative to the file), or the                          than one option, "\\nChoices:\\n" and "A. text"
-                HF parquet (`decoded_image`)                                   lines; gold: the letter, or the value
-mathvista       `testmini.json` ({pid: problem}; a     `pid`                    `query` (the dataset's prompt: hint, question,
-                `query.json` beside it is read), JSON                          "(A) text" choices), as the reference uses it;
-                list, JSONL or the HF parquet                                  without one, `question` + "A. text" lines;
-                                                                               gold: the option's text, or the value at
-                                                                               `precision` decimals (floats)
-mathverse       `testmini.json` (GitHub; images        `sample_index`           `question` as is (the text versions carry
-                relative to it) or the HF parquet                              their choices); gold: the letter (options
-                                                                               read from `question_for_eval`), or the value
-wemath          `testmini.json` (GitHub `data/`) or    `ID` + "/" + the step    `question` + "\\nChoices:\\n" + `option` as
-                the HF parquet                         of `key` ("2steps_7/1",  stored; gold: the letter
-                                                       "2steps_7/multi")
-geometry3k      Inter-GPS example directories          "geometry3k/<id>"        `problem_text` + "A. text" lines; gold: the
-                (`data.json`, `img_diagram.png`,                               letter (the choice's precise value also counts)
-                `logic_form.json`)
-perception_r1   the training parquet / JSONL           the record's id          the problem as training reads it (images at its
-                (`pr1_jax.data`, the run's columns)                            `<image>` placeholders); gold: the value
-==============  ====================================  =======================  =============================================
+mathvision
+    files: MATH-V's `test.jsonl` / `testmini.jsonl` (images relative to the file), or the HF
+        parquet (`decoded_image`). id: `id`.
+    question: `question` as is (its `<image1>` kept); with more than one option, "\\nChoices:\\n"
+        and "A. text" lines. gold: the option letter, or the value.
+mathvista
+    files: `testmini.json` ({pid: problem}; a `query.json` beside it is read), a JSON list, JSONL
+        or the HF parquet. id: `pid`.
+    question: `query` (the dataset's prompt: hint, question, "(A) text" choices), which the
+        reference sends; without one, `question` and "A. text" lines. gold: the option's text, or
+        the value (floats at `precision` decimals).
+mathverse
+    files: `testmini.json` (GitHub; images relative to it) or the HF parquet. id: `sample_index`.
+    question: `question` as is (the text versions carry their choices). gold: the letter
+        (options read from `question_for_eval`), or the value.
+wemath
+    files: `testmini.json` (GitHub `data/`) or the HF parquet. id: `ID` + "/" + the step of `key`
+        ("2steps_7/1", "2steps_7/multi"): `ID` ties a composite problem to its one-step ones.
+    question: `question` + "\\nChoices:\\n" + `option` as stored. gold: the letter.
+geometry3k
+    files: Inter-GPS example directories (`data.json`, `img_diagram.png`, `logic_form.json`), or
+        a directory of them. id: "geometry3k/<id>".
+    question: `problem_text` and "A. text" lines. gold: the letter (the choice's precise value
+        names it too); the diagram logic forms are its visual annotations.
+perception_r1
+    files: the training parquet / JSONL (`pr1_jax.data`, the run's columns). id: the record's.
+    question: the problem as training reads it (images at its `<image>` placeholders). gold: the
+        value; its visual annotations come along.
 
 Every problem of these benchmarks has one image, put before the text (the reference's messages),
 except MathVerse's "Text Only" version (none). A row that cannot be read is a `BadRecordError`
