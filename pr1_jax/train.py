@@ -159,7 +159,8 @@ class Trainer:
         metrics."""
         n = ro.n
         answers = [a for a in batch["answer"] for _ in range(n)]
-        annotations = [a for a in batch["annotations"] for _ in range(n)]
+        # The stored text where there is one: the paper judge quotes it as the reference does.
+        annotations = [t or a for a, t in zip(batch["annotations"], batch["annotations_text"]) for _ in range(n)]
         t0 = time.perf_counter()
         pending = self.judge.submit(ro.texts, annotations) if self.judge else None
         future = self.scorer.submit([dict(response=r, ground_truth=g) for r, g in zip(ro.texts, answers)])

@@ -59,7 +59,7 @@ def test_row_fields_and_image_forms(tmp_path):
     cfg = _cfg(max_images_per_record=3)
     r = row_to_record(_raw({"id": 7, "problem": "p", "answer": 30.0, "images": "img/a.png",
                             "visual_key_info": "<info1>x</info1>"}), cfg)
-    assert r == Record("7", "p", "30", (ImageRef(path="/base/img/a.png"),), ("x",))
+    assert r == Record("7", "p", "30", (ImageRef(path="/base/img/a.png"),), ("x",), "<info1>x</info1>")
     r = row_to_record(_raw({"problem": "p", "answer": 7.5, "images": [{"bytes": b"abc", "path": "z.png"},
                                                                       {"bytes": None, "path": "/abs/b.png"},
                                                                       b"raw"]}), cfg)

@@ -25,6 +25,8 @@ record_id            list[str] (B)           record ids ("" for filler rows)
 problem              list[str] (B)           problem text
 answer               list[str] (B)           ground-truth answers (for the accuracy reward)
 annotations          list[list[str]] (B)     visual annotations (for the visual reward)
+annotations_text     list[str] (B)           the annotations as stored when text ("" otherwise):
+                                             the string the paper judge quotes
 ==================== =============== ======= =================================================
 
 The grain pipeline adds ``skipped``: a list of (record_id, reason) for records left out while
@@ -47,7 +49,7 @@ from pr1_jax.data.processing import Example
 
 ARRAY_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "patch_valid",
               "patch_image_index", "image_grid_thw", "image_valid", "image_example_index", "example_valid")
-META_KEYS = ("record_id", "problem", "answer", "annotations")
+META_KEYS = ("record_id", "problem", "answer", "annotations", "annotations_text")
 
 
 def bucket_length(n: int, buckets: Sequence[int]) -> int:
@@ -115,6 +117,7 @@ def collate(examples: Sequence[Example], config: DataConfig, pad_id: int) -> dic
         "problem": [e.problem for e in examples] + [""] * pad,
         "answer": [e.answer for e in examples] + [""] * pad,
         "annotations": [list(e.annotations) for e in examples] + [[] for _ in range(pad)],
+        "annotations_text": [e.annotations_text for e in examples] + [""] * pad,
     }
 
 

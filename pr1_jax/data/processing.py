@@ -195,6 +195,7 @@ class Example:
     pixel_values: np.ndarray  # [N, 1176] float32
     image_grid_thw: np.ndarray  # [n_images, 3] int32
     truncated_tokens: int = 0  # prompt tokens cut by DataConfig.truncation (`problem` is the cut text)
+    annotations_text: str = ""  # `Record.annotations_text`
 
     @property
     def num_tokens(self) -> int:
@@ -362,7 +363,7 @@ class ExampleProcessor:
                                      f"{length} tokens > max_prompt_length {cfg.max_prompt_length}")
             problem, ids = self.truncate(record, grid, length)
         return Example(record_id=rid, problem=problem, answer=record.answer,
-                       annotations=tuple(record.annotations), input_ids=ids,
+                       annotations=tuple(record.annotations), annotations_text=record.annotations_text, input_ids=ids,
                        mm_token_type_ids=(ids == self.image_token_id).astype(np.int32),
                        pixel_values=pixel_values, image_grid_thw=grid, truncated_tokens=length - len(ids))
 

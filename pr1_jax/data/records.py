@@ -121,6 +121,7 @@ class Record:
     answer: str
     images: tuple[ImageRef, ...] = ()
     annotations: tuple[str, ...] = ()
+    annotations_text: str = ""  # the annotations field verbatim when stored as text (the paper judge quotes it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -456,14 +457,16 @@ def row_to_record(raw: RawRow, config: DataConfig) -> Record:
         if len(images) > config.image_limit_per_record:
             raise BadRecordError(rid, TOO_MANY_IMAGES,
                                  f"{len(images)} images > limit {config.image_limit_per_record}")
-        annotations = (parse_annotations(data.get(config.annotations_column))
-                       if config.annotations_column else [])
+        stored = data.get(config.annotations_column) if config.annotations_column else None
+        if isinstance(stored, bytes):
+            stored = stored.decode("utf-8")
+        annotations = parse_annotations(stored)
     except (TypeError, ValueError) as e:
         if isinstance(e, BadRecordError):
             raise
         raise BadRecordError(rid, INVALID_RECORD, str(e)) from None
     return Record(id=rid, problem=problem, answer=answer, images=tuple(images),
-                  annotations=tuple(annotations))
+                  annotations=tuple(annotations), annotations_text=stored if isinstance(stored, str) else "")
 
 
 def read_records(config: DataConfig) -> tuple[list[Record], list[BadRecordError]]:
