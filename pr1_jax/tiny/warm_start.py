@@ -29,6 +29,11 @@ The second stage's responses repeat sentences and hedge (state a fact's true val
 because an RL policy finds such responses: a judge trained only on clean responses (one
 sentence per fact) accepted every annotation of a response that repeated one sentence, and the
 policy learned exactly that within 60 GRPO steps.
+
+Paper-format judge (`warm_start_paper_judge`, not part of the default run): a judge trained to
+answer the reference's prompt (`JudgeConfig.prompt = "paper"`) in its `<infoK>d</infoK>` format,
+on the rows the paper judge reads (the system turn's cache shared, each row on top of it); the
+stand-in for an instruct judge when the constrained decode is compared with free generation.
 """
 
 from __future__ import annotations
@@ -52,7 +57,8 @@ from models.weights import copy_side_files
 from pr1_jax.data.batching import collate
 from pr1_jax.data.config import DataConfig
 from pr1_jax.data.processing import ExampleProcessor, load_tokenizer
-from pr1_jax.judge import Judge, JudgeBatch, JudgeConfig, judge_hidden_states, margins_from_hidden, pack
+from pr1_jax.judge import (Judge, JudgeBatch, JudgeConfig, judge_hidden_states, margins_from_hidden, pack,
+                           skeleton_text, system_cache, tokenize)
 from pr1_jax.learner import LearnerConfig, make_optimizer
 from pr1_jax.rollout import LearnerBatch, policy_inputs
 from pr1_jax.tiny import synthetic
@@ -175,7 +181,7 @@ def judge_batch(judge: Judge, examples, length: int, k: int, copy_slots: int = 3
 
 def judge_loss(params, batch: JudgeBatch, labels, copy, module, yes_ids, no_ids, copy_weight: float = 0.0):
     """Mean logistic loss of the judge's margin (lse yes - lse no at each branch's last token,
-    as `judge.yes_no_margin`: the very quantity its verdicts threshold) against the labels,
+    as `judge.margins_from_hidden`: the very quantity its verdicts threshold) against the labels,
     over valid annotation slots, i.e. the cross-entropy of the verdict token restricted to
     {yes, no}; plus `copy_weight` times the mean next-token loss at the copy slots."""
     h = judge_hidden_states(module, params, batch)
@@ -267,3 +273,105 @@ def warm_start_judge(assets: TinyAssets, out: Path, config: JudgeConfig | None =
     _save(model, params, out, assets.tokenizer, spec)
     log.info("judge warm start: %d steps in %.0f s -> %s", steps, time.perf_counter() - t0, out)
     return out
+
+
+def paper_judge_batch(judge: Judge, examples, length: int | None = None, slots: int | None = None):
+    """(rows, target) of (response, annotations, labels) examples in the paper judge's format
+    (`JudgeConfig.prompt = "paper"`), laid out as it reads them: after the system turn (shared, see
+    `paper_judge_loss`), one row per example, the judge's own row ids (`PaperScheme.rows`: user
+    turn, generation prompt, `<info1>`) followed by the rest of its answer `skeleton_text(labels)`
+    and <|im_end|>. rows = (input_ids [B, T], attention_mask [B, T]) int32, right-padded;
+    target = (index [B, A], token [B, A], valid [B, A]): the positions that predict the answer's
+    tokens (from `<info1>` on), so that greedy generation learns to write the whole skeleton and
+    stop. length (T, default: the longest row rounded up to 16) and slots (A, default: the longest
+    answer) pad the batch to one shape."""
+    scheme = judge.scheme
+    pr, tok = scheme.prompt, judge.tokenizer
+    rows, info = scheme.rows([r for r, _, _ in examples], [notes for _, notes, _ in examples])
+    if len(rows) != len(examples) or info["truncated"].any() or info["dropped"].any():
+        raise ValueError(f"paper judge warm-start examples do not fit its config: {len(examples) - len(rows)} not "
+                         f"judged, {int(info['truncated'].sum())} truncated, {int(info['dropped'].sum())} dropped")
+    seqs, answers = [], []
+    for row, (_, _, labels) in zip(rows, examples):
+        start = len(row.ids) - len(pr.segments[0])  # the answer starts at its first tag
+        answers.append(tokenize(tok, skeleton_text([str(y) for y in labels[:row.k]]), plain=True) + [tok.eos_token_id])
+        seqs.append(row.ids[:start] + answers[-1])
+    length = length or -(-max(map(len, seqs)) // 16) * 16
+    slots = slots or max(map(len, answers))
+    b = len(seqs)
+    ids, mask = np.zeros((b, length), np.int32), np.zeros((b, length), np.int32)
+    index, target, valid = (np.zeros((b, slots), t) for t in (np.int32, np.int32, bool))
+    for r, (seq, answer) in enumerate(zip(seqs, answers)):
+        if len(seq) > length or len(answer) > slots:
+            raise ValueError(f"example {r}: {len(seq)} tokens, {len(answer)} answer tokens exceed ({length}, {slots})")
+        ids[r, :len(seq)], mask[r, :len(seq)] = seq, 1
+        a = len(answer)
+        index[r, :a] = len(seq) - a - 1 + np.arange(a)
+        target[r, :a], valid[r, :a] = answer, True
+    return (ids, mask), (index, target, valid)
+
+
+def paper_judge_loss(params, rows, target, module, prompt):
+    """Mean next-token loss over the answer tokens of `paper_judge_batch`, computed as the paper
+    judge computes its rows: the system turn prefilled once into a cache (no gradient flows into
+    it: the task is the rows', and the backward pass then costs rows x (system + row) attention
+    rather than a whole 1.4k-token sequence per example), the rows on top of it."""
+    ids, mask = rows
+    index, tokens, valid = target
+    b, t = ids.shape
+    s = len(prompt.system_ids)
+    cache = system_cache(module, jax.lax.stop_gradient(params), prompt, b, s + t)
+    positions = s + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    h, _ = module.apply({"params": module.decode_params(params)}, ids, positions, mask, cache,
+                        method=QwenCausalLM.decode)
+    hk = jnp.take_along_axis(h, index[..., None], axis=1)  # [B, A, E]
+    logp = jax.nn.log_softmax(module.apply({"params": params}, hk, method=QwenCausalLM.logits).astype(jnp.float32))
+    nll = -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    return jnp.where(valid, nll, 0.0).sum() / jnp.maximum(valid.sum(), 1)
+
+
+def warm_start_paper_judge(judge: Judge, examples, *, steps: int, batch_size: int, lr: float = 3e-3):
+    """Params of `judge` (a paper-prompt judge) trained to answer (response, annotations, labels)
+    examples in the reference's format, `batch_size` examples a step (cycling over them), AdamW
+    with the learner's schedule. A stand-in for an instruct judge that follows the paper's prompt,
+    to compare the constrained decode with free generation (tests/test_judge_paper.py).
+
+    Trained as a model of the sub-vocabulary the examples and the prompt use (token ids remapped
+    to it, the embedding / LM-head rows cut to it; the softmax over it), then merged back: the
+    other rows of a 150k vocabulary never occur, stay as initialised, and their logits stay far
+    below the trained ones; a step then never touches a [150k, E] array."""
+    module, prompt = judge.module, judge.scheme.prompt
+    tx = make_optimizer(LearnerConfig(lr=lr, weight_decay=0.0, warmup_ratio=0.05, max_grad_norm=1.0), steps)
+    parts = [examples[s:s + batch_size] for s in range(0, len(examples), batch_size)]
+    shapes = [(r[0].shape[1], t[0].shape[1]) for r, t in (paper_judge_batch(judge, p) for p in parts)]
+    length, slots = (max(x) for x in zip(*shapes))
+    batches = [paper_judge_batch(judge, p, length, slots) for p in parts]
+    vocab = np.unique(np.concatenate([np.ravel(r[0]) for r, _ in batches] + [prompt.system_ids]))
+    local = lambda x: np.searchsorted(vocab, x).astype(np.int32)  # noqa: E731
+    batches = [((local(ids), mask), (i, local(t), v)) for (ids, mask), (i, t, v) in batches]
+    local_prompt = dataclasses.replace(prompt, system_ids=tuple(local(prompt.system_ids)))
+    rows = jnp.asarray(vocab, jnp.int32)
+    text = dataclasses.replace(module.cfg.text, vocab_size=len(vocab))
+    local_module = module.clone(cfg=dataclasses.replace(module.cfg, text=text), parent=None)
+    full = judge.params
+    out = dict(full, embed_tokens={"embedding": full["embed_tokens"]["embedding"][rows]})
+    if "lm_head" in full:
+        out["lm_head"] = {"kernel": full["lm_head"]["kernel"][:, rows]}
+    part = jax.tree.map(jnp.copy, out)  # donated: never the judge's own arrays
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def update(part, opt_state, batch, target):
+        loss, grads = jax.value_and_grad(paper_judge_loss)(part, batch, target, local_module, local_prompt)
+        updates, opt_state = tx.update(grads, opt_state, part)
+        return optax.apply_updates(part, updates), opt_state, loss
+
+    opt = tx.init(part)
+    for s in range(steps):
+        part, opt, loss = update(part, opt, *batches[s % len(batches)])
+        if s % max(1, steps // 5) == 0 or s == steps - 1:
+            log.info("paper judge warm start %d/%d: answer loss %.3f", s + 1, steps, float(loss))
+    merged = dict(part, embed_tokens={"embedding": full["embed_tokens"]["embedding"].at[rows].set(
+        part["embed_tokens"]["embedding"])})
+    if "lm_head" in full:
+        merged["lm_head"] = {"kernel": full["lm_head"]["kernel"].at[:, rows].set(part["lm_head"]["kernel"])}
+    return merged
