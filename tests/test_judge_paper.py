@@ -20,8 +20,11 @@ from models.pretrained import Model
 from pr1_jax.data.annotations import to_tagged_text
 from pr1_jax.data.config import DataConfig
 from pr1_jax.data.processing import load_tokenizer
+from pr1_jax.config import TrainConfig
 from pr1_jax.data.records import read_records
+from pr1_jax import configlib
 from pr1_jax.judge import Judge, JudgeConfig, key_info, paper_prompt, skeleton_text
+from pr1_jax.judge.paper import PaperScheme
 from pr1_jax.reference import prompts
 from pr1_jax.sharding import make_mesh
 from pr1_jax.tiny import synthetic
@@ -231,6 +234,21 @@ def test_records_keep_the_stored_annotation_string(tmp_path):
     assert not bad and [r.annotations_text for r in good] == [stored, ""]
     assert key_info(good[0].annotations_text) == (stored, ["AB = 3", "BC = 4"])
     assert key_info(good[1].annotations_text or good[1].annotations) == ("<info1>AB = 3.</info1>", ["AB = 3."])
+
+
+@pytest.mark.parametrize("name", ["paper_qwen25vl7b_v5p", "paper_qwen2vl7b_v5p"])
+def test_paper_configs_judge_whole_responses(tok, name):
+    """The paper configs ask the paper's judge, and a response of the policy's 4096-token budget
+    with a long annotation string fits their largest bucket uncut (the reference judges it whole)."""
+    cfg = configlib.load(TrainConfig, Path(__file__).parents[1] / "configs" / f"{name}.yaml").judge
+    assert (cfg.prompt, cfg.mode) == ("paper", "hard")
+    scheme = PaperScheme(tok, cfg, VOCAB)
+    response = " ".join(f"Step {i}: AB = {i}." for i in range(800))
+    assert len(tok(response, add_special_tokens=False)["input_ids"]) > 4096
+    info = to_tagged_text([f"Angle ABC{i} measures {i} degrees and side BC{i} is {2 * i} units." for i in range(16)])
+    rows, out = scheme.rows([response], [info])
+    assert out["response_tokens"][0] == 4096 and len(rows[0].ids) <= cfg.max_length and rows[0].k == 16
+    assert len(scheme.prompt.system_ids) > 1000  # the shared system turn, not counted in the buckets
 
 
 # ---- (b) agreement with free generation on a judge trained to answer in the paper's format ----
