@@ -4,6 +4,7 @@ sizes (Qwen2.5-VL-7B policy, Qwen2.5-32B judge), on virtual CPU meshes, from abs
     python bench/memory.py                                 # defaults: 8/16/32 devices, ~12 min on 2 cores
     python bench/memory.py --devices 8 --programs judge --judge-length 8192
     python bench/memory.py --programs sampler --patches 0  # text-only prompts
+    python bench/memory.py --devices 32 --programs train_step --prompt 4096 --response 4096 --attention pallas
     python bench/memory.py --worker 8 ...                  # one mesh size (the parent runs one per N)
 
 Nothing is materialised: params, optimizer state and batches are `jax.ShapeDtypeStruct`s carrying
@@ -30,6 +31,15 @@ sequences (prompts x n, n = 8) decoded together, judge = rows per device call
 tokens holding one image of `--patches` patches (1024 = a 448 x 448 px figure, 256 visual
 tokens; `--patches 0` for text-only prompts), response `--response` tokens, judge rows of
 `--judge-length` tokens.
+
+Attention and activation sharding. `--attention` sets the models' attention (`models.attention`;
+on CPU `auto` is the XLA path with fp32 [T, S] scores per layer; `pallas` compiles splash attention
+through Pallas' interpreter, whose buffers are the kernel's blocks: a stand-in for the TPU kernel's
+memory, which XLA:CPU cannot compile; cuDNN's kernel cannot be compiled here at all).
+`--activation-rules on` (default) traces the train step and the judge inside
+`models.layers.activation_sharding`, so the decoder layers' activation constraints map through
+`pr1_jax.sharding.RULES` (batch over the data axes, heads / MLP over `tensor`); `off` leaves them
+no-ops (the learner and judge as long as they do not enter the context). The sampler enters it itself.
 
 XLA:CPU has no bf16 matmul: it converts bf16 weights to f32 copies (hoisted out of the layer
 loop). Those bytes are found in the compiled HLO and reported (`cpu_upcast`); `tpu_est` = peak
@@ -89,21 +99,29 @@ def _abstract(tree, shardings):
 
 
 def _bf16_upcast_bytes(hlo: str) -> int:
-    """Bytes of f32 copies of bf16 parameters made at the top level of the program. XLA:CPU has no
+    """Bytes of f32 copies of bf16 weights made at the top level of the program. XLA:CPU has no
     bf16 matmul, so it converts every bf16 weight to f32, hoisted out of the layer loop (all layers
-    at once); XLA:TPU multiplies in bf16 and makes no such copies."""
+    at once); XLA:TPU multiplies in bf16 and makes no such copies. Two kinds: f32 copies of bf16
+    parameters (all CPU-only), and f32 copies of f32 parameters rounded through bf16 (the sampler's
+    bf16 decode weights, `QwenCausalLM.decode_params`), of which a TPU holds the bf16 half."""
     import re
 
     entry = hlo[hlo.index("\nENTRY"):]
     params = dict(re.findall(r"(%param[.\d]*) = (\w+)\[", entry))
+    bodies = dict(re.findall(r"^(%[\w.\-]+) \(.*?\{\n(.*?)\n\}", hlo, re.S | re.M))
     total = 0
-    for dims, operands in re.findall(r"= f32\[([\d,]*)\]\S* (?:fusion|convert)\(([^)]*)\)", entry):
+    for dims, op, operands, rest in re.findall(r"= f32\[([\d,]*)\]\S* (fusion|convert)\(([^)]*)\)(.*)", entry):
         ops = [o.strip() for o in operands.split(",")]
-        if len(ops) == 1 and params.get(ops[0]) == "bf16":
-            n = 1
-            for d in filter(None, dims.split(",")):
-                n *= int(d)
-            total += 4 * n
+        if len(ops) != 1 or ops[0] not in params:
+            continue
+        n = 4
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        callee = re.search(r"calls=(%[\w.\-]+)", rest)
+        if params[ops[0]] == "bf16":
+            total += n
+        elif op == "fusion" and callee and "bf16[" in bodies.get(callee.group(1), ""):
+            total += n // 2
     return total
 
 
@@ -141,6 +159,22 @@ def _vision_inputs(lead: tuple, patches: int, cfg, mesh, batch_axis: bool):
                         unperm=arr(lead + (patches // m2,), i32))
 
 
+def _traced(fn, mesh, a):
+    """fn traced inside `activation_sharding` (the models' activation constraints and splash
+    attention per shard follow `pr1_jax.sharding.RULES`) unless `--activation-rules off`. The
+    sampler enters it itself."""
+    if a.activation_rules == "off":
+        return fn
+    from models.layers import activation_sharding
+    from pr1_jax.sharding import RULES
+
+    def traced(*args):
+        with activation_sharding(mesh, RULES):
+            return fn(*args)
+
+    return traced
+
+
 def train_step_stats(mesh, policy_cfg, seqs: int, a) -> dict:
     import flax.linen as nn
     import jax
@@ -165,7 +199,9 @@ def train_step_stats(mesh, policy_cfg, seqs: int, a) -> dict:
                  positions=arr((3, seqs, length), jnp.int32, axis=1), response_mask=arr((seqs, a.response), jnp.int32),
                  old_logprobs=arr((seqs, a.response), jnp.float32), advantages=arr((seqs,), jnp.float32),
                  vision=_vision_inputs((seqs,), a.patches, policy_cfg.vision, mesh, batch_axis=True))
-    fn = functools.partial(train_step, cfg=cfg, module=learner.module, tx=learner.tx, lr_fn=learner.lr_fn, mesh=mesh)
+    module = learner.module.clone(attention=a.attention)
+    fn = _traced(functools.partial(train_step, cfg=cfg, module=module, tx=learner.tx, lr_fn=learner.lr_fn, mesh=mesh),
+                 mesh, a)
     jitted = jax.jit(fn, in_shardings=(learner.state_shardings, batch_shardings(mesh, batch)),
                      out_shardings=(learner.state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
     return _compile(jitted, state, batch)
@@ -183,6 +219,7 @@ def sampler_stats(mesh, policy_cfg, prompts: int, a) -> dict:
     from pr1_jax.sharding import param_shardings, sharding_for
 
     module = make_module(policy_cfg, LearnerConfig(dtype="bfloat16", param_dtype="float32"))
+    module = module.clone(attention=a.attention)
     boxed = abstract_params(module)
     params = _abstract(nn.unbox(boxed), param_shardings(boxed, mesh))
     rep = NamedSharding(mesh, P())
@@ -217,7 +254,7 @@ def judge_stats(mesh, judge_cfg, rows: int, a) -> dict:
     from pr1_jax.judge import JudgeBatch, judge_forward
     from pr1_jax.sharding import batch_sharding, param_shardings
 
-    module = QwenCausalLM(judge_cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    module = QwenCausalLM(judge_cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention=a.attention)
     boxed = abstract_params(module)
     params = _abstract(nn.unbox(boxed), param_shardings(boxed, mesh))
     def sds(shape, dtype=jnp.int32):
@@ -228,7 +265,7 @@ def judge_stats(mesh, judge_cfg, rows: int, a) -> dict:
                        attention_mask=sds((rows, length)), branches=sds((rows, length)),
                        verdict_index=sds((rows, k)), valid=sds((rows, k), jnp.bool_))
     yes, no = (9693, 9454), (2152, 2753)
-    forward = jax.jit(lambda p, b: judge_forward(module, p, b, yes, no, "hard"))
+    forward = jax.jit(_traced(lambda p, b: judge_forward(module, p, b, yes, no, "hard"), mesh, a))
     return _compile(forward, params, batch)
 
 
@@ -375,6 +412,12 @@ def main():
     p.add_argument("--sampler-vision", default="per_row", choices=["per_row", "packed"],
                    help="the sampler's image layout: per row, sharded with the prompts (the rollout's), or "
                         "packed over the batch and replicated (before the fix)")
+    p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "pallas"],
+                   help="the models' attention; on CPU auto = xla, and pallas compiles splash attention in Pallas' "
+                        "interpreter (a stand-in for the TPU kernel's memory: blocks, no [T, S] scores)")
+    p.add_argument("--activation-rules", default="on", choices=["on", "off"],
+                   help="trace the train step and the judge inside models.layers.activation_sharding (activations "
+                        "constrained by the rules table) or not (the layers' constraints are then no-ops)")
     p.add_argument("--annotations", type=int, default=8)
     p.add_argument("--judge-length", type=int, default=2048)
     p.add_argument("--budget", type=int, default=900, help="seconds of compiling per mesh size; later points skipped")

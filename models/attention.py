@@ -27,7 +27,8 @@ Implementations:
   masks and segment ids in the kernel, no O(T x S) tensor at all. Masks with shared keys (the
   judge's prefix) are not segment masks: they take "xla". On other backends the kernel runs in
   Pallas' interpreter (tests).
-- "auto": "cudnn" on GPUs for bf16 / fp16 compute, "pallas" on TPUs, "xla" otherwise.
+- "auto": "cudnn" on GPUs for bf16 / fp16 compute, "pallas" on TPUs (on one chip, or on several
+  inside `models.layers.activation_sharding`), "xla" otherwise.
 
 Under a mesh context with logical axis rules (`models.layers.activation_sharding`), the splash
 kernel runs per shard (batch over the rules' `batch` axes, heads over `q_heads` / `kv_heads`).
@@ -56,7 +57,11 @@ def resolve(setting: str, dtype) -> str:
     backend = jax.default_backend()
     if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
-    return "pallas" if backend == "tpu" else "xla"
+    # GSPMD cannot split a Pallas kernel: on several chips it runs per shard, which needs the mesh
+    # of `activation_sharding`; without it the XLA path is the safe choice.
+    if backend == "tpu" and (not jax.sharding.get_abstract_mesh().empty or jax.device_count() == 1):
+        return "pallas"
+    return "xla"
 
 
 @flax.struct.dataclass

@@ -62,7 +62,9 @@ def test_auto_per_backend(monkeypatch):
     assert resolve("auto", jnp.bfloat16) == "cudnn"
     assert resolve("auto", jnp.float32) == "xla"  # cuDNN's flash attention takes bf16 / fp16 only
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    assert resolve("auto", jnp.float32) == "pallas"
+    assert resolve("auto", jnp.float32) == "xla"  # 8 devices and no mesh context: splash could not be split
+    with activation_sharding(make_mesh((1, 8, 1)), RULES):
+        assert resolve("auto", jnp.float32) == "pallas"
     assert resolve("cudnn", jnp.float32) == "cudnn"
     with pytest.raises(ValueError, match="attention 'flash'"):
         resolve("flash", jnp.float32)
