@@ -3,10 +3,13 @@ transformers `generate` (the reference's way), same Qwen2 weights, same prompts.
 
     python bench/judge.py                                   # defaults: a few minutes on 2 CPU cores
     python bench/judge.py --sizes tiny small --responses 32 --annotations 4 --words 300
+    python bench/judge.py --prompts paper                   # the paper's prompt only
 
 The batch: `responses` geometry-style responses of about `words` words, each with `annotations`
-visual annotations; every (response, annotation) pair is one judge prompt (the chat template of
-`pr1_jax.judge`, Qwen2 tokenizer of tests/fixtures). Three ways to judge it:
+visual annotations. Two prompts (`--prompts`):
+
+yesno: every (response, annotation) pair is one judge prompt (the chat template of
+`pr1_jax.judge`'s yes/no prompt, Qwen2 tokenizer of tests/fixtures). Three ways to judge it:
 
 - ours, shared: `Judge(...)` as the trainer calls it: per response ONE prefill of
   [prefix | statement 1 | ... | statement K], verdicts read from the yes/no logits in-graph;
@@ -17,9 +20,22 @@ visual annotations; every (response, annotation) pair is one judge prompt (the c
   same work), decoded, and the verdict read with a regex (yes/no), as an HTTP judge server
   (vLLM in the paper's code) and the reward function's regex would.
 
-All three include the host work (tokenizing, packing, decoding). Reported: responses/s and
-judge prompts/s, and the ratios. A margin check compares our verdict logits with the first
-generated step's yes/no logits of transformers (they must agree: same prompt, same weights).
+paper: one prompt per response, the reference's messages (few-shot system turn, the tagged
+annotation string, the response; `pr1_jax/judge/paper.py`). Two ways:
+
+- ours: `Judge` with `prompt="paper"`: the system turn prefilled once per call, each row's own
+  tokens on its cache, then K - 1 forced skeleton segments, the digits read from the "0"/"1"
+  logits in-graph;
+- reference: the rendered messages through `generate` for exactly the tokens of the answer
+  `<info1>d</info1>\n...<infoK>d</infoK>` and its end-of-turn token (min = max, greedy), decoded
+  and parsed with the reference's rule (its regex per tag, sum / (count + 1e-6)).
+
+All include the host work (tokenizing, packing, decoding, parsing). Reported: responses/s and
+judge prompts/s (yesno: response x annotation pairs), and the ratios, with paper against yesno
+on the same batch. Checks that ours reads the logits transformers computes: the yes/no margin
+against the first generated step's, and the paper's first digit's "0"/"1" logits against a
+transformers forward of the prompt and `<info1>` (a random model does not write the skeleton,
+so later digits are not compared here; tests/test_judge_paper.py compares all of them).
 """
 
 from __future__ import annotations
@@ -35,8 +51,10 @@ import numpy as np
 import torch
 
 from models import load_pretrained
+from pr1_jax.data.annotations import to_tagged_text
 from pr1_jax.data.processing import load_tokenizer
-from pr1_jax.judge import Judge, JudgeConfig, render_prompt
+from pr1_jax.judge import Judge, JudgeConfig, render_prompt, skeleton_text
+from pr1_jax.judge.paper import render_messages
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "qwen2_tokenizer"
 VOCAB = 151665  # the Qwen2 tokenizer's ids fit
@@ -61,13 +79,42 @@ def make_batch(n: int, k: int, words: int, rng: np.random.Generator):
     return responses, annotations
 
 
+def reference_reward(text: str) -> float:
+    """The reference's parse of a judge's text (judge_output_pattern in the prompts file)."""
+    scores, idx = [], 1
+    while (m := re.search(rf".*<info{idx}>(.+?)</info{idx}>", text, flags=re.MULTILINE | re.DOTALL)) is not None:
+        try:
+            score = float(m.group(1))
+        except ValueError:
+            score = 0.0
+        scores.append(max(0.0, min(1.0, score)))
+        idx += 1
+    return sum(scores) / (len(scores) + 1e-6)
+
+
+def generate(hf, tok, prompts: list[str], new: int, batch: int, scores: bool = False):
+    """Greedy `generate` of exactly `new` tokens per prompt, `batch` left-padded prompts a call:
+    (decoded texts, the first step's logits [N, V] when `scores`)."""
+    texts, firsts = [], []
+    for s in range(0, len(prompts), batch):
+        enc = tok(prompts[s:s + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            out = hf.generate(**enc, do_sample=False, max_new_tokens=new, min_new_tokens=new,
+                              pad_token_id=tok.pad_token_id, output_scores=scores, return_dict_in_generate=True)
+        texts += tok.batch_decode(out.sequences[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        if scores:
+            firsts.append(out.scores[0].float().numpy())
+    return texts, (np.concatenate(firsts) if scores else None)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=["tiny", "small", "medium"])
+    p.add_argument("--prompts", nargs="+", default=["yesno", "paper"], choices=["yesno", "paper"])
     p.add_argument("--responses", type=int, default=16)
     p.add_argument("--annotations", type=int, default=4)
     p.add_argument("--words", type=int, default=150, help="words per response (~1.6 tokens each)")
-    p.add_argument("--new", type=int, default=4, help="tokens the reference judge generates per prompt")
+    p.add_argument("--new", type=int, default=4, help="tokens the reference yes/no judge generates per prompt")
     p.add_argument("--batch", type=int, default=64, help="prompts per generate call / rows per judge call")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0,
@@ -76,64 +123,97 @@ def main():
     tok = load_tokenizer(TOKENIZER)
     responses, annotations = make_batch(args.responses, args.annotations, args.words, np.random.default_rng(0))
     n, k = args.responses, args.annotations
-    cfg = JudgeConfig(length_buckets=(256, 384, 512, 768, 1024, 1536, 2048), annotation_buckets=(1, 2, 4, 8, 16),
-                      max_response_tokens=2048, max_rows_per_call=args.batch)
+    buckets = dict(length_buckets=(256, 384, 512, 768, 1024, 1536, 2048), annotation_buckets=(1, 2, 4, 8, 16),
+                   max_response_tokens=2048, max_rows_per_call=args.batch)
+    cfg, paper_cfg = JudgeConfig(**buckets), JudgeConfig(prompt="paper", **buckets)
     # The unshared variant: one row per (response, annotation), K = 1.
     flat_resp = [r for r, anns in zip(responses, annotations) for _ in anns]
     flat_anns = [[a] for anns in annotations for a in anns]
     prompts = [render_prompt(tok, cfg, r, a[0]) for r, a in zip(flat_resp, flat_anns)]
-    prompt_tokens = [len(tok(x, add_special_tokens=False)["input_ids"]) for x in prompts]
+    infos = [to_tagged_text(a) for a in annotations]
+    paper_prompts = [tok.apply_chat_template(render_messages(i, r), tokenize=False, add_generation_prompt=True)
+                     for r, i in zip(responses, infos)]
+    count = lambda texts: [len(tok(x, add_special_tokens=False)["input_ids"]) for x in texts]  # noqa: E731
+    prompt_tokens = {"yesno": count(prompts), "paper": count(paper_prompts)}
+    # The reference's paper judge writes the skeleton, then its end-of-turn token.
+    paper_new = len(tok(skeleton_text(["0"] * k), add_special_tokens=False)["input_ids"]) + 1
     tok.padding_side = "left"
     yes = [tok.convert_tokens_to_ids(t) for t in cfg.yes_tokens]
     no = [tok.convert_tokens_to_ids(t) for t in cfg.no_tokens]
+    first_tag = tok("<info1>", add_special_tokens=False)["input_ids"]
+    digits = [tok.convert_tokens_to_ids(d) for d in ("0", "1")]
 
     rows, summary = [], []
     for size in args.sizes:
         hf, path = checkpoint("qwen2", size, vocab_size=VOCAB)
-        judge = Judge.from_model(tok, load_pretrained(path), cfg)
-        shared = lambda: judge(responses, annotations)  # noqa: E731
-        unshared = lambda: judge(flat_resp, flat_anns)  # noqa: E731
+        model = load_pretrained(path)
+        judge, paper_judge = Judge.from_model(tok, model, cfg), Judge.from_model(tok, model, paper_cfg)
+        methods, checks = {}, {}
+        if "yesno" in args.prompts:
+            methods["shared"] = lambda: judge(responses, annotations)
+            methods["unshared"] = lambda: judge(flat_resp, flat_anns)
 
-        def reference(scores=False):
-            verdicts, firsts = [], []
-            for s in range(0, len(prompts), args.batch):
-                enc = tok(prompts[s:s + args.batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            def reference():
+                texts, _ = generate(hf, tok, prompts, args.new, args.batch)
+                return [1.0 if (m := VERDICT.search(t)) and m.group(1).lower() == "yes" else 0.0 for t in texts]
+
+            methods["reference"] = reference
+            # Same prompts, same weights: our verdict logits = transformers' first generated step.
+            _, first = generate(hf, tok, prompts, 1, args.batch, scores=True)
+            lse = lambda x: np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)  # noqa: E731
+            hf_margin = lse(first[:, yes].astype(np.float64)) - lse(first[:, no].astype(np.float64))
+            checks["max_margin_diff"] = float(np.abs(np.concatenate(judge(responses, annotations)["margins"])
+                                                     - hf_margin).max())
+        if "paper" in args.prompts:
+            methods["paper"] = lambda: paper_judge(responses, infos)
+            methods["paper_reference"] = lambda: [reference_reward(t) for t in generate(
+                hf, tok, paper_prompts, paper_new, args.batch)[0]]
+            ours = paper_judge(responses, infos)["answer_logits"]
+            diffs = []
+            for i in range(min(n, 2)):
+                ids = tok(paper_prompts[i], add_special_tokens=False)["input_ids"] + first_tag
                 with torch.no_grad():
-                    out = hf.generate(**enc, do_sample=False, max_new_tokens=args.new, min_new_tokens=args.new,
-                                      pad_token_id=tok.pad_token_id, output_scores=scores,
-                                      return_dict_in_generate=True)
-                texts = tok.batch_decode(out.sequences[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                verdicts += [1.0 if (m := VERDICT.search(t)) and m.group(1).lower() == "yes" else 0.0 for t in texts]
-                if scores:
-                    firsts.append(out.scores[0].float().numpy())
-            return verdicts, (np.concatenate(firsts) if scores else None)
-
-        # Same prompts, same weights: our verdict logits = transformers' first generated step.
-        _, first = reference(scores=True)
-        lse = lambda x: np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)  # noqa: E731
-        hf_margin = lse(first[:, yes].astype(np.float64)) - lse(first[:, no].astype(np.float64))
-        ours_margin = np.concatenate(shared()["margins"])
-        margin_diff = float(np.abs(ours_margin - hf_margin).max())
+                    last = hf(input_ids=torch.tensor([ids])).logits[0, -1].double().numpy()
+                diffs.append(np.abs(ours[i][0] - last[digits]).max())
+            checks["paper_logit_diff"] = float(max(diffs))
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        threads = args.threads or fastest_torch_threads(reference, repeats=1)
-        times = interleaved_times(dict(shared=shared, unshared=unshared, reference=reference), args.repeats)
-        t_shared, t_unshared, t_ref = (times[x][0] for x in ("shared", "unshared", "reference"))
-        out = shared()
-        for name, t, calls in (("ours, shared prefix", t_shared, out["shapes"]),
-                               ("ours, one row per annotation", t_unshared, judge(flat_resp, flat_anns)["shapes"]),
-                               (f"transformers generate ({args.new} tokens, {threads} thr)", t_ref,
-                                f"{-(-len(prompts) // args.batch)} call(s) of <= {args.batch} prompts")):
+        slowest = methods.get("paper_reference") or methods["reference"]
+        threads = args.threads or fastest_torch_threads(slowest, repeats=1)
+        times = {name: t[0] for name, t in interleaved_times(methods, args.repeats).items()}
+        calls = lambda prompts: f"{-(-len(prompts) // args.batch)} call(s) of <= {args.batch} prompts"  # noqa: E731
+        names = {
+            "shared": ("ours, yes/no, shared prefix", lambda: judge(responses, annotations)["shapes"]),
+            "unshared": ("ours, yes/no, one row per annotation", lambda: judge(flat_resp, flat_anns)["shapes"]),
+            "reference": (f"transformers generate, yes/no ({args.new} tokens, {threads} thr)", lambda: calls(prompts)),
+            "paper": ("ours, paper prompt, shared system turn", lambda: paper_judge(responses, infos)["shapes"]),
+            "paper_reference": (f"transformers generate, paper ({paper_new} tokens, {threads} thr)",
+                                lambda: calls(paper_prompts)),
+        }
+        for key, t in times.items():
+            name, shapes = names[key]
+            judged = n * k if key in ("shared", "unshared", "reference") else n
             rows.append(dict(size=size, params=param_count(judge.params), method=name, responses_s=n / t,
-                             prompts_s=n * k / t, ms=1e3 * t, calls=str(calls)))
+                             prompts_s=judged / t, ms=1e3 * t, calls=str(shapes())))
             print(table(rows[-1:]), flush=True)
-        summary.append(dict(size=size, shared_vs_generate=t_ref / t_shared, unshared_vs_generate=t_ref / t_unshared,
-                            shared_vs_unshared=t_unshared / t_shared, max_margin_diff=margin_diff))
-    print(f"\njudge: {n} responses x {k} annotations = {n * k} prompts of {min(prompt_tokens)}-{max(prompt_tokens)} "
-          f"tokens ({jax.devices()[0].platform}, {os.cpu_count()} cores; medians of {args.repeats} interleaved runs)\n")
+        ratios = dict(size=size)
+        if "yesno" in args.prompts:
+            ratios.update(shared_vs_generate=times["reference"] / times["shared"],
+                          unshared_vs_generate=times["reference"] / times["unshared"],
+                          shared_vs_unshared=times["unshared"] / times["shared"])
+        if "paper" in args.prompts:
+            ratios["paper_vs_generate"] = times["paper_reference"] / times["paper"]
+        if len(args.prompts) == 2:
+            ratios["paper_time_over_yesno"] = times["paper"] / times["shared"]
+        summary.append({**ratios, **checks})
+    spans = ", ".join(f"{name} prompts of {min(t)}-{max(t)} tokens" for name, t in prompt_tokens.items()
+                      if name in args.prompts)
+    print(f"\njudge: {n} responses x {k} annotations; {spans} ({jax.devices()[0].platform}, {os.cpu_count()} cores; "
+          f"medians of {args.repeats} interleaved runs)\n")
     print(table(rows))
-    print("\nratios (time of the slower way / time of ours, > 1 = ours faster)\n")
+    print("\nratios (time of the slower way / time of ours, > 1 = ours faster; paper_time_over_yesno: the paper "
+          "prompt's time over the yes/no prompt's, same batch)\n")
     print(table(summary))
 
 
