@@ -9,6 +9,7 @@ import logging
 import re
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from pr1_jax.config import TrainConfig
 from pr1_jax.data.records import read_records
 from pr1_jax import configlib
 from pr1_jax.judge import Judge, JudgeConfig, key_info, paper_prompt, skeleton_text
+from pr1_jax.judge import shell
 from pr1_jax.judge.paper import PaperScheme
 from pr1_jax.reference import prompts
 from pr1_jax.sharding import make_mesh
@@ -191,9 +193,14 @@ def test_verdict_logits_match_transformers(tok, judges, sensitive_checkpoint):
     assert hard["shapes"] == [(8, 256, 4)]
 
 
-def test_sharded_equals_unsharded(sensitive_checkpoint, judges):
-    mesh = make_mesh((2, 2, 2))
-    judge = Judge.load(sensitive_checkpoint[1], CFG, mesh=mesh, tokenizer_path=TOKENIZER, dtype=jnp.float32)
+@pytest.fixture(scope="module")
+def mesh_judge(sensitive_checkpoint):
+    return Judge.load(sensitive_checkpoint[1], CFG, mesh=make_mesh((2, 2, 2)), tokenizer_path=TOKENIZER,
+                      dtype=jnp.float32)
+
+
+def test_sharded_equals_unsharded(mesh_judge, judges):
+    judge = mesh_judge
     batches, _, _ = judge.build(RESPONSES, ANNOTATIONS)
     placed = judge.place(batches[0])
     assert placed.input_ids.addressable_shards[0].data.shape[0] < placed.input_ids.shape[0]  # rows split
@@ -202,6 +209,28 @@ def test_sharded_equals_unsharded(sensitive_checkpoint, judges):
         np.testing.assert_allclose(a, b, atol=1e-4)
     for a, b in zip(got["verdicts"], want["verdicts"]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_each_process_gets_its_own_verdicts_of_the_global_batch(mesh_judge, judges, monkeypatch):
+    """Process 1 of 2 passes its own responses (the record's string or list as given); the judge
+    gathers every process's (here: process 0's, as allgather_json would bring them) into the same
+    global rows on every process, and returns process 1's verdicts."""
+    judge = mesh_judge
+
+    class SecondOfTwo:  # jax as pr1_jax.judge.shell sees it on process 1 of 2
+        process_count, process_index = staticmethod(lambda: 2), staticmethod(lambda: 1)
+
+        def __getattr__(self, name):
+            return getattr(jax, name)
+
+    first = [RESPONSES[:3], [a if isinstance(a, str) else list(a or []) for a in ANNOTATIONS[:3]]]
+    monkeypatch.setattr(shell, "jax", SecondOfTwo())
+    monkeypatch.setattr(shell, "allgather_json", lambda own: [first, json.loads(json.dumps(own))])
+    got, want = judge(RESPONSES[3:], ANNOTATIONS[3:]), judges["hard"](RESPONSES, ANNOTATIONS)
+    assert got["shapes"] == want["shapes"] and len(got["verdicts"]) == len(RESPONSES) - 3
+    for a, b in zip(got["verdicts"], want["verdicts"][3:]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(got["has_visual"], want["has_visual"][3:])
 
 
 def test_config_errors(hf_checkpoint, tok):

@@ -55,8 +55,8 @@ When the judge's greedy text is the skeleton, both ways give the same verdicts, 
 Cost. The system turn is the same for every response: each device call prefills it once (one
 row), repeats its KV cache to the rows (the cache buffers the rows need anyway), and each row
 computes only its own tokens, attending to that prefix; then K - 1 cache extensions of one
-segment each ([previous digit, segment k], left-padded to the longest segment, C <= 10 tokens with
-Qwen2's tokenizer). The LM head reads only the two digit columns. The rows' own tokens go
+segment each ([previous digit, segment k], left-padded to the longest: C <= 11 tokens for
+K <= 16 with Qwen2's tokenizer). The LM head reads only the two digit columns. The rows' own tokens go
 through the decoder's cache path (`QwenCausalLM.decode`, "xla" attention: scores
 [B, H, T, S + T + (K - 1) C] per layer), the system turn through the prefill path.
 
