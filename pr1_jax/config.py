@@ -10,6 +10,7 @@ only adds what belongs to the run as a whole.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from pr1_jax.data.config import DataConfig
 from pr1_jax.judge import JudgeConfig
@@ -25,6 +26,9 @@ class ModelSection:
     tokenizer: str | None = None  # default: the policy dir
     judge_tokenizer: str | None = None  # default: the judge dir
     judge_dtype: str = "float32"
+    # The attention of the policy (sampler and learner) and the judge (`models.attention`): auto =
+    # cuDNN on GPUs in bf16 / fp16, splash on TPUs, the XLA path otherwise.
+    attention: Literal["auto", "xla", "cudnn", "pallas"] = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ each process's rows into one global array (multi-host runs).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -21,6 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from models import layers
 from models.causal_lm import QwenCausalLM
 from models.config import ModelConfig, load_config
 from models.pretrained import Model, abstract_params, as_dtype, load_pretrained
@@ -72,6 +74,13 @@ def make_mesh(shape: Sequence[int] = (1, -1, 1), axes: Sequence[str] = MESH_AXES
         raise MeshError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, have {len(devices)}")
     return jax.make_mesh(tuple(shape), tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(axes),
                          devices=devices)
+
+
+def activation_sharding(mesh: Mesh | None):
+    """The context to trace a mesh program in: the models' activation constraints follow `RULES`
+    (without it they are no-ops and `auto` attention on several TPU chips falls back to xla);
+    nothing at all without a mesh."""
+    return layers.activation_sharding(mesh, RULES) if mesh is not None else contextlib.nullcontext()
 
 
 def spec_for(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh, rules=RULES) -> P:

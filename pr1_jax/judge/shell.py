@@ -32,7 +32,7 @@ from pr1_jax.judge.common import JudgeConfig, JudgeOutput
 from pr1_jax.judge.paper import PaperScheme
 from pr1_jax.judge.yesno import YesNoScheme
 from pr1_jax.multihost import allgather_json
-from pr1_jax.sharding import batch_axis_size, batch_sharding, load_model
+from pr1_jax.sharding import activation_sharding, batch_axis_size, batch_sharding, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,8 @@ class Judge:
 
     `scheme` is the prompt's host work and device function (`YesNoScheme` or `PaperScheme`, by
     `config.prompt`); `forward(params, batch)` is THE jitted device function (one compile per
-    bucket shape); `verdicts(params, batch)` returns its (verdict [B, K], valid [B, K]).
+    bucket shape, traced inside the mesh's activation rules); `verdicts(params, batch)` returns
+    its (verdict [B, K], valid [B, K]).
     Annotations are given per response as a list of strings, or as the record's stored text
     (`Record.annotations_text`, which the paper prompt quotes verbatim), or None.
 
@@ -111,15 +112,22 @@ class Judge:
         self.row_multiple = 1 if mesh is None else batch_axis_size(mesh)
         # Outputs are small ([rows, K]); replicated, every process can read them.
         out = None if mesh is None else NamedSharding(mesh, P())
-        self.forward = jax.jit(lambda p, b: scheme.forward(module, p, b, mesh), out_shardings=out)
+
+        def forward(params, batch):
+            with activation_sharding(mesh):
+                return scheme.forward(module, params, batch, mesh)
+
+        self.forward = jax.jit(forward, out_shardings=out)
         self.stats = dict(responses=0, truncated=0, dropped_annotations=0, device_calls=0)
 
     @classmethod
     def load(cls, path: str | os.PathLike, config: JudgeConfig = JudgeConfig(), *, mesh: Mesh | None = None,
-             tokenizer_path: str | os.PathLike | None = None, dtype="bfloat16", param_dtype=None) -> "Judge":
+             tokenizer_path: str | os.PathLike | None = None, dtype="bfloat16", param_dtype=None,
+             attention: str = "auto") -> "Judge":
         """An HF checkpoint directory (config.json + safetensors + tokenizer files). With a mesh,
-        every weight goes straight to its shards under the policy's sharding rules."""
-        model = load_model(path, mesh, dtype=dtype, param_dtype=param_dtype)
+        every weight goes straight to its shards under the policy's sharding rules. attention:
+        the run's `model.attention` (`models.attention`)."""
+        model = load_model(path, mesh, dtype=dtype, param_dtype=param_dtype, attention=attention)
         return cls.from_model(load_tokenizer(tokenizer_path or path, vision=False), model, config, mesh)
 
     @classmethod
