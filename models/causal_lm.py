@@ -55,12 +55,20 @@ class QwenCausalLM(nn.Module):
             )
         if self.cfg.vision is not None:
             # Vectorised over a leading group axis with shared params: one group holds a whole
-            # batch's packed patches (sampler), or one sequence's (learner, sharded by sequence).
+            # batch's packed patches, or one row's or prompt's (sharded with the rows / prompts).
             tower = nn.vmap(VisionTower, variable_axes={"params": None}, split_rngs={"params": False})
             self.visual = tower(self.cfg.vision, remat=self.remat, attention=self.attention, **kw)
 
+    def image_features(self, vision: VisionInputs):
+        """Visual tokens of the images, in order of appearance: vision packed (`pixel_values`
+        [P, patch_dim]) -> [P // merge**2, E]; per group (every field with a leading G axis, a
+        group being one row or one prompt) -> [G, P // merge**2, E]."""
+        if vision.pixel_values.ndim == 3:
+            return self.visual(vision)
+        return self.visual(jax.tree.map(lambda a: a[None], vision))[0]
+
     def hidden_states(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None,
-                      cache_len: int | None = None, branches=None, image_mask=None):
+                      cache_len: int | None = None, branches=None, image_mask=None, features=None):
         """input_ids: [B, T] int; positions: [3, B, T] (VLM) or [B, T]; attention_mask: [B, T];
         branches: see `Qwen2Decoder`. vision: the batch's packed patches (`pixel_values`
         [P, patch_dim]) or per-row patches (every field with a leading B axis). Returns final
@@ -68,15 +76,19 @@ class QwenCausalLM(nn.Module):
         tokens (a sampler's prefill; else None).
         image_mask: [B, T] bool, the slots that take visual tokens (default: every image token;
         a scorer of sampled responses passes the prompt's only, since a generated image token
-        was fed to the sampler as a plain embedding)."""
+        was fed to the sampler as a plain embedding).
+        features: instead of `vision`, visual tokens computed already (`image_features`), packed
+        [M, E] or per row [B, M, E] (the learner computes them once per prompt and shares them
+        among the prompt's samples)."""
         x = self.embed_tokens(input_ids)
+        if vision is not None and features is not None:
+            raise ValueError("pass vision or features, not both")
         if vision is not None:
-            per_row = vision.pixel_values.ndim == 3
-            groups = vision if per_row else jax.tree.map(lambda a: a[None], vision)
-            features = self.visual(groups)
+            features = self.image_features(vision)
+        if features is not None:
             if image_mask is None:
                 image_mask = input_ids == self.cfg.image_token_id
-            x = scatter_image_features(x, image_mask, features if per_row else features[0])
+            x = scatter_image_features(x, image_mask, features)
         return self.decoder(x, positions, attention_mask, branches, cache_len)
 
     def decode(self, input_ids, positions, attention_mask, cache: KVCache):

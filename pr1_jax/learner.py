@@ -3,17 +3,21 @@ device mesh. It reads the `LearnerBatch` that `pr1_jax.rollout.train_batch_from_
 
 Pieces (pure functions first, a thin shell last):
 
-- `response_logprobs`: one forward over prompt + response, the LM head applied only to the R
-  positions that predict response tokens (never `[N, T+R, V]` logits), then
-  `grpo.token_logprobs` at the sampler's temperature (`SamplingConfig.score_temperature`).
+- `image_features` / `response_logprobs`: the vision tower once per vision group (a prompt's
+  images, shared by its samples: the batch's layout in `pr1_jax.rollout`), then one forward over
+  prompt + response, the LM head applied only to the R positions that predict response tokens
+  (never `[N, T+R, V]` logits), then `grpo.token_logprobs` at the sampler's temperature
+  (`SamplingConfig.score_temperature`).
 - `make_optimizer` / `lr_schedule`: AdamW (torch semantics, decay on every trainable param) after a
   global-norm clip, linear warmup then constant or cosine; a frozen vision tower is a
   `set_to_zero` partition of `optax.multi_transform`, so it has no moments and never moves.
-- `train_step`: split the mini-batch into micro-batches, accumulate gradients with the *global*
-  token count (so the sum equals the full-batch token-mean loss), clip, update; a non-finite loss
-  or gradient keeps params and optimizer state and counts a skipped step, all inside jit.
+- `train_step`: the tower's features for the whole mini-batch, then the micro-batches, each
+  taking its rows' features (`micro_features`); gradients accumulated with the *global* token
+  count (so the sum equals the full-batch token-mean loss), the features' gradient sent back
+  through the tower once; clip, update; a non-finite loss or gradient keeps params and optimizer
+  state and counts a skipped step, all inside jit.
 - `Learner`: builds the jitted step against a mesh with explicit in/out shardings from
-  `pr1_jax.sharding` and donates the state.
+  `pr1_jax.sharding`, traced inside its activation rules, and donates the state.
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from models.causal_lm import QwenCausalLM
 from models.config import ModelConfig
 from models.pretrained import abstract_params, as_dtype
+from models.vision import VisionInputs
 from pr1_jax.grpo import GRPOLossConfig, entropy_from_logits, grpo_loss, token_logprobs
 from pr1_jax.rollout import LearnerBatch
-from pr1_jax.sharding import batch_sharding, batch_shardings, map_batch, param_shardings
+from pr1_jax.sharding import activation_sharding, batch_sharding, batch_shardings, map_batch, param_shardings
 
 
 # --------------------------------------------------------------------------- config / state
@@ -57,6 +62,10 @@ class LearnerConfig:
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
     max_grad_norm: float = 1.0
     micro_batch_size: int | None = None  # sequences per micro-batch; None = the whole mini-batch
+    # The response lengths the update compiles for: each step pads its responses to the smallest
+    # that holds the longest one (over all processes), or to the sampler's max_new_tokens; those
+    # at or above it are ignored (`pr1_jax.rollout.response_bucket`).
+    response_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 3072)
     loss: GRPOLossConfig = GRPOLossConfig()
     freeze_vision: bool = False
     remat: bool = False
@@ -78,9 +87,10 @@ class TrainState:
     skipped: jax.Array  # [] int32, steps skipped for a non-finite loss or gradient
 
 
-def make_module(model_config: ModelConfig, cfg: LearnerConfig) -> QwenCausalLM:
+def make_module(model_config: ModelConfig, cfg: LearnerConfig, attention: str = "auto") -> QwenCausalLM:
+    """attention: the run's `model.attention` (one setting for the policy's sampler and learner)."""
     return QwenCausalLM(model_config, dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype),
-                        remat=cfg.remat)
+                        remat=cfg.remat, attention=attention)
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -132,19 +142,36 @@ def init_state(params, tx: optax.GradientTransformation) -> TrainState:
 # --------------------------------------------------------------------------- forward
 
 
+def image_features(module: QwenCausalLM, params, vision: VisionInputs):
+    """[G, M, E] visual tokens of the batch's G vision groups (M = P // merge**2), compute dtype."""
+    return module.apply({"params": params}, vision, method=QwenCausalLM.image_features)
+
+
+def rows_per_group(batch: LearnerBatch) -> int:
+    """N / G: the rows that read each vision group's features (n / copies, see the batch table)."""
+    n, g = batch.num_sequences, batch.vision.pixel_values.shape[0]
+    if n % g:
+        raise ValueError(f"{n} sequences do not split into {g} vision groups")
+    return n // g
+
+
 def response_logprobs(module: QwenCausalLM, params, batch: LearnerBatch, temperature: float = 1.0, *,
-                      entropy_grad: bool = True):
+                      entropy_grad: bool = True, features=None):
     """(logp [N, R], entropy [N, R]) float32 of the response tokens under
     softmax(logits / temperature); only the hidden states at T-1 .. T+R-2 go through the LM head.
     Values at masked (non-response) positions are meaningless; mask them.
-    entropy_grad=False: the entropy is computed from stop-gradient logits (a metric only)."""
+    entropy_grad=False: the entropy is computed from stop-gradient logits (a metric only).
+    features: [N, M, E] every row's visual tokens; default `image_features` of `batch.vision`,
+    once per group, repeated to the group's rows (then `params` need no vision tower)."""
     apply = functools.partial(module.apply, {"params": params})
+    if features is None and batch.vision is not None:
+        features = jnp.repeat(image_features(module, params, batch.vision), rows_per_group(batch), axis=0)
     r = batch.response_mask.shape[1]
     ids = batch.input_ids
     t = ids.shape[1] - r
     # Only the prompt's image tokens take visual features: the sampler fed generated ones as text.
     image_mask = (ids == module.cfg.image_token_id) & (jnp.arange(ids.shape[1]) < t)[None]
-    h, _ = apply(ids, batch.positions, batch.attention_mask, batch.vision, image_mask=image_mask,
+    h, _ = apply(ids, batch.positions, batch.attention_mask, image_mask=image_mask, features=features,
                  method=QwenCausalLM.hidden_states)
     logits = apply(h[:, t - 1:t + r - 1], method=QwenCausalLM.logits)  # [N, R, V]
     logp = token_logprobs(logits, ids[:, t:], temperature)
@@ -158,7 +185,11 @@ def response_logprobs(module: QwenCausalLM, params, batch: LearnerBatch, tempera
 def split_micro_batches(batch: LearnerBatch, num_micro: int, mesh: Mesh | None = None) -> LearnerBatch:
     """Every array gets a leading [num_micro] axis; micro-batch j holds rows j, j + num_micro, ...
     (strided, so that with the sequence axis sharded over the data axes each device keeps its own
-    rows in every micro-batch). The summed micro-batch losses do not depend on the assignment."""
+    rows in every micro-batch). The summed micro-batch losses do not depend on the assignment.
+    Row arrays only: the vision groups are not split (`micro_features` serves their features)."""
+    if batch.vision is not None:
+        raise ValueError("split the rows without the vision groups (batch.replace(vision=None))")
+
     def split(x, axis):
         shape = x.shape
         if shape[axis] % num_micro:
@@ -172,18 +203,28 @@ def split_micro_batches(batch: LearnerBatch, num_micro: int, mesh: Mesh | None =
     return map_batch(split, batch)
 
 
-def _masked_params(params, cfg: LearnerConfig):
-    if cfg.freeze_vision and "visual" in params:
-        return {**params, "visual": jax.lax.stop_gradient(params["visual"])}
-    return params
+def micro_features(features, j, num_micro: int, rows_per_group: int):
+    """The visual tokens [N / num_micro, M, E] of micro-batch j's rows (rows j, j + num_micro, ...
+    of `split_micro_batches`; row i reads group i // rows_per_group) from the groups' [G, M, E].
+    Where one of num_micro and rows_per_group divides the other this is a reshape that leaves
+    every device's groups where they are: each micro-batch takes rows_per_group / num_micro rows
+    of every group, or one row of every (num_micro / rows_per_group)-th group. Else a gather."""
+    k = rows_per_group
+    if k % num_micro == 0:
+        return jnp.repeat(features, k // num_micro, axis=0)
+    if num_micro % k == 0:
+        grouped = features.reshape((-1, num_micro // k) + features.shape[1:])
+        return jax.lax.dynamic_index_in_dim(grouped, j // k, axis=1, keepdims=False)
+    rows = features.shape[0] * k // num_micro
+    return jnp.take(features, (j + num_micro * jnp.arange(rows)) // k, axis=0)
 
 
 def micro_batch_loss(params, mb: LearnerBatch, cfg: LearnerConfig, module: QwenCausalLM, num_tokens, num_seqs,
-                     temperature: float = 1.0):
+                     temperature: float = 1.0, features=None):
     """Loss of one micro-batch normalised by the mini-batch's global counts (summable), and its
-    metrics: (sums, maxes)."""
+    metrics: (sums, maxes). features: the rows' visual tokens (see `response_logprobs`)."""
     ent_grad = cfg.loss.entropy_coef != 0.0
-    logp, ent = response_logprobs(module, _masked_params(params, cfg), mb, temperature, entropy_grad=ent_grad)
+    logp, ent = response_logprobs(module, params, mb, temperature, entropy_grad=ent_grad, features=features)
     mask = mb.response_mask.astype(bool)
     sampler_logp = mb.old_logprobs
     old = jax.lax.stop_gradient(logp) if cfg.recompute_old_logprobs else sampler_logp
@@ -200,7 +241,12 @@ def micro_batch_loss(params, mb: LearnerBatch, cfg: LearnerConfig, module: QwenC
 def loss_and_grads(params, batch: LearnerBatch, cfg: LearnerConfig, module: QwenCausalLM, mesh: Mesh | None = None,
                    temperature: float = 1.0):
     """(grads, metrics) of the mini-batch token-mean loss, accumulated over micro-batches with
-    `lax.scan`. Gradients are float32 and exactly (up to summation order) those of one pass."""
+    `lax.scan`. Gradients are float32 and exactly (up to summation order) those of one pass.
+
+    The vision tower runs once per vision group, before the scan and sharded with the groups;
+    each micro-batch reads its rows' features (`micro_features`); the features' gradient,
+    summed over the scan, goes back through the tower once (`jax.vjp`). With `freeze_vision` the
+    features are constants: no backward through the tower at all."""
     mask = batch.response_mask.astype(bool)
     num_tokens = jnp.sum(mask.astype(jnp.float32))
     num_seqs = jnp.sum(jnp.any(mask, axis=-1).astype(jnp.float32))
@@ -208,25 +254,47 @@ def loss_and_grads(params, batch: LearnerBatch, cfg: LearnerConfig, module: Qwen
     micro = cfg.micro_batch_size or n
     if n % micro:
         raise ValueError(f"micro_batch_size={micro} does not divide the batch of {n} sequences")
-    mbs = split_micro_batches(batch, n // micro, mesh)
-    loss_fn = functools.partial(micro_batch_loss, cfg=cfg, module=module, num_tokens=num_tokens, num_seqs=num_seqs,
-                                temperature=temperature)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    num_micro = n // micro
+    mbs = split_micro_batches(batch.replace(vision=None), num_micro, mesh)
+    text = {k: v for k, v in params.items() if k != "visual"}
+    on_groups = (lambda x: x) if mesh is None else (
+        lambda x: jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.shape)))
+    feats = pull = None
+    k = 1 if batch.vision is None else rows_per_group(batch)
+    if batch.vision is not None:
+        if cfg.freeze_vision:
+            feats = jax.lax.stop_gradient(image_features(module, params, batch.vision))
+        else:
+            feats, pull = jax.vjp(lambda v: image_features(module, {**params, "visual": v}, batch.vision),
+                                  params["visual"])
+        feats = on_groups(feats)
 
-    def body(carry, mb):
-        g_acc, sums, maxes = carry
-        (_, (m, mx)), g = grad_fn(params, mb)
+    def loss_fn(text, feats, mb, j):
+        rows = None if feats is None else micro_features(feats, j, num_micro, k)
+        return micro_batch_loss(text, mb, cfg, module, num_tokens, num_seqs, temperature, features=rows)
+
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+
+    def body(carry, xs):
+        g_acc, f_acc, sums, maxes = carry
+        (_, (m, mx)), (g, g_feats) = grad_fn(text, feats, *xs)
         g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+        if pull is not None:  # frozen: the features' gradient is dead code, XLA drops it
+            f_acc = f_acc + g_feats.astype(jnp.float32)
         sums = jax.tree.map(jnp.add, sums, m)
         maxes = jax.tree.map(jnp.maximum, maxes, mx)
-        return (g_acc, sums, maxes), None
+        return (g_acc, f_acc, sums, maxes), None
 
     first = jax.tree.map(lambda x: x[0], mbs)
-    m_shape, mx_shape = jax.eval_shape(lambda: loss_fn(params, first)[1])
-    init = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+    m_shape, mx_shape = jax.eval_shape(lambda: loss_fn(text, feats, first, 0)[1])
+    zeros = lambda tree: jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), tree)  # noqa: E731
+    init = (zeros(text), None if pull is None else on_groups(zeros(feats)),
             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape),
             jax.tree.map(lambda s: jnp.full(s.shape, -jnp.inf, s.dtype), mx_shape))
-    (grads, sums, maxes), _ = jax.lax.scan(body, init, mbs)
+    (grads, f_acc, sums, maxes), _ = jax.lax.scan(body, init, (mbs, jnp.arange(num_micro)))
+    if "visual" in params:
+        visual = zeros(params["visual"]) if pull is None else pull(f_acc.astype(feats.dtype))[0]
+        grads = {**grads, "visual": jax.tree.map(lambda g: g.astype(jnp.float32), visual)}
     metrics = dict(sums)
     metrics["logprob_diff_max"] = maxes["logprob_diff_max"]
     metrics["ratio_max"] = maxes["ratio_max"]
@@ -267,7 +335,8 @@ def train_step(state: TrainState, batch: LearnerBatch, cfg: LearnerConfig, modul
                tx: optax.GradientTransformation, lr_fn: Callable | None = None, mesh: Mesh | None = None,
                temperature: float = 1.0):
     """One optimizer update on a mini-batch (pure; jit it with everything but state/batch bound):
-    `loss_and_grads` then `apply_update`. `temperature`: the sampler's (`score_temperature`).
+    `loss_and_grads` then `apply_update`, traced inside the mesh's activation rules.
+    `temperature`: the sampler's (`score_temperature`).
 
     Returns (new_state, metrics): loss, pg_loss, clip_frac(_low/_high/_dual) and the reference's
     pg_clipfrac_higher/lower (`grpo.policy_loss`), approx_kl, ratio_mean,
@@ -277,8 +346,9 @@ def train_step(state: TrainState, batch: LearnerBatch, cfg: LearnerConfig, modul
     """
     if batch.advantages is None:
         raise ValueError("the learner batch needs advantages [N] (train_batch_from_samples(advantages=...))")
-    grads, metrics = loss_and_grads(state.params, batch, cfg, module, mesh, temperature)
-    return apply_update(state, grads, metrics, cfg, tx, lr_fn)
+    with activation_sharding(mesh):
+        grads, metrics = loss_and_grads(state.params, batch, cfg, module, mesh, temperature)
+        return apply_update(state, grads, metrics, cfg, tx, lr_fn)
 
 
 # --------------------------------------------------------------------------- mesh shell
@@ -314,13 +384,14 @@ class Learner:
         state, metrics = learner.step(state, sharding.global_batch(mesh, local_batch))
 
     temperature: the sampler's (`SamplingConfig.score_temperature`): the log-probs of the update,
-    of a recomputed old policy and of the reference policy all use it.
+    of a recomputed old policy and of the reference policy all use it. attention: the run's
+    `model.attention` (`models.attention`).
     """
 
     def __init__(self, model_config: ModelConfig, cfg: LearnerConfig, mesh: Mesh, total_steps: int,
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, attention: str = "auto"):
         self.cfg, self.mesh, self.temperature = cfg, mesh, temperature
-        self.module = make_module(model_config, cfg)
+        self.module = make_module(model_config, cfg, attention)
         self.tx = make_optimizer(cfg, total_steps)
         self.lr_fn = lr_schedule(cfg, total_steps)
         boxed = abstract_params(self.module)
@@ -360,8 +431,11 @@ class Learner:
         key = self._key(batch)
         if key not in self._logprobs:
             out = batch_sharding(self.mesh, batch.response_mask.shape)
-            fn = functools.partial(response_logprobs, self.module, temperature=self.temperature,
-                                   entropy_grad=False)
+
+            def fn(params, batch):
+                with activation_sharding(self.mesh):
+                    return response_logprobs(self.module, params, batch, self.temperature, entropy_grad=False)
+
             self._logprobs[key] = jax.jit(fn, in_shardings=(self.param_shardings, batch_shardings(self.mesh, batch)),
                                           out_shardings=(out, out))
         return self._logprobs[key](params, batch)

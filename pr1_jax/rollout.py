@@ -5,9 +5,10 @@ on global arrays over the whole mesh: with several processes each passes its own
 data shard) and gets its own rows back. `train_batch_from_samples` lays prompts and samples out
 as the `LearnerBatch` that the update (`pr1_jax.learner`) and SFT read.
 
-The learner batch (N = B*n sequences, T = prompt length, R = max_new_tokens, L = T + R,
-P = `num_patches` patch rows *per sequence*; row i is sample i % n of prompt i // n, as the
-sampler lays them out):
+The learner batch (N = B*n sequences, T = prompt length, R = the response bucket: a length of
+`response_bucket` that holds the batch's longest response, at most max_new_tokens; L = T + R;
+row i is sample i % n of prompt i // n, as the sampler lays them out; G = B*c vision groups, c
+copies of each prompt's images, `vision_copies`; P = `num_patches` patch rows per group):
 
 =================  ======================  =======  ===============================================
 field              shape                   dtype    meaning
@@ -23,23 +24,26 @@ old_logprobs       [N, R]                  float32  behaviour log-probs (the sam
 advantages         [N]                     float32  per-sequence advantage (None until the rewards
                                                     are in; the update requires it)
 ref_logprobs       [N, R]                  float32  None, or the reference policy's (KL term)
-vision             VisionInputs | None              per-sequence packed patches: every field has a
-                                                    leading N axis (pixel_values [N, P, patch_dim],
-                                                    perm/seg_full/seg_window [N, P], rot_pos
-                                                    [N, P, 2], unperm [N, P // merge**2]); row i
-                                                    holds the images of prompt i // n only
+vision             VisionInputs | None              per-group packed patches: every field has a
+                                                    leading G axis (pixel_values [G, P, patch_dim],
+                                                    perm/seg_full/seg_window [G, P], rot_pos
+                                                    [G, P, 2], unperm [G, P // merge**2]); group g
+                                                    holds the images of prompt g // c, and rows
+                                                    i with i // (N / G) == g read its features
 =================  ======================  =======  ===============================================
 
-Why per-sequence vision rather than one packed block for the batch: every array then has the
-sequence axis first, so micro-batching is a reshape and data sharding splits images with their
-sequences; and the tower's attention is `[P, P]` per sequence instead of over all images of the
-batch. The price: a prompt's images go through the tower once per sample (n times).
+Why per-group vision: the learner runs the tower once per group and shares the features among
+the group's rows (`pr1_jax.learner`), so a prompt's images go through the tower c times, not n;
+every array has its batch axis first, so data sharding splits the groups with their rows (group g
+and rows g*N/G .. (g+1)*N/G - 1 land on the same device); and the tower's attention is [P, P] per
+group instead of over all images of the batch. c = 1 when the data axes divide the prompts; more
+(at most n: one group per row) only where they do not, so that the groups still shard.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import flax.struct
 import jax
@@ -145,9 +149,25 @@ class LearnerBatch:
         return self.response_mask.shape[1]
 
 
+def response_bucket(longest: int, buckets: Sequence[int], cap: int) -> int:
+    """The learner batch's response length R: the smallest of `buckets` below `cap` (the sampler's
+    max_new_tokens) that holds `longest` tokens, else `cap`. A few static lengths, so the update
+    compiles once per bucket and pays for the step's longest response, not for the cap."""
+    return min([b for b in buckets if longest <= b < cap] + [cap])
+
+
+def vision_copies(prompts: int, n: int, shards: int) -> int:
+    """c, the copies of each prompt's images in the learner batch: the fewest that divide n and
+    make prompts * c a multiple of `shards` (the data shards this process's rows are split over),
+    so that the groups shard with their rows; 1 when `shards` divides the prompts (every prompt's
+    tower runs once), n (one group per row) when no divisor of n does."""
+    return next((c for c in range(1, n + 1) if n % c == 0 and prompts * c % shards == 0), n)
+
+
 def train_batch_from_samples(config: ModelConfig, prompt_inputs: dict, sample_out, n: int,
                              pixel_values=None, image_grid_thw=None, num_patches: int | None = None,
-                             advantages=None, example_valid=None) -> LearnerBatch:
+                             advantages=None, example_valid=None, response_length: int | None = None,
+                             shards: int = 1) -> LearnerBatch:
     """Host side (numpy). The learner batch of the module docstring for N = B*n sequences.
 
     prompt_inputs: `Model.prepare_inputs` dict of the B prompts (input_ids, attention_mask,
@@ -157,12 +177,15 @@ def train_batch_from_samples(config: ModelConfig, prompt_inputs: dict, sample_ou
     pixel_values [patches, patch_dim], image_grid_thw [images, 3]: the prompts' images packed in
       order of appearance (row-major), as given to `prepare_inputs`; zero-grid rows (padding
       slots of the data pipeline) and rows past the real patches are ignored.
-    num_patches: patch rows per *sequence* (a static size; a multiple of merge**2 that is at least
+    num_patches: patch rows per group (a static size; a multiple of merge**2 that is at least
       the largest prompt's patch count; e.g. `DataConfig.patch_limit_per_record`). Default: the
       largest prompt's count.
     advantages: [N] optional.
     Images come from a per-row `prompt_inputs["vision"]` if there is one, else from pixel_values.
     example_valid: [B] bool optional; filler prompts get an all-zero response mask.
+    response_length: R (e.g. `response_bucket` of the longest response over all processes);
+      default the sampler's max_new_tokens. Shorter than a response or longer than that: ValueError.
+    shards: the data shards this process's rows are split over (`vision_copies`).
     """
     ids = np.asarray(prompt_inputs["input_ids"]).astype(np.int32)
     pmask = np.asarray(prompt_inputs["attention_mask"]).astype(np.int32)
@@ -175,6 +198,13 @@ def train_batch_from_samples(config: ModelConfig, prompt_inputs: dict, sample_ou
     num, r = tokens.shape
     if num != b * n:
         raise ValueError(f"{num} samples for {b} prompts x n={n}")
+    if response_length is not None:
+        longest = int(rmask.sum(-1).max(initial=0))
+        if not longest <= response_length <= r:
+            raise ValueError(f"response_length={response_length}: must hold the longest response ({longest} tokens) "
+                             f"and be at most the sampler's {r}")
+        r = response_length
+        tokens, rmask, old = tokens[:, :r], rmask[:, :r], old[:, :r]
     if example_valid is not None:
         rmask = rmask * np.repeat(np.asarray(example_valid).astype(np.int32), n)[:, None]
 
@@ -187,16 +217,17 @@ def train_batch_from_samples(config: ModelConfig, prompt_inputs: dict, sample_ou
     else:
         positions = np.concatenate([rep(ppos), resp_pos], axis=1)
 
+    copies = vision_copies(b, n, shards)
     vision = prompt_inputs.get("vision")
     if vision is not None and np.ndim(vision.pixel_values) == 3:
-        vision = jax.tree.map(lambda x: rep(np.asarray(x)), vision)
+        vision = jax.tree.map(lambda x: np.repeat(np.asarray(x), copies, axis=0), vision)
     elif pixel_values is not None:
         if config.vision is None:
             raise ValueError(f"a {config.model_type} model takes no images")
         grids = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
         fields = row_vision_arrays(ids, pmask, pixel_values, grids[grids.prod(-1) > 0], num_patches, config.vision,
                                    image_token_id=config.image_token_id)
-        vision = VisionInputs(**{k: rep(v) for k, v in fields.items()})
+        vision = VisionInputs(**{k: np.repeat(v, copies, axis=0) for k, v in fields.items()})
     else:
         vision = None
     return LearnerBatch(

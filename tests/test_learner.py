@@ -1,5 +1,6 @@
-"""The GRPO learner: batch layout, log-probs against the sampler, micro-batching, the mesh, frozen
-vision, remat, the NaN guard, and that a few updates really optimise a reward."""
+"""The GRPO learner: batch layout, log-probs against the sampler, micro-batching, the vision tower
+once per prompt against once per sample, response buckets, the mesh, frozen vision, remat, the
+NaN guard, and that a few updates really optimise a reward."""
 
 import dataclasses
 import functools
@@ -12,11 +13,14 @@ import pytest
 from models import load_pretrained
 from pr1_jax.grpo import group_advantages
 from pr1_jax.learner import (Learner, LearnerConfig, apply_update, init_state, loss_and_grads, lr_schedule,
-                             make_module, make_optimizer, response_logprobs)
-from pr1_jax.rollout import train_batch_from_samples
+                             make_module, make_optimizer, micro_features, response_logprobs)
+from pr1_jax.rollout import response_bucket, train_batch_from_samples, vision_copies
 from pr1_jax.sampling import Sampler, SamplingConfig
 from pr1_jax.sharding import global_batch, make_mesh, pad_sequences_left
 from reference import vlm_batch
+
+# Log-probs are compared with the sampler's and sharded steps with unsharded ones at 1e-4 / 1e-5.
+pytestmark = pytest.mark.usefixtures("highest_precision")
 
 N_SAMPLES = 2
 TEMP = 0.8
@@ -47,9 +51,14 @@ class Setup:
         self.batch = self.make_batch(self.out, self.adv)
         self._fns: dict = {}
 
-    def make_batch(self, out, adv):
+    def make_batch(self, out, adv, **kw):
         return train_batch_from_samples(self.model.config, self.inputs, out, N_SAMPLES, self.pv, self.thw,
-                                        num_patches=PATCHES, advantages=adv)
+                                        num_patches=PATCHES, advantages=adv, **kw)
+
+    def per_sample(self, batch=None):
+        """The same batch with one vision group per sequence (the tower runs once per sample)."""
+        batch = self.batch if batch is None else batch
+        return batch.replace(vision=jax.tree.map(lambda x: np.repeat(x, N_SAMPLES, axis=0), batch.vision))
 
     def _cached(self, key, build):
         if key not in self._fns:
@@ -110,12 +119,13 @@ def test_batch_layout(setup):
         k = np.arange(r)
         want = np.where(k < lengths[i], n_valid[p] + inputs["rope_deltas"][p] + k, 0)
         assert np.array_equal(b.positions[:, i, t:], np.broadcast_to(want, (3, r)))
-    # Sequence i carries exactly the images of prompt i // n, laid out as for that prompt alone.
+    # Vision group p (one per prompt here) holds exactly the images of prompt p, laid out as for
+    # that prompt alone; sequences p * n .. p * n + n - 1 read it.
     offsets = np.cumsum([0] + [sum(int(np.prod(g)) for g in row) for row in GRIDS])
     first_grid = np.cumsum([0] + [len(row) for row in GRIDS])
-    for i in range(b.input_ids.shape[0]):
-        p = i // N_SAMPLES
-        vi = jax.tree.map(lambda x: x[i], b.vision)
+    assert b.vision.pixel_values.shape[0] == len(GRIDS)
+    for p in range(len(GRIDS)):
+        vi = jax.tree.map(lambda x: x[p], b.vision)
         real = offsets[p + 1] - offsets[p]
         assert np.array_equal(vi.pixel_values[:real], setup.pv[offsets[p]:offsets[p + 1]])
         assert not vi.pixel_values[real:].any()
@@ -127,7 +137,104 @@ def test_batch_layout(setup):
                 assert np.array_equal(getattr(vi, f), getattr(alone["vision"], f)), f
     with pytest.raises(ValueError, match="num_patches"):
         train_batch_from_samples(setup.model.config, inputs, out, N_SAMPLES, setup.pv, setup.thw, num_patches=20)
+    # Data shards that do not divide the prompts: each prompt's images are repeated (the fewest
+    # copies dividing n) so that the groups shard with their rows; group g serves rows g * N / G ...
+    sharded = setup.make_batch(out, setup.adv, shards=8)
+    assert sharded.vision.pixel_values.shape[0] == 8
+    np.testing.assert_array_equal(sharded.vision.pixel_values, setup.per_sample().vision.pixel_values)
+    assert [vision_copies(4, 8, s) for s in (1, 2, 4, 8, 16, 32, 3)] == [1, 1, 1, 2, 4, 8, 8]
+    assert vision_copies(6, 4, 4) == 2 and vision_copies(3, 6, 4) == 6
 
+
+def test_response_buckets(setup):
+    """The response axis cut to a bucket that holds the longest response: the same batch, shorter."""
+    assert [response_bucket(x, (256, 512, 1024, 4096), 1024) for x in (0, 1, 256, 257, 600, 1024)] == \
+        [256, 256, 256, 512, 1024, 1024]
+    assert response_bucket(40, (256, 512), 64) == 64  # every bucket at or above the cap: the cap
+    # The rollout's responses ended early (cut at 4 of the cap's 6 tokens: masked from there).
+    longest = 4
+    keep = np.arange(setup.out.tokens.shape[1])[None] < longest
+    out = setup.out.replace(mask=np.asarray(setup.out.mask) * keep,
+                            lengths=np.minimum(np.asarray(setup.out.lengths), longest))
+    b = setup.make_batch(out, setup.adv)
+    short = setup.make_batch(out, setup.adv, response_length=longest)
+    r, t = short.response_length, b.input_ids.shape[1] - b.response_length
+    assert r == longest
+    for name in ("response_mask", "old_logprobs"):
+        np.testing.assert_array_equal(getattr(short, name), getattr(b, name)[:, :r])
+    np.testing.assert_array_equal(short.input_ids, b.input_ids[:, :t + r])
+    np.testing.assert_array_equal(short.positions, b.positions[..., :t + r])
+    assert not b.response_mask[:, r:].any()
+    module = make_module(setup.model.config, BASE)
+    fn = jax.jit(lambda p, x: response_logprobs(module, p, x, TEMP))
+    m = short.response_mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(fn(setup.model.params, short)[0])[m],
+                               np.asarray(fn(setup.model.params, b)[0])[:, :r][m], atol=1e-6)
+    g_short, m_short = setup.grads(BASE, short)
+    g_full, m_full = setup.grads(BASE, b)
+    assert _max_diff(g_short, g_full) <= 1e-6 and float(m_short["loss"]) == pytest.approx(float(m_full["loss"]))
+    for bad in (longest - 1, out.tokens.shape[1] + 1):
+        with pytest.raises(ValueError, match="response_length"):
+            setup.make_batch(out, setup.adv, response_length=bad)
+
+
+def test_micro_features_match_the_rows_groups():
+    """micro_features gives micro-batch j the features of its rows' groups, in every regime:
+    rows per group a multiple of the micro-batch count, a divisor of it, or neither (gather)."""
+    for groups, k, num_micro in [(4, 2, 1), (4, 2, 2), (4, 4, 2), (4, 2, 4), (4, 2, 8), (2, 4, 8), (3, 2, 3),
+                                 (4, 3, 2), (2, 6, 4)]:
+        feats = jnp.arange(groups * 5, dtype=jnp.float32).reshape(groups, 5, 1)
+        rows = groups * k
+        for j in range(num_micro):
+            want = np.asarray(feats)[(j + num_micro * np.arange(rows // num_micro)) // k]
+            np.testing.assert_array_equal(np.asarray(micro_features(feats, j, num_micro, k)), want)
+            traced = jax.jit(micro_features, static_argnums=(2, 3))(feats, j, num_micro, k)
+            np.testing.assert_array_equal(np.asarray(traced), want)
+
+
+def _tower_rows(fn, *args) -> list[int]:
+    """Leading sizes of the patch embedding's matmuls (inputs [groups, patches, patch_dim]) in the
+    jaxpr of fn(*args): how many image groups the vision tower runs on, forward and backward."""
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    sizes = []
+
+    def visit(jx):
+        for eqn in jx.eqns:
+            if eqn.primitive.name == "dot_general":
+                for v in eqn.invars:
+                    shape = getattr(v.aval, "shape", ())
+                    if len(shape) == 3 and shape[-1] == 1176:
+                        sizes.append(shape[0])
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else (param,):
+                    if hasattr(sub, "eqns"):
+                        visit(sub)
+                    elif hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                        visit(sub.jaxpr)
+
+    visit(jaxpr.jaxpr)
+    return sizes
+
+
+@pytest.mark.parametrize("micro", [None, 4, 2, 1])
+def test_vision_once_per_prompt_equals_once_per_sample(setup, micro):
+    """The tower on each prompt's images once, its features shared by the prompt's samples (and
+    its gradient summed over them), against the per-sample layout (the tower once per sequence):
+    the same loss, metrics and gradients within 1e-5, for every micro-batch regime."""
+    cfg = dataclasses.replace(BASE, micro_batch_size=micro)
+    g_ref, m_ref = setup.grads(cfg, setup.per_sample())
+    g, m = setup.grads(cfg)
+    scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g_ref))
+    assert _max_diff(g["visual"], g_ref["visual"]) <= 1e-5 * scale
+    assert _max_diff(g, g_ref) <= 1e-5 * scale
+    assert float(jnp.max(jnp.abs(g["visual"]["patch_embed"]["kernel"]))) > 0
+    for k in ("loss", "pg_loss", "entropy", "logprob_diff_max", "num_tokens"):
+        assert float(m[k]) == pytest.approx(float(m_ref[k]), abs=1e-6), k
+    module = make_module(setup.model.config, cfg)
+    grads = lambda b: loss_and_grads(setup.model.params, b, cfg, module, temperature=TEMP)  # noqa: E731
+    prompts, rows = len(GRIDS), len(GRIDS) * N_SAMPLES
+    assert set(_tower_rows(grads, setup.batch)) == {prompts}  # forward and backward, once per prompt
+    assert set(_tower_rows(grads, setup.per_sample())) == {rows}
 
 
 FROZEN = dataclasses.replace(BASE, freeze_vision=True, recompute_old_logprobs=True)
@@ -189,16 +296,20 @@ def test_logprobs_equal_sampler_other_archs(hf_checkpoint, arch):
     assert np.abs(np.asarray(logp) - np.asarray(out.logprobs))[m].max() <= 1e-4
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("shape,micro", [((1, 8, 1), None), ((2, 2, 2), 4)])
 def test_sharded_step_equals_unsharded(setup, shape, micro):
     cfg = dataclasses.replace(BASE, micro_batch_size=micro)
     ref_state, ref = setup.run_step(BASE)  # unsharded, one batch
     learner = setup.learner(cfg, shape)
     state = learner.init_state(setup.model.params)
-    batch = global_batch(learner.mesh, setup.batch)
+    shards = learner.mesh.shape["data"] * learner.mesh.shape["fsdp"]
+    # (1, 8, 1): 4 prompts on 8 data shards, each prompt's images twice; (2, 2, 2): once.
+    batch = global_batch(learner.mesh, setup.make_batch(setup.out, setup.adv, shards=shards))
+    assert batch.vision.pixel_values.shape[0] == max(len(GRIDS), shards)
     assert batch.input_ids.sharding.spec[0] is not None  # really split over the data axes
     assert batch.positions.sharding.spec[1] is not None
-    assert batch.vision.pixel_values.sharding.spec[0] is not None
+    assert batch.vision.pixel_values.sharding.spec[0] is not None  # the groups with their rows
     state, metrics = learner.step(state, batch)
     q = state.params["decoder"]["layers"]["q_proj"]["kernel"]
     assert q.sharding == learner.param_shardings["decoder"]["layers"]["q_proj"]["kernel"]
@@ -271,6 +382,7 @@ def test_nan_guard_skips_the_step(setup):
     assert _max_diff(state.params, state0.params) > 0.5 * BASE.lr
 
 
+@pytest.mark.devices(8)
 def test_updates_raise_the_probability_of_rewarded_tokens(setup):
     """Reward = fraction of response tokens in a set S (a third of the vocabulary); a few GRPO
     steps on the mesh (sample with the live params, reward, advantages, update) must raise the
@@ -292,7 +404,7 @@ def test_updates_raise_the_probability_of_rewarded_tokens(setup):
         rewards = (np.isin(tokens, rewarded) & (m > 0)).sum(-1) / np.maximum(m.sum(-1), 1)
         rewards_seen.append(rewards.mean())
         adv = np.asarray(group_advantages(jnp.asarray(rewards, jnp.float32), N_SAMPLES))
-        state, metrics = learner.step(state, global_batch(learner.mesh, setup.make_batch(out, adv)))
+        state, metrics = learner.step(state, global_batch(learner.mesh, setup.make_batch(out, adv, shards=8)))
         assert float(metrics["skipped"]) == 0.0
     m1 = mass(state.params)
     assert m1 > m0 + 0.02, (m0, m1, rewards_seen)
