@@ -3,6 +3,11 @@
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed
 mid-save leaves the previous step as the latest one; we never read a partial step. The JSON part
 carries what is not an array: the data iterator state, the config, the RNG seed lineage.
+
+Saves are asynchronous: `save(..., block=False)` returns once every array is copied to the host
+(Orbax's synchronous device-to-host transfer, so the caller may donate or overwrite the state
+right after) and the write and the rename go on in a background thread; the next save, `wait()`
+and `close()` wait for it. A crash before the rename leaves the temporary directory only.
 """
 
 from __future__ import annotations
@@ -24,22 +29,30 @@ class CheckpointRestoreError(RuntimeError):
 class Checkpointer:
     def __init__(self, directory: str | Path, keep: int = 3):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:
+        """Complete steps on disk, and the one this checkpointer is writing (if any)."""
         return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, meta: dict) -> None:
-        """Blocks until the step is on disk (the caller may exit right after, e.g. on SIGTERM)."""
+    def save(self, step: int, state: Any, meta: dict, *, block: bool = True) -> None:
+        """Writes `step`. block: return when it is complete on disk; else once the state is copied
+        to the host (after waiting for the previous save), the write finishing in the background
+        (`wait` before exiting)."""
         self._manager.save(
             step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
         )
+        if block:
+            self.wait()
+        log.info("checkpoint step %d %s %s", step, "saved to" if block else "being written to", self.directory)
+
+    def wait(self) -> None:
+        """Blocks until the last save is complete on disk."""
         self._manager.wait_until_finished()
-        log.info("saved checkpoint step %d to %s", step, self.directory)
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
         """(state, meta) of `step` (default: the latest). `abstract_state` gives shapes, dtypes and

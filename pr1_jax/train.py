@@ -38,7 +38,7 @@ from pr1_jax.learner import Learner, TrainState
 from pr1_jax.metrics import MetricsLogger
 from pr1_jax.multihost import allgather_json
 from pr1_jax.rewards import RewardScorer, combine_batch, mean_metrics
-from pr1_jax.rollout import LearnerBatch, Rollout, rollout, train_batch_from_samples
+from pr1_jax.rollout import LearnerBatch, Rollout, response_bucket, rollout, train_batch_from_samples
 from pr1_jax.sampling import Sampler
 from pr1_jax.sharding import MeshError, batch_axis_size, global_batch, load_model, make_mesh
 
@@ -90,9 +90,9 @@ class Trainer:
         except ValueError as e:
             raise configlib.ConfigError(str(e)) from None
         self.learner = Learner(model_cfg, cfg.learner, self.mesh, self.total_steps,
-                               temperature=self.sample_cfg.score_temperature)
+                               temperature=self.sample_cfg.score_temperature, attention=cfg.model.attention)
         self.policy = load_model(cfg.model.policy, self.mesh, dtype=cfg.learner.dtype,
-                                 param_dtype=cfg.learner.param_dtype)
+                                 param_dtype=cfg.learner.param_dtype, attention=cfg.model.attention)
         self.sampler = Sampler(self.policy.module, self.sample_cfg, self.mesh)
         self.greedy_sampler = Sampler(self.policy.module, dataclasses.replace(
             self.sample_cfg, temperature=0.0, top_p=1.0, top_k=0, n=1), self.mesh)
@@ -101,7 +101,8 @@ class Trainer:
             raise configlib.ConfigError("reward.weights.visual > 0 needs model.judge (a Qwen2 checkpoint dir)")
         if cfg.model.judge:  # with reward.weights.visual=0 the visual reward is measured, not trained on
             self.judge = Judge.load(cfg.model.judge, cfg.judge, mesh=self.mesh,
-                                    tokenizer_path=cfg.model.judge_tokenizer or cfg.model.judge, dtype=cfg.model.judge_dtype)
+                                    tokenizer_path=cfg.model.judge_tokenizer or cfg.model.judge, dtype=cfg.model.judge_dtype,
+                                    attention=cfg.model.attention)
         self.scorer = RewardScorer(cfg.reward)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.keep_checkpoints)
         self.metrics = MetricsLogger(self.run_dir, self.total_steps)
@@ -149,7 +150,9 @@ class Trainer:
     def save(self, step: int) -> None:
         meta = dict(data=allgather_json(self.data.get_state()), rng=np.asarray(jax.random.key_data(self.key)).tolist(),
                     consecutive_bad=self.consecutive_bad, step=step)
-        self.checkpointer.save(step, self.state, meta)
+        # Returns once the state is on the host: the write goes on under the next steps (the
+        # state can be donated), and `fit` waits for it before it returns.
+        self.checkpointer.save(step, self.state, meta, block=False)
 
     # -- one step --
 
@@ -189,8 +192,12 @@ class Trainer:
         scores, extra = self._score(ro, batch)
         overall = np.array([s["overall"] for s in scores], np.float32)
         adv = np.asarray(group_advantages(overall, ro.n))
+        lengths = np.asarray(ro.samples.lengths)
+        longest = max(allgather_json(int(lengths.max(initial=0))))
+        bucket = response_bucket(longest, self.cfg.learner.response_buckets, self.sample_cfg.max_new_tokens)
         tb = train_batch_from_samples(self.policy.config, ro.prompt_inputs, ro.samples, ro.n, advantages=adv,
-                                      example_valid=batch["example_valid"])
+                                      example_valid=batch["example_valid"], response_length=bucket,
+                                      shards=max(batch_axis_size(self.mesh) // jax.process_count(), 1))
         t1 = time.perf_counter()
         skipped_before = int(self.state.skipped)
         self.state, m = self.learner.step(self.state, self.learner_batch(tb))
@@ -204,11 +211,10 @@ class Trainer:
                            f"gradient (last batch records {batch['record_id']}); stopping with the last good state")
         else:
             self.consecutive_bad = 0
-        lengths = np.asarray(ro.samples.lengths)
         max_new = self.sample_cfg.max_new_tokens
         out = {**mean_metrics(_all_processes(scores), split="train"), **{k: v for k, v in m.items()}, **extra}
         out.update(response_len=float(lengths.mean()), response_len_max=float(lengths.max()),
-                   clipped_frac=float(np.mean(lengths >= max_new)), adv_mean=float(adv.mean()),
+                   clipped_frac=float(np.mean(lengths >= max_new)), response_bucket=bucket, adv_mean=float(adv.mean()),
                    adv_std=float(adv.std()), sec_sample=t_sample, sec_update=t_update,
                    sec_step=time.perf_counter() - t0,
                    tokens_per_sec=float(lengths.sum()) / max(t_sample, 1e-9))
@@ -283,6 +289,7 @@ class Trainer:
         finally:
             if step not in self.checkpointer.steps():
                 self.save(step)
+            self.checkpointer.wait()  # the last save is complete on disk before the run ends (SIGTERM too)
             self.scorer.close()
             self.metrics.close()
         return val
