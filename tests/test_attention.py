@@ -13,6 +13,9 @@ from models.layers import activation_sharding
 from pr1_jax.sharding import RULES, make_mesh
 from reference import hf_logits, vlm_batch
 
+# The models against transformers' logits to 1e-4: full-precision fp32 matmuls.
+pytestmark = pytest.mark.usefixtures("highest_precision")
+
 
 def _qkv(rng, b, h, kh, t, d):
     q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((b, h, t, d), (b, kh, t, d), (b, kh, t, d)))
@@ -38,6 +41,7 @@ def test_splash_matches_xla(causal, d):
     np.testing.assert_allclose(attend(q, k, v, mask, "pallas", jnp.float32), ref, atol=1e-5)
 
 
+@pytest.mark.devices(8)
 def test_splash_per_shard_under_a_mesh():
     """Inside `activation_sharding` the kernel runs per shard (rows over data x fsdp, heads over tensor)."""
     q, k, v = _qkv(np.random.default_rng(1), 4, 4, 2, 24, 32)
@@ -56,6 +60,7 @@ def test_splash_per_shard_under_a_mesh():
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
+@pytest.mark.devices(8)
 def test_auto_per_backend(monkeypatch):
     assert resolve("auto", jnp.float32) == "xla"  # CPU
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")

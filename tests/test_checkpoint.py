@@ -18,6 +18,7 @@ def _abstract(state, sharding=None):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding or a.sharding), state)
 
 
+@pytest.mark.devices(8)
 def test_keep_last_and_restore_sharded(tmp_path):
     ck = Checkpointer(tmp_path, keep=2)
     for s in (1, 2, 3):

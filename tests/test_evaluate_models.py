@@ -24,6 +24,9 @@ from pr1_jax.reference import format_prompt
 from pr1_jax.sampling import SamplingConfig
 from pr1_jax.tiny.assets import judge_config, policy_config, save_tokenizer_dir, train_tokenizer
 
+# Greedy responses and judge logits against transformers': full-precision fp32 matmuls.
+pytestmark = pytest.mark.usefixtures("highest_precision")
+
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
 STOP = ("<|im_end|>", "<|endoftext|>")
 PIXELS = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)

@@ -17,6 +17,9 @@ from pr1_jax.judge import (Judge, JudgeConfig, PackedRow, pack, prompt_pieces, r
 from pr1_jax.sharding import make_mesh
 from reference import hf_logits
 
+# Verdict logits against transformers' to 1e-4: full-precision fp32 matmuls.
+pytestmark = pytest.mark.usefixtures("highest_precision")
+
 TOKENIZER = Path(__file__).parent / "fixtures" / "qwen2_tokenizer"
 VOCAB = 151665  # the real Qwen2 ids fit
 CFG = JudgeConfig(length_buckets=(64, 128, 256), annotation_buckets=(1, 2, 4), max_response_tokens=150)
@@ -166,6 +169,7 @@ def test_tied_embeddings_head(hf_checkpoint, tok):
         np.testing.assert_allclose(out["margins"][i], want, atol=1e-4)
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("shape", [(2, 2, 2), (1, 4, 2)])
 def test_sharded_verdicts_equal_unsharded(sensitive_checkpoint, judges, shape):
     _, path = sensitive_checkpoint

@@ -35,6 +35,9 @@ from reference import hf_model
 
 log = logging.getLogger(__name__)
 
+# Digit logits against transformers' to 1e-4: full-precision fp32 matmuls (TF32 on GPUs).
+pytestmark = pytest.mark.usefixtures("highest_precision")
+
 TOKENIZER = Path(__file__).parent / "fixtures" / "qwen2_tokenizer"
 VOCAB = 151665
 CFG = JudgeConfig(prompt="paper", length_buckets=(64, 128, 256), annotation_buckets=(1, 2, 4), max_response_tokens=150)
@@ -199,6 +202,7 @@ def mesh_judge(sensitive_checkpoint):
                       dtype=jnp.float32)
 
 
+@pytest.mark.devices(8)
 def test_sharded_equals_unsharded(mesh_judge, judges):
     judge = mesh_judge
     batches, _, _ = judge.build(RESPONSES, ANNOTATIONS)
@@ -211,6 +215,7 @@ def test_sharded_equals_unsharded(mesh_judge, judges):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.devices(8)
 def test_each_process_gets_its_own_verdicts_of_the_global_batch(mesh_judge, judges, monkeypatch):
     """Process 1 of 2 passes its own responses (the record's string or list as given); the judge
     gathers every process's (here: process 0's, as allgather_json would bring them) into the same

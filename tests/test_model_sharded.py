@@ -9,7 +9,11 @@ from models.causal_lm import QwenCausalLM
 from pr1_jax.sharding import make_mesh, param_shardings, placer
 from reference import vlm_batch
 
+# Sharded against unsharded logits to 1e-5: full-precision fp32 matmuls.
+pytestmark = pytest.mark.usefixtures("highest_precision")
 
+
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("shape", [(1, 8, 1), (2, 2, 2), (1, 4, 2)])
 def test_sharded_load_gives_the_same_logits(hf_checkpoint, shape):
     _, path = hf_checkpoint("qwen2_vl")
@@ -26,6 +30,7 @@ def test_sharded_load_gives_the_same_logits(hf_checkpoint, shape):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+@pytest.mark.devices(8)
 def test_init_params_directly_sharded(hf_checkpoint):
     _, path = hf_checkpoint("qwen2_5_vl")
     cfg = load_pretrained(path).config
@@ -40,6 +45,7 @@ def test_init_params_directly_sharded(hf_checkpoint):
     Model(cfg, params)  # usable as a model
 
 
+@pytest.mark.devices(8)
 def test_mesh_shape_errors():
     with pytest.raises(ValueError, match="needs 12 devices, have 8"):
         make_mesh((3, 4, 1))

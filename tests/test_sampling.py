@@ -20,6 +20,9 @@ from models import abstract_params
 from models.causal_lm import QwenCausalLM
 from reference import IMAGE, vlm_batch
 
+# Greedy tokens and log-probs against transformers' and a full forward: full-precision fp32 matmuls.
+pytestmark = pytest.mark.usefixtures("highest_precision")
+
 EOS = (2, 7)
 PAD = 0
 
@@ -181,6 +184,7 @@ def test_early_exit_and_masks(hf_checkpoint):
     assert np.array_equal(np.asarray(out.mask)[:, 0], np.ones(6)) and not np.asarray(out.mask)[:, 1:].any()
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("shape", [(1, 8, 1), (2, 2, 2)])
 def test_sharded_sampler_matches_unsharded(hf_checkpoint, shape):
     _, path = hf_checkpoint("qwen2_vl")
