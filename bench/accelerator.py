@@ -1,10 +1,13 @@
-"""Decode speed on an accelerator: our sampler against transformers `generate` on the same device,
-in tokens/s, their ratio and the share of the HBM roofline (copy bandwidth measured in the same
-run); and the bf16 matmul peak (`matmul_peak`), the yardstick for model FLOP/s.
+"""Decode and update speed on an accelerator: our sampler against transformers `generate` on the
+same device, in tokens/s, their ratio and the share of the HBM roofline (copy bandwidth measured in
+the same run); `Learner.step` in model TFLOP/s and MFU against the bf16 matmul peak measured in
+the same run (`matmul_peak`).
 
-    python bench/accelerator.py                      # GPU / TPU: the decode issue's config, 128 and 512 rows
+    python bench/accelerator.py                      # GPU / TPU: decode at 128 and 512 rows, the update
+    python bench/accelerator.py --parts learner --json
     python bench/accelerator.py --rows 128 --hf-rows 128 --json
     python bench/accelerator.py --size tiny          # smoke run on CPU (seconds); numbers mean nothing
+    python bench/accelerator.py --learner-cost       # any backend, compile only: XLA's FLOPs of the update
 
 The model (size "1.5b") is a Qwen2.5-VL with a 1.5B-class text decoder (hidden 1536, 28 layers,
 12 query / 2 KV heads of 128, MLP 8960, vocab 151936, tied embeddings) and the Qwen2.5-VL vision
@@ -21,6 +24,20 @@ Roofline: a decode step must read the decoder's and head's weights and the fille
 cache once; over a decode that fills prompt .. prompt + new slots the cache read averages prompt +
 new / 2 slots per row. roofline tokens/s = rows / (those bytes / copy bandwidth), the copy
 bandwidth measured here (a jitted out-of-place add over 2 GiB: bytes read + written / time).
+
+The update (issue 15's config): `Learner.step` on 64 sequences = 8 prompts x 8 samples of the same
+266-token prompts and 256-token responses (522 tokens; random tokens, no EOS), bf16 compute, fp32
+params, remat, micro-batches of 16, AdamW; fp32 random params; one mesh over the visible devices.
+The median step time after a compiling step gives model TFLOP/s and MFU = that / the bf16 matmul
+peak. Model FLOPs as the issue counts them (`learner_model_flops`): 6 x non-embedding params x
+tokens + 6 x head x response tokens + causal attention (6 x layers x heads x head_dim x T^2 per
+sequence) + 6 x vision params x patches per sequence, i.e. the tower counted once per sample,
+whatever the learner runs; `work` counts the tower once per prompt, as the learner now runs it.
+
+`--learner-cost` compiles the update on abstract inputs (nothing runs; on CPU too, at full size)
+and prints XLA's FLOPs of it, while loops counted per iteration (`decode_cost.HloCosts`), with the
+tower once per sample (the layout before issue 15) and once per prompt, and the response axis at
+the sampler's cap (`--cap`, before) and at the bucket of the longest response (`--longest`).
 """
 
 from __future__ import annotations
@@ -30,13 +47,23 @@ import json
 import statistics
 import time
 
+import os
+import types
+
+os.environ.setdefault("JAX_PLATFORMS", "")  # JAX picks the accelerator (common would default to cpu)
 from common import table  # first: sets the environment
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import Model, config_from_dict, init_params
+from models import Model, abstract_params, config_from_dict, init_params
+from models.causal_lm import QwenCausalLM
+from models.positions import rope_index
+from pr1_jax.learner import Learner, LearnerConfig, init_state
+from pr1_jax.rollout import LearnerBatch, response_bucket, train_batch_from_samples
 from pr1_jax.sampling import SamplingConfig, Sampler
+from pr1_jax.sharding import batch_axis_size, global_batch, make_mesh
 from reference import IMAGE, VEND, VIDEO, VSTART, vlm_batch
 
 SIZES = {
@@ -47,7 +74,8 @@ SIZES = {
                   max_position_embeddings=32768),
         vision=dict(depth=32, hidden_size=1280, out_hidden_size=1536, intermediate_size=3420, num_heads=16,
                     window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
-        text_tokens=(150, 50), grid=16, new=256, rows=(128, 512), matmul=8192, copy_gib=2.0),
+        text_tokens=(150, 50), grid=16, new=256, rows=(128, 512), matmul=8192, copy_gib=2.0,
+        learner_sequences=64, micro=16),
     "tiny": dict(  # the tests' model sizes
         text=dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True,
@@ -55,7 +83,8 @@ SIZES = {
                   max_position_embeddings=512),
         vision=dict(depth=3, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=4, window_size=56,
                     fullatt_block_indexes=[1]),
-        text_tokens=(6, 4), grid=4, new=8, rows=(16, 32), matmul=256, copy_gib=0.0625),
+        text_tokens=(6, 4), grid=4, new=8, rows=(16, 32), matmul=256, copy_gib=0.0625,
+        learner_sequences=16, micro=8),
 }
 SAMPLES = 8
 
@@ -164,27 +193,138 @@ def hf_model(size: str):
     return transformers.Qwen2_5_VLForConditionalGeneration(cfg).to(device, torch.bfloat16).eval()
 
 
+# ------------------------------------------------------------------------------------ the update
+
+
+def learner_config(size: str) -> LearnerConfig:
+    return LearnerConfig(lr=1e-6, weight_decay=1e-3, warmup_ratio=0.0, dtype="bfloat16", param_dtype="float32",
+                         remat=True, micro_batch_size=SIZES[size]["micro"])
+
+
+def learner_batch(cfg, size: str, cap: int, longest: int, per_sample: bool = False, bucket: bool = True,
+                  shards: int = 1) -> LearnerBatch:
+    """Host learner batch of `learner_sequences` rows (the prompts of `prompts` x 8 samples), each
+    response `longest` real tokens of a sampler capped at `cap`, cut to its bucket (`bucket`) or
+    kept at the cap. per_sample: one vision group per sequence (the tower once per sample)."""
+    s = SIZES[size]
+    rows = s["learner_sequences"]
+    ids, mask, _, pv, thw = prompts(size, rows // SAMPLES)
+    pos, deltas = rope_index(ids, mask, thw, image_token_id=cfg.image_token_id,
+                             spatial_merge_size=cfg.vision.spatial_merge_size)
+    rng = np.random.default_rng(1)
+    samples = types.SimpleNamespace(tokens=rng.integers(0, VSTART - 1, (rows, cap)),
+                                    mask=np.broadcast_to(np.arange(cap) < longest, (rows, cap)),
+                                    logprobs=-rng.random((rows, cap), np.float32))
+    return train_batch_from_samples(
+        cfg, dict(input_ids=ids, attention_mask=mask, positions=pos, rope_deltas=deltas), samples, SAMPLES, pv, thw,
+        num_patches=s["grid"] ** 2, advantages=rng.standard_normal(rows).astype(np.float32),
+        response_length=response_bucket(longest, LearnerConfig.response_buckets, cap) if bucket else None,
+        shards=rows if per_sample else shards)
+
+
+def learner_model_flops(cfg, batch: LearnerBatch, towers: int) -> float:
+    """Model FLOPs of one update (see the module docstring); `towers`: how many times the vision
+    tower's params count (the issue: once per sequence)."""
+    params = nn.unbox(abstract_params(QwenCausalLM(cfg)))
+    size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+    t = cfg.text
+    n, length = batch.input_ids.shape
+    decoder = 6 * size(params["decoder"]) * n * length
+    head = 6 * t.hidden_size * t.vocab_size * n * batch.response_length
+    attention = 6 * t.num_layers * t.num_heads * t.head_dim * length**2 * n
+    vision = 6 * size(params["visual"]) * batch.vision.pixel_values.shape[1] * towers
+    return float(decoder + head + attention + vision)
+
+
+def learner_seconds(cfg, size: str, repeats: int) -> tuple[float, LearnerBatch]:
+    """Median seconds of `Learner.step` (after a compiling step) on the issue's config."""
+    mesh = make_mesh((1, -1, 1))
+    learner = Learner(cfg, learner_config(size), mesh, total_steps=1000)
+    host = learner_batch(cfg, size, SIZES[size]["new"], SIZES[size]["new"], shards=batch_axis_size(mesh))
+    batch = global_batch(mesh, host)
+    state = learner.init_state(init_params(cfg, jax.random.key(0), param_dtype=jnp.float32))
+    times = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        state, metrics = learner.step(state, batch)
+        jax.block_until_ready((state, metrics))
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), host
+
+
+def learner_flops_xla(cfg, size: str, batch: LearnerBatch) -> float:
+    """XLA's FLOPs of the update compiled on abstract inputs (loops per iteration)."""
+    from decode_cost import HloCosts
+
+    mesh = make_mesh((1, -1, 1))
+    learner = Learner(cfg, learner_config(size), mesh, total_steps=1000)
+    state = jax.eval_shape(lambda p: init_state(p, learner.tx), nn.unbox(abstract_params(learner.module)))
+    state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state,
+                         learner.state_shardings)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+    compiled = learner.jitted_step(abstract).lower(state, abstract).compile()
+    return HloCosts(compiled.as_text(), jax.devices()[0].client).cost("flops")
+
+
+def learner_cost_rows(cfg, size: str, cap: int, longest: int) -> list[dict]:
+    """XLA's FLOPs of the update before / after items 1 and 2 of issue 15."""
+    rows = []
+    cases = [("per sample", "cap", dict(per_sample=True, bucket=False)),
+             ("per prompt", "cap", dict(bucket=False)),
+             ("per prompt", "bucket", dict())]
+    for vision, resp, kw in cases:
+        if resp == "bucket" and response_bucket(longest, LearnerConfig.response_buckets, cap) == cap:
+            continue
+        batch = learner_batch(cfg, size, cap, longest, **kw)
+        t0 = time.perf_counter()
+        flops = learner_flops_xla(cfg, size, batch)
+        rows.append(dict(vision=vision, response_axis=f"{resp} ({batch.response_length})", cap=cap,
+                         longest=longest, tokens=batch.input_ids.shape[1], xla_TFLOP=flops / 1e12,
+                         model_TFLOP_issue=learner_model_flops(cfg, batch, batch.num_sequences) / 1e12,
+                         compile_s=round(time.perf_counter() - t0, 1)))
+    base = rows[0]["xla_TFLOP"]
+    for r in rows:
+        r["vs_before"] = r["xla_TFLOP"] / base
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--size", default="1.5b", choices=list(SIZES))
     p.add_argument("--rows", type=int, nargs="+", default=None, help="sequences decoded together (prompts x 8)")
     p.add_argument("--hf-rows", type=int, nargs="*", default=None, help="rows also run through transformers")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", action="store_true", help="one JSON line per row count, then one for the peaks")
+    p.add_argument("--parts", nargs="+", default=["decode", "learner"], choices=["decode", "learner"])
+    p.add_argument("--json", action="store_true", help="one JSON line per row count, the update, then the peaks")
+    p.add_argument("--learner-cost", action="store_true",
+                   help="compile the update on abstract inputs (any backend) and print XLA's FLOPs before / after")
+    p.add_argument("--cap", type=int, nargs="+", default=[256, 1024], help="--learner-cost: sampler caps")
+    p.add_argument("--longest", type=int, default=256, help="--learner-cost: the longest real response")
     a = p.parse_args()
     s = SIZES[a.size]
     rows_list = a.rows or list(s["rows"])
     hf_rows = rows_list if a.hf_rows is None else a.hf_rows
     backend = jax.default_backend()
+    cfg = config_from_dict(hf_config(a.size).to_dict())
+    if a.learner_cost:
+        out = [r for cap in a.cap for r in learner_cost_rows(cfg, a.size, cap, a.longest)]
+        if a.json:
+            for r in out:
+                print(json.dumps(r), flush=True)
+            return
+        print(f"\nthe update's FLOPs (XLA cost analysis of the compiled program, loops per iteration; {backend}): "
+              f"{a.size}, {s['learner_sequences']} sequences, micro-batches of {s['micro']}\n")
+        print(table(out))
+        return
     if a.size != "tiny" and backend == "cpu":
         raise SystemExit("no GPU / TPU visible to JAX: run --size tiny for a smoke test on CPU")
-    cfg = config_from_dict(hf_config(a.size).to_dict())
     model = Model(cfg, init_params(cfg, jax.random.key(0), param_dtype=jnp.bfloat16), dtype=jnp.bfloat16)
     bandwidth = copy_bandwidth(s["copy_gib"])
     peak = matmul_peak(s["matmul"])
-    hf = hf_model(a.size) if hf_rows else None
+    hf = hf_model(a.size) if hf_rows and "decode" in a.parts else None
     results = []
-    for rows in rows_list:
+    for rows in rows_list if "decode" in a.parts else []:
         ours, prompt_len = ours_seconds(model, a.size, rows, a.repeats)
         tokens = rows * s["new"]
         roof = roofline_tokens_per_s(model, rows, prompt_len, s["new"], bandwidth)
@@ -196,15 +336,31 @@ def main():
         results.append(r)
         if a.json:
             print(json.dumps(r), flush=True)
+    update = None
+    if "learner" in a.parts:
+        seconds, batch = learner_seconds(cfg, a.size, a.repeats)
+        model = learner_model_flops(cfg, batch, towers=batch.num_sequences)
+        work = learner_model_flops(cfg, batch, towers=batch.num_sequences // SAMPLES)
+        update = dict(sequences=batch.num_sequences, tokens=batch.input_ids.shape[1], micro=s["micro"],
+                      devices=jax.device_count(), step_s=seconds, model_TFLOP=model / 1e12,
+                      model_TFLOP_s=model / seconds / 1e12, mfu_pct=100 * model / seconds / peak,
+                      work_TFLOP=work / 1e12, work_mfu_pct=100 * work / seconds / peak)
+        if a.json:
+            print(json.dumps(dict(learner=update)), flush=True)
     peaks = dict(device=str(jax.devices()[0].device_kind), copy_GB_s=bandwidth / 1e9,
                  bf16_matmul_TFLOP_s=peak / 1e12, matmul_n=s["matmul"])
     if a.json:
         print(json.dumps(peaks))
         return
-    print(f"\ndecode: our sampler vs transformers generate ({a.size}, {backend}, {peaks['device']}), ratio = hf "
-          f"time / our time; roofline from the copy bandwidth {peaks['copy_GB_s']:.3g} GB/s measured here; "
-          f"bf16 {s['matmul']}^3 matmul {peaks['bf16_matmul_TFLOP_s']:.3g} TFLOP/s\n")
-    print(table(results))
+    print(f"\n{a.size} on {backend} ({peaks['device']}); roofline from the copy bandwidth {peaks['copy_GB_s']:.3g} GB/s "
+          f"measured here; bf16 {s['matmul']}^3 matmul {peaks['bf16_matmul_TFLOP_s']:.3g} TFLOP/s\n")
+    if results:
+        print("decode: our sampler vs transformers generate, ratio = hf time / our time\n")
+        print(table(results))
+    if update:
+        print("\nupdate: Learner.step; model FLOPs as issue 15 counts them (the tower once per sequence), MFU against "
+              "the bf16 matmul peak above; work: the tower once per prompt\n")
+        print(table([update]))
 
 
 if __name__ == "__main__":

@@ -71,9 +71,9 @@ class HloCosts:
                 self.entry = m.group(2)
 
     @functools.cache
-    def _once(self, name: str) -> float:
+    def _once(self, name: str, key: str = "bytes accessed") -> float:
         text = "HloModule m\n\n" + "\n\n".join(("ENTRY " if n == name else "") + c for n, c in self.comps.items())
-        return self._analyse(text)["bytes accessed"]
+        return self._analyse(text)[key]
 
     def _loops(self, name: str):
         """(body, trip count) of each while loop directly in computation `name`."""
@@ -82,12 +82,16 @@ class HloCosts:
             yield re.search(r"body=%([\w.\-]+)", line).group(1), int(n.group(1)) if n else 1
 
     @functools.cache
-    def bytes_accessed(self, name: str | None = None) -> float:
+    def cost(self, key: str, name: str | None = None) -> float:
+        """`key` of XLA's cost analysis ("bytes accessed", "flops", ...), loops per iteration."""
         name = name or self.entry
-        total = self._once(name)
+        total = self._once(name, key)
         for body, n in self._loops(name):
-            total += n * self.bytes_accessed(body) - self._once(body)
+            total += n * self.cost(key, body) - self._once(body, key)
         return total
+
+    def bytes_accessed(self) -> float:
+        return self.cost("bytes accessed")
 
     @functools.cache
     def kernels(self, name: str | None = None) -> int:

@@ -19,7 +19,8 @@ and then `Trainer.train_step` itself (judge and host rewards overlap there), who
 `step (trainer)`. The update's FLOPs come from XLA's cost analysis of the compiled step; XLA
 counts the body of a `while` loop (our `nn.scan` over layers and micro-batches) once, so that
 number is reported next to an analytic count: 6 x (matmul params) x (tokens through them), plus
-attention (12 x L x T^2 x d per sequence; fwd + bwd), for the vision tower and the decoder.
+attention (12 x L x T^2 x d per sequence; fwd + bwd), for the decoder and the vision tower (once
+per vision group: a prompt's images, shared by its samples).
 """
 
 from __future__ import annotations
@@ -74,12 +75,12 @@ def analytic_update_flops(cfg, batch) -> float:
     flops = 6 * per_layer * text.num_layers * n * length + 6 * d * text.vocab_size * n * r
     flops += 12 * text.num_layers * length * length * text.num_heads * text.head_dim * n
     if vis is not None and batch.vision is not None:
-        p = batch.vision.pixel_values.shape[1]
+        g, p = batch.vision.pixel_values.shape[:2]  # the tower runs once per vision group
         w, m2 = vis.width, vis.spatial_merge_size**2
         block = 4 * w * w + (2 if vis.kind == "qwen2_vl" else 3) * w * vis.mlp_dim
         merger = (w * m2) ** 2 + w * m2 * vis.out_dim
-        flops += 6 * n * (p * vis.patch_dim * w + vis.depth * p * block + p // m2 * merger)
-        flops += 12 * vis.depth * p * p * w * n
+        flops += 6 * g * (p * vis.patch_dim * w + vis.depth * p * block + p // m2 * merger)
+        flops += 12 * vis.depth * p * p * w * g
     return float(flops)
 
 

@@ -36,10 +36,17 @@ Attention and activation sharding. `--attention` sets the models' attention (`mo
 on CPU `auto` is the XLA path with fp32 [T, S] scores per layer; `pallas` compiles splash attention
 through Pallas' interpreter, whose buffers are the kernel's blocks: a stand-in for the TPU kernel's
 memory, which XLA:CPU cannot compile; cuDNN's kernel cannot be compiled here at all).
-`--activation-rules on` (default) traces the train step and the judge inside
+`--activation-rules on` (default) traces the judge's forward inside
 `models.layers.activation_sharding`, so the decoder layers' activation constraints map through
 `pr1_jax.sharding.RULES` (batch over the data axes, heads / MLP over `tensor`); `off` leaves them
-no-ops (the learner and judge as long as they do not enter the context). The sampler enters it itself.
+no-ops, as before the trainer's `Judge` entered it. The sampler and the train step (the learner's
+`train_step`) enter it themselves.
+
+The train step's vision: `--learner-vision per_prompt` (default, the learner batch's layout: the
+tower once per prompt for the whole mini-batch before the micro-batches, its features shared by
+the prompt's samples) or `per_sample` (the tower once per sequence, inside each micro-batch:
+before issue 15). `--mini-batch M` compiles the update on M sequences in micro-batches of the
+searched size (default: one micro-batch), e.g. the paper config's 1024.
 
 XLA:CPU has no bf16 matmul: it converts bf16 weights to f32 copies (hoisted out of the layer
 loop). Those bytes are found in the compiled HLO and reported (`cpu_upcast`); `tpu_est` = peak
@@ -161,8 +168,9 @@ def _vision_inputs(lead: tuple, patches: int, cfg, mesh, batch_axis: bool):
 
 def _traced(fn, mesh, a):
     """fn traced inside `activation_sharding` (the models' activation constraints and splash
-    attention per shard follow `pr1_jax.sharding.RULES`) unless `--activation-rules off`. The
-    sampler enters it itself."""
+    attention per shard follow `pr1_jax.sharding.RULES`) unless `--activation-rules off`: the
+    judge's forward here (the sampler, the learner's update and the trainer's `Judge` enter it
+    themselves)."""
     if a.activation_rules == "off":
         return fn
     from models.layers import activation_sharding
@@ -176,18 +184,20 @@ def _traced(fn, mesh, a):
 
 
 def train_step_stats(mesh, policy_cfg, seqs: int, a) -> dict:
+    """The trainer's update (`Learner.jitted_step`, traced inside the activation rules) on
+    micro-batches of `seqs` sequences, `--mini-batch` of them in all (default one micro-batch)."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from pr1_jax.learner import Learner, LearnerConfig, init_state, train_step
-    from pr1_jax.rollout import LearnerBatch
-    from pr1_jax.sharding import batch_sharding, batch_shardings
+    from pr1_jax.learner import Learner, LearnerConfig, init_state
+    from pr1_jax.rollout import LearnerBatch, vision_copies
+    from pr1_jax.sharding import batch_axis_size, batch_sharding
 
+    mini = max(a.mini_batch, seqs)
     cfg = LearnerConfig(lr=1e-6, weight_decay=1e-3, dtype="bfloat16", param_dtype="float32", remat=True,
-                        micro_batch_size=None)
-    learner = Learner(policy_cfg, cfg, mesh, total_steps=282)
+                        micro_batch_size=seqs)
+    learner = Learner(policy_cfg, cfg, mesh, total_steps=282, attention=a.attention)
     params = nn.unbox(__import__("models").abstract_params(learner.module))
     state = _abstract(jax.eval_shape(functools.partial(init_state, tx=learner.tx), params), learner.state_shardings)
     length = a.prompt + a.response
@@ -195,16 +205,17 @@ def train_step_stats(mesh, policy_cfg, seqs: int, a) -> dict:
     def arr(shape, dtype, axis=0):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, shape, axis))
 
-    batch = LearnerBatch(input_ids=arr((seqs, length), jnp.int32), attention_mask=arr((seqs, length), jnp.int32),
-                 positions=arr((3, seqs, length), jnp.int32, axis=1), response_mask=arr((seqs, a.response), jnp.int32),
-                 old_logprobs=arr((seqs, a.response), jnp.float32), advantages=arr((seqs,), jnp.float32),
-                 vision=_vision_inputs((seqs,), a.patches, policy_cfg.vision, mesh, batch_axis=True))
-    module = learner.module.clone(attention=a.attention)
-    fn = _traced(functools.partial(train_step, cfg=cfg, module=module, tx=learner.tx, lr_fn=learner.lr_fn, mesh=mesh),
-                 mesh, a)
-    jitted = jax.jit(fn, in_shardings=(learner.state_shardings, batch_shardings(mesh, batch)),
-                     out_shardings=(learner.state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
-    return _compile(jitted, state, batch)
+    # The rollout's vision groups: each prompt's images once (copied where the data axes do not
+    # divide the prompts), or once per sequence (before issue 15).
+    groups = mini
+    if a.learner_vision == "per_prompt" and mini % a.n == 0:
+        groups = mini // a.n * vision_copies(mini // a.n, a.n, batch_axis_size(mesh))
+    batch = LearnerBatch(input_ids=arr((mini, length), jnp.int32), attention_mask=arr((mini, length), jnp.int32),
+                         positions=arr((3, mini, length), jnp.int32, axis=1),
+                         response_mask=arr((mini, a.response), jnp.int32),
+                         old_logprobs=arr((mini, a.response), jnp.float32), advantages=arr((mini,), jnp.float32),
+                         vision=_vision_inputs((groups,), a.patches, policy_cfg.vision, mesh, batch_axis=True))
+    return _compile(learner.jitted_step(batch), state, batch)
 
 
 def sampler_stats(mesh, policy_cfg, prompts: int, a) -> dict:
@@ -416,8 +427,13 @@ def main():
                    help="the models' attention; on CPU auto = xla, and pallas compiles splash attention in Pallas' "
                         "interpreter (a stand-in for the TPU kernel's memory: blocks, no [T, S] scores)")
     p.add_argument("--activation-rules", default="on", choices=["on", "off"],
-                   help="trace the train step and the judge inside models.layers.activation_sharding (activations "
-                        "constrained by the rules table) or not (the layers' constraints are then no-ops)")
+                   help="trace the judge inside models.layers.activation_sharding (activations constrained by the "
+                        "rules table) or not (the layers' constraints are then no-ops); the train step always is")
+    p.add_argument("--learner-vision", default="per_prompt", choices=["per_prompt", "per_sample"],
+                   help="the train step's vision tower once per prompt (the learner's layout) or once per sequence "
+                        "(before issue 15)")
+    p.add_argument("--mini-batch", type=int, default=0,
+                   help="train step: sequences in the mini-batch (micro-batches of the searched size); 0 = one")
     p.add_argument("--annotations", type=int, default=8)
     p.add_argument("--judge-length", type=int, default=2048)
     p.add_argument("--budget", type=int, default=900, help="seconds of compiling per mesh size; later points skipped")

@@ -416,13 +416,18 @@ class Learner:
 
     def step(self, state: TrainState, batch: LearnerBatch):
         """(new_state, metrics); `state` is donated."""
+        return self.jitted_step(batch)(state, batch)
+
+    def jitted_step(self, batch: LearnerBatch):
+        """The jitted update for the shapes of `batch` (arrays or `jax.ShapeDtypeStruct`s: benches
+        lower and compile it on abstract inputs), one per shape."""
         key = self._key(batch)
         if key not in self._steps:
             fn = functools.partial(train_step, cfg=self.cfg, module=self.module, tx=self.tx, lr_fn=self.lr_fn,
                                    mesh=self.mesh, temperature=self.temperature)
             self._steps[key] = jax.jit(fn, in_shardings=(self.state_shardings, batch_shardings(self.mesh, batch)),
                                        out_shardings=(self.state_shardings, self._replicated), donate_argnums=0)
-        return self._steps[key](state, batch)
+        return self._steps[key]
 
     def logprobs(self, params, batch: LearnerBatch):
         """(logp, entropy) [N, R] of the batch's responses under `params` (e.g. to recompute the
