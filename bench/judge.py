@@ -54,7 +54,7 @@ from models import load_pretrained
 from pr1_jax.data.annotations import to_tagged_text
 from pr1_jax.data.processing import load_tokenizer
 from pr1_jax.judge import Judge, JudgeConfig, render_prompt, skeleton_text
-from pr1_jax.judge.paper import render_messages
+from pr1_jax.judge.paper import reference_reward, render_messages
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "qwen2_tokenizer"
 VOCAB = 151665  # the Qwen2 tokenizer's ids fit
@@ -77,19 +77,6 @@ def make_batch(n: int, k: int, words: int, rng: np.random.Generator):
         responses.append(f"<think>\n{' '.join(steps)}\n</think>\n<answer>\n\\boxed{{{answer}}}\n</answer>")
         annotations.append([rng.choice(facts).format(int(rng.integers(2, 99))) + "." for _ in range(k)])
     return responses, annotations
-
-
-def reference_reward(text: str) -> float:
-    """The reference's parse of a judge's text (judge_output_pattern in the prompts file)."""
-    scores, idx = [], 1
-    while (m := re.search(rf".*<info{idx}>(.+?)</info{idx}>", text, flags=re.MULTILINE | re.DOTALL)) is not None:
-        try:
-            score = float(m.group(1))
-        except ValueError:
-            score = 0.0
-        scores.append(max(0.0, min(1.0, score)))
-        idx += 1
-    return sum(scores) / (len(scores) + 1e-6)
 
 
 def generate(hf, tok, prompts: list[str], new: int, batch: int, scores: bool = False):

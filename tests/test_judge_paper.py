@@ -26,7 +26,7 @@ from pr1_jax.data.records import read_records
 from pr1_jax import configlib
 from pr1_jax.judge import Judge, JudgeConfig, key_info, paper_prompt, skeleton_text
 from pr1_jax.judge import shell
-from pr1_jax.judge.paper import PaperScheme
+from pr1_jax.judge.paper import PaperScheme, reference_reward
 from pr1_jax.reference import prompts
 from pr1_jax.sharding import make_mesh
 from pr1_jax.tiny import synthetic
@@ -298,19 +298,6 @@ def format_examples(rng, n):
     one digit everywhere)."""
     return [(r, to_tagged_text(anns), [int(any(w in r for w in cue)) for cue in CUES])
             for r, anns, _ in synthetic.judge_examples(rng, n)]
-
-
-def reference_reward(text: str) -> float:
-    """The reference's parse of a judge's text (judge_output_pattern in the prompts file)."""
-    scores, idx = [], 1
-    while (m := re.search(rf".*<info{idx}>(.+?)</info{idx}>", text, flags=re.MULTILINE | re.DOTALL)) is not None:
-        try:
-            score = float(m.group(1))
-        except ValueError:
-            score = 0.0
-        scores.append(max(0.0, min(1.0, score)))
-        idx += 1
-    return sum(scores) / (len(scores) + 1e-6)
 
 
 @pytest.fixture(scope="module")

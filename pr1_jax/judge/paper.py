@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from typing import Any, Sequence
 
 import flax.struct
@@ -97,6 +98,22 @@ _USER_SENTINEL = "\uE000PR1_JUDGE_USER\uE001"
 
 
 # ---- prompt and skeleton -----------------------------------------------------------------------
+
+def reference_reward(text: str) -> float:
+    """The reference's reading of a judge's generated text (`judge_output_pattern` in the prompts
+    file): `<info1>`, `<info2>`, ... until the first index missing, each tag's text at its last
+    occurrence as a float clamped to [0, 1] (0 if not a number); sum / (count + 1e-6). What our
+    in-graph verdicts are checked against (tests, bench/judge.py); training never parses text."""
+    scores, idx = [], 1
+    while (m := re.search(rf".*<info{idx}>(.+?)</info{idx}>", text, flags=re.MULTILINE | re.DOTALL)) is not None:
+        try:
+            score = float(m.group(1))
+        except ValueError:
+            score = 0.0
+        scores.append(max(0.0, min(1.0, score)))
+        idx += 1
+    return sum(scores) / (len(scores) + REFERENCE_EPS)
+
 
 def skeleton_text(digits: Sequence[str], close: bool = True) -> str:
     """The judge's answer in the reference's format: `<info1>d1</info1>\\n<info2>d2</info2>...`
