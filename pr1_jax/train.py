@@ -312,7 +312,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str]) -> TrainConfig:
-    return _config(_parser().parse_args(argv))
+    return _config(_parser().parse_intermixed_args(argv))
 
 
 def _config(args: argparse.Namespace) -> TrainConfig:
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                         force=True)
     for noisy in ("absl", "jax._src", "orbax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = _config(args)
     except configlib.ConfigError as e:
