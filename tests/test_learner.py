@@ -216,11 +216,13 @@ def _tower_rows(fn, *args) -> list[int]:
     return sizes
 
 
-@pytest.mark.parametrize("micro", [None, 4, 2, 1])
+@pytest.mark.parametrize("micro", [None, 2])
 def test_vision_once_per_prompt_equals_once_per_sample(setup, micro):
     """The tower on each prompt's images once, its features shared by the prompt's samples (and
     its gradient summed over them), against the per-sample layout (the tower once per sequence):
-    the same loss, metrics and gradients within 1e-5, for every micro-batch regime."""
+    the same loss, metrics and gradients within 1e-5, in one batch and in micro-batches that cut
+    across prompts (test_micro_features_match_the_rows_groups covers every micro-batch regime
+    of the feature routing itself)."""
     cfg = dataclasses.replace(BASE, micro_batch_size=micro)
     g_ref, m_ref = setup.grads(cfg, setup.per_sample())
     g, m = setup.grads(cfg)

@@ -8,8 +8,8 @@ partial / corrupt checkpoint steps (test_checkpoint.py), the NaN guard (test_lea
 single bad-record kinds and strict mode (test_data_*.py), the math-verify time bound
 (test_rewards.py).
 
-At the end of the module the counts (faults injected and survived, bad inputs tried, training
-steps lost) are printed to the terminal.
+At the end of the run the counts (faults injected and survived, bad inputs tried, training
+steps lost) are printed in the terminal summary (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -41,19 +41,12 @@ TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "qwen2_tokenizer"
 COUNTS = collections.Counter()  # faults_injected, faults_survived, bad_inputs, steps_lost
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _print_counts(request):
+@pytest.fixture(autouse=True)
+def _report_counts(request):
+    """The module's running counts, handed to the report (also from a pytest-xdist worker):
+    conftest's terminal summary prints the last one."""
     yield
-    line = (f"reliability: faults injected {COUNTS['faults_injected']}, survived {COUNTS['faults_survived']}; "
-            f"bad inputs tried {COUNTS['bad_inputs']}; training steps lost {COUNTS['steps_lost']}")
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None or capture is None:
-        print(line)
-        return
-    with capture.global_and_fixture_disabled():  # past pytest's output capture, like capsys.disabled()
-        reporter.write_line("")
-        reporter.write_line(line)
+    request.node.user_properties.append(("reliability_counts", dict(COUNTS)))
 
 
 # ================================================================================================
