@@ -51,7 +51,7 @@ import os
 import types
 
 os.environ.setdefault("JAX_PLATFORMS", "")  # JAX picks the accelerator (common would default to cpu)
-from common import table  # first: sets the environment
+from common import QWEN25VL_1_5B, table  # first: sets the environment
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -68,12 +68,8 @@ from reference import IMAGE, VEND, VIDEO, VSTART, vlm_batch
 
 SIZES = {
     "1.5b": dict(
-        text=dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                  num_attention_heads=12, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                  rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, rope_theta=1e6,
-                  max_position_embeddings=32768),
-        vision=dict(depth=32, hidden_size=1280, out_hidden_size=1536, intermediate_size=3420, num_heads=16,
-                    window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
+        text=dict(QWEN25VL_1_5B["text_config"], max_position_embeddings=32768),
+        vision=QWEN25VL_1_5B["vision_config"],
         text_tokens=(150, 50), grid=16, new=256, rows=(128, 512), matmul=8192, copy_gib=2.0,
         learner_sequences=64, micro=16),
     "tiny": dict(  # the tests' model sizes

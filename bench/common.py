@@ -21,6 +21,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
+# Qwen2.5-VL's vision tower (the same at every size) and special token ids; the sizes differ in
+# the text decoder, whose width the tower's merger projects to.
+QWEN25VL_VISION = dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, window_size=112,
+                       fullatt_block_indexes=[7, 15, 23, 31], patch_size=14, spatial_merge_size=2,
+                       temporal_patch_size=2, in_channels=3)
+QWEN25VL_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652)
+
+
+def qwen25vl_config(**text) -> dict:
+    """A Qwen2.5-VL config dict (transformers' layout, model_type qwen2_5_vl) around the text
+    decoder `text` (vocab, widths, layers, heads, tied embeddings): M-RoPE, rms eps and rope theta
+    as the released checkpoints have them."""
+    text = dict(rms_norm_eps=1e-6, rope_theta=1e6, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+                **text)
+    return dict(model_type="qwen2_5_vl", **QWEN25VL_IDS, text_config=text,
+                vision_config=dict(QWEN25VL_VISION, out_hidden_size=text["hidden_size"]))
+
+
+# The decode and update issues' model: a 1.5B-class text decoder (bench/decode_cost.py, accelerator.py).
+QWEN25VL_1_5B = qwen25vl_config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)
+
+
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
     """Median wall seconds of fn() over `repeats` runs after `warmup` runs (compiles excluded)."""
     for _ in range(warmup):

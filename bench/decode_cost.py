@@ -37,16 +37,7 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# The decode issue's model: a Qwen2.5-VL config with a 1.5B-class text decoder.
-QWEN25VL_1_5B = dict(
-    model_type="qwen2_5_vl", image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
-    text_config=dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                     num_attention_heads=12, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
-                     rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, tie_word_embeddings=True),
-    vision_config=dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, out_hidden_size=1536,
-                       window_size=112, fullatt_block_indexes=[7, 15, 23, 31], patch_size=14,
-                       spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-)
+from common import QWEN25VL_1_5B  # noqa: E402  (the decode issue's model)
 
 # Instructions outside fusions that launch nothing: bookkeeping and control flow.
 _NOT_KERNELS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call",

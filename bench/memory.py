@@ -66,18 +66,13 @@ import sys
 import time
 from pathlib import Path
 
+from common import qwen25vl_config
+
 GIB = 1 << 30
 CAPACITIES = {"v5p (95 GiB)": 95 * GIB, "v5e (16 GiB)": 16 * GIB}
 
-POLICY = dict(
-    model_type="qwen2_5_vl", image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
-    text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                     num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1e6,
-                     rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, tie_word_embeddings=False),
-    vision_config=dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, out_hidden_size=3584,
-                       window_size=112, fullatt_block_indexes=[7, 15, 23, 31], patch_size=14,
-                       spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-)
+POLICY = qwen25vl_config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)
 JUDGE = dict(model_type="qwen2", vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
              num_attention_heads=40, num_key_value_heads=8, rms_norm_eps=1e-6, rope_theta=1e6,
              tie_word_embeddings=False)
