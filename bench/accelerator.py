@@ -44,14 +44,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import os
 import types
 
 os.environ.setdefault("JAX_PLATFORMS", "")  # JAX picks the accelerator (common would default to cpu)
-from common import QWEN25VL_1_5B, table  # first: sets the environment
+from common import QWEN25VL_1_5B, median_time, table  # first: sets the environment
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -102,13 +101,8 @@ def copy_bandwidth(gib: float, repeats: int = 10) -> float:
 
 
 def _median_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of fn() to completion on the device, after one compiling run."""
+    return median_time(lambda: jax.block_until_ready(fn()), repeats)
 
 
 def hf_config(size: str):
@@ -164,13 +158,7 @@ def hf_seconds(hf, size: str, rows: int, repeats: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    run()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_time(run, repeats)
 
 
 def hf_model(size: str):
@@ -239,14 +227,13 @@ def learner_seconds(cfg, size: str, repeats: int) -> tuple[float, LearnerBatch]:
     host = learner_batch(cfg, size, SIZES[size]["new"], SIZES[size]["new"], shards=batch_axis_size(mesh))
     batch = global_batch(mesh, host)
     state = learner.init_state(init_params(cfg, jax.random.key(0), param_dtype=jnp.float32))
-    times = []
-    for i in range(repeats + 1):
-        t0 = time.perf_counter()
+
+    def step():  # the state is donated: each step takes the last one's
+        nonlocal state
         state, metrics = learner.step(state, batch)
-        jax.block_until_ready((state, metrics))
-        if i:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times), host
+        return state, metrics
+
+    return _median_seconds(step, repeats), host
 
 
 def learner_flops_xla(cfg, size: str, batch: LearnerBatch) -> float:

@@ -14,7 +14,6 @@ generated with, how it was padded or split over processes, or how the prefill wa
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import flax.struct
@@ -23,10 +22,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from models.causal_lm import QwenCausalLM
-from models.layers import activation_sharding
 from models.qwen2 import KVCache
 from models.vision import VisionInputs
-from pr1_jax.sharding import RULES, sharding_for
+from pr1_jax.sharding import activation_sharding, sharding_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,11 +200,12 @@ def sample(module: QwenCausalLM, params, input_ids, positions, attention_mask, v
     prompt_ids [B] int32: each prompt's index in the random streams (default: its row), so that
     sample j of prompt p draws from stream p * n + j however the batch was padded or split.
     With a mesh, the cache is sharded like the activations (batch over the data axes, KV heads
-    over `tensor`) and so are the output rows; the model's activation constraints follow `RULES`.
+    over `tensor`) and so are the output rows; the model's activation constraints follow
+    `pr1_jax.sharding.RULES`.
     vision: packed or per row (see `QwenCausalLM.hidden_states`)."""
     if not cfg.eos_ids or cfg.pad_id is None:
         raise ValueError("SamplingConfig needs eos_ids and pad_id (SamplingConfig.with_tokenizer resolves them)")
-    with activation_sharding(mesh, RULES) if mesh is not None else contextlib.nullcontext():
+    with activation_sharding(mesh):
         b, t = input_ids.shape
         n, new = cfg.n, cfg.max_new_tokens
         h, cache = module.apply({"params": params}, input_ids, positions, attention_mask, vision, t + new,

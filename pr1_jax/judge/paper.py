@@ -69,7 +69,6 @@ largest annotation bucket stay in the quoted string but are not read (counted as
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
 from typing import Any, Sequence
@@ -81,13 +80,12 @@ import numpy as np
 from jax.sharding import Mesh
 
 from models.causal_lm import QwenCausalLM
-from models.layers import activation_sharding
 from models.qwen2 import KVCache
 from pr1_jax.data.annotations import parse_annotations, to_tagged_text
 from pr1_jax.judge.common import (JudgeConfig, JudgeOutput, answer_pair, judge_output, plan_chunks,
                                   resolve_token_ids, tokenize)
 from pr1_jax.reference import prompts
-from pr1_jax.sharding import RULES, sharding_for
+from pr1_jax.sharding import activation_sharding, sharding_for
 
 REFERENCE_EPS = 1e-6  # the reference's sum / (count + 1e-6)
 DIGITS = ("0", "1")
@@ -267,7 +265,7 @@ def paper_forward(module: QwenCausalLM, params, batch: PaperBatch, prompt: Paper
                   mesh: Mesh | None = None) -> JudgeOutput:
     """The constrained decode of the module docstring -> JudgeOutput with logits [B, K, 2] (the
     "0" and "1" logits at each digit). Pure; jit it (the prompt and mode are constants)."""
-    with activation_sharding(mesh, RULES) if mesh is not None else contextlib.nullcontext():
+    with activation_sharding(mesh):
         b, t = batch.input_ids.shape
         k = batch.valid.shape[1]
         chunks, lengths = prompt.skeleton_ids(k)
