@@ -109,13 +109,40 @@ def attend(q, k, v, mask: AttentionMask, implementation: str, dtype):
 
 
 def _xla(q, k, v, mask: AttentionMask, dtype):
+    return attend_part(q, k, v, mask.dense()[:, None, None], dtype)[0]
+
+
+def attend_part(q, k, v, allowed, dtype):
+    """Attention of q over one set of keys, with what it takes to merge it with attention over
+    other, disjoint sets of keys (`merge_parts`): a prompt's keys read once for a group's
+    samples and each sample's own keys, or a cache read in chunks.
+
+    q [B, H, T, D]; k, v [B, K, S, D]; allowed: bool, broadcastable to [B, K, G, T, S] (G = H // K,
+    query head k * G + g). Returns (out [B, H, T, D] in `dtype`, softmax-normalised over this
+    part's keys; lse [B, H, T] float32, the log-sum-exp of the scaled scores). Scores and softmax
+    in fp32 as transformers' eager path; a query that sees no key here gets a finite lse about
+    float32's minimum, which takes no weight next to a part where it sees one."""
     b, h, t, d = q.shape
     kh = k.shape[1]
     q = q.reshape(b, kh, h // kh, t, d)
     scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
-    scores = jnp.where(mask.dense()[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    return jnp.einsum("bkgts,bksd->bkgtd", probs, v.astype(dtype)).reshape(b, h, t, d)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v.astype(dtype)).reshape(b, h, t, d)
+    # Unused (and dropped by XLA) where the caller takes `out` alone, as `_xla` does.
+    return out, jax.nn.logsumexp(scores, axis=-1).reshape(b, h, t)
+
+
+def merge_parts(parts, dtype):
+    """The attention over the union of disjoint key sets from each set's `attend_part`
+    (out [..., D], lse [...]) pairs: sum_i out_i * exp(lse_i - lse), lse = logsumexp_i lse_i.
+    Exact up to rounding; one part is returned as it is."""
+    if len(parts) == 1:
+        return parts[0][0].astype(dtype)
+    lse = jnp.stack([p[1] for p in parts])
+    weights = jnp.exp(lse - jnp.max(lse, axis=0))
+    weights = weights / jnp.sum(weights, axis=0)
+    return sum(p[0].astype(jnp.float32) * w[..., None] for p, w in zip(parts, weights)).astype(dtype)
 
 
 def _cudnn(q, k, v, mask: AttentionMask, dtype):

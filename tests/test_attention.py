@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from models import load_pretrained
-from models.attention import AttentionMask, attend, resolve
+from models.attention import AttentionMask, attend, attend_part, merge_parts, resolve
 from models.layers import activation_sharding
 from pr1_jax.sharding import RULES, make_mesh
 from reference import hf_logits, vlm_batch
@@ -84,3 +84,17 @@ def test_models_with_splash_match_transformers(hf_checkpoint):
     ours = model(ids, attention_mask=mask, pixel_values=pv, image_grid_thw=thw)
     ref = hf_logits(hf, ids, mask, mm, pv, thw)
     assert np.abs(np.asarray(ours) - ref)[mask.astype(bool)].max() <= 1e-4
+
+
+def test_parts_merge_to_the_whole():
+    """Attention split over disjoint key sets (a prompt's keys, then a sample's own, in chunks) and
+    merged by their log-sum-exp equals one softmax over all keys, also where a query sees no key
+    in one part (left padding, a chunk past its causal limit)."""
+    q, k, v = _qkv(np.random.default_rng(3), 2, 4, 2, 24, 16)
+    seg = _padded_segments(2, 24)
+    allowed = AttentionMask(q_segment=seg, kv_segment=seg, causal=True).dense()[:, None, None]
+    whole = attend(q, k, v, AttentionMask(q_segment=seg, kv_segment=seg, causal=True), "xla", jnp.float32)
+    cuts = [0, 9, 10, 17, 24]
+    parts = [attend_part(q, k[:, :, a:b], v[:, :, a:b], allowed[..., a:b], jnp.float32)
+             for a, b in zip(cuts[:-1], cuts[1:])]
+    np.testing.assert_allclose(merge_parts(parts, jnp.float32), whole, atol=2e-6)
