@@ -243,9 +243,11 @@ class Trainer:
     def validate(self, step: int) -> dict | None:
         if not self.cfg.val_paths:
             return None
+        # Every validation record once (the streaming order, the last batch padded), its image first
+        # where its problem has no placeholder (our Geometry3K converter writes none).
         val_cfg = dataclasses.replace(self.cfg.data, paths=tuple(self.cfg.val_paths), batch_size=self.cfg.val_batch_size,
                                       shuffle=False, num_epochs=1, drop_remainder=False, epoch_order="streaming",
-                                      shard_index=None, shard_count=None)
+                                      unplaced_images="first", shard_index=None, shard_count=None)
         scores, it, last = [], iter(make_iterator(val_cfg, self.tokenizer)), None
         for i in itertools.count():
             if self.cfg.val_max_batches is not None and i >= self.cfg.val_max_batches:

@@ -324,7 +324,7 @@ class ExampleProcessor:
         if record.images and cfg.unplaced_images == "skip" and not placed:
             raise BadRecordError(rid, rec.NO_IMAGE_PLACEHOLDER,
                                  f"{len(record.images)} image(s) but no {cfg.image_placeholder!r} in the problem "
-                                 "(data.unplaced_images: skip)")
+                                 "(data.unplaced_images: skip; 'first' puts the images before the text)")
         images = _open_images(record)
         try:
             n_patches = sum(num_patches(img.size[1], img.size[0], cfg) for img in images)
