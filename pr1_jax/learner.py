@@ -10,7 +10,8 @@ Pieces (pure functions first, a thin shell last):
   (`SamplingConfig.score_temperature`).
 - `make_optimizer` / `lr_schedule`: AdamW (torch semantics, decay on every trainable param) after a
   global-norm clip, linear warmup then constant or cosine; a frozen vision tower is a
-  `set_to_zero` partition of `optax.multi_transform`, so it has no moments and never moves.
+  `set_to_zero` partition of `optax.multi_transform`, so it has no moments and never moves. The
+  update's schedule counts update attempts, skipped ones too (`apply_update`).
 - `train_step`: the tower's features for the whole mini-batch, then the micro-batches, each
   taking its rows' features (`micro_features`); gradients accumulated with the *global* token
   count (so the sum equals the full-batch token-mean loss), the features' gradient sent back
@@ -120,14 +121,17 @@ def _labels(params):
     return {k: jax.tree.map(lambda _: "frozen" if k == "visual" else "trainable", v) for k, v in params.items()}
 
 
-def make_optimizer(cfg: LearnerConfig, total_steps: int) -> optax.GradientTransformation:
-    """clip_by_global_norm(max_grad_norm) -> AdamW(schedule). With `freeze_vision`, the "visual"
-    subtree is a `set_to_zero` partition: no moments, no update, no weight decay, and its
-    (zero) gradient does not enter the clipping norm."""
+def make_optimizer(cfg: LearnerConfig, total_steps: int,
+                   learning_rate: float | Callable | None = None) -> optax.GradientTransformation:
+    """clip_by_global_norm(max_grad_norm) -> AdamW(learning_rate: a constant or a schedule of
+    optax's count of applied updates; default `lr_schedule(cfg, total_steps)`). With
+    `freeze_vision`, the "visual" subtree is a `set_to_zero` partition: no moments, no update, no
+    weight decay, and its (zero) gradient does not enter the clipping norm. `apply_update` takes
+    it with learning_rate 1.0 and scales the update by its own schedule."""
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.max_grad_norm),
-        optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                    weight_decay=cfg.weight_decay),
+        optax.adamw(lr_schedule(cfg, total_steps) if learning_rate is None else learning_rate, b1=cfg.b1, b2=cfg.b2,
+                    eps=cfg.eps, weight_decay=cfg.weight_decay),
     )
     if cfg.freeze_vision:
         tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, _labels)
@@ -305,15 +309,22 @@ def loss_and_grads(params, batch: LearnerBatch, cfg: LearnerConfig, module: Qwen
 
 
 def apply_update(state: TrainState, grads, metrics: dict, cfg: LearnerConfig, tx: optax.GradientTransformation,
-                 lr_fn: Callable | None = None):
+                 lr_fn: Callable):
     """The optimizer half of `train_step`: (new_state, metrics + grad_norm, skipped, lr). A
     non-finite loss or gradient norm leaves params and opt_state as they were and increments
-    `state.skipped` (selected with `jnp.where`, inside jit)."""
+    `state.skipped` (selected with `jnp.where`, inside jit).
+
+    `tx`: `make_optimizer(..., learning_rate=1.0)`; the update is scaled by `lr_fn` of the
+    attempts so far (`step + skipped`): the reference steps its LR scheduler after every update
+    call, a skipped one too, while Adam's own count (its bias correction) stays at the applied
+    updates, as torch's optimizer step does."""
     metrics = dict(metrics)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    lr = jnp.asarray(lr_fn(state.step + state.skipped), jnp.float32)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: lr.astype(u.dtype) * u, updates)
     params = optax.apply_updates(state.params, updates)
     if cfg.freeze_vision and "visual" in params:
         params = {**params, "visual": state.params["visual"]}  # bit-identical, whatever 0-updates do
@@ -326,13 +337,12 @@ def apply_update(state: TrainState, grads, metrics: dict, cfg: LearnerConfig, tx
     )
     metrics["grad_norm"] = grad_norm
     metrics["skipped"] = (~ok).astype(jnp.float32)
-    if lr_fn is not None:
-        metrics["lr"] = jnp.asarray(lr_fn(state.step), jnp.float32)
+    metrics["lr"] = lr
     return new_state, metrics
 
 
 def train_step(state: TrainState, batch: LearnerBatch, cfg: LearnerConfig, module: QwenCausalLM,
-               tx: optax.GradientTransformation, lr_fn: Callable | None = None, mesh: Mesh | None = None,
+               tx: optax.GradientTransformation, lr_fn: Callable, mesh: Mesh | None = None,
                temperature: float = 1.0):
     """One optimizer update on a mini-batch (pure; jit it with everything but state/batch bound):
     `loss_and_grads` then `apply_update`, traced inside the mesh's activation rules.
@@ -392,7 +402,7 @@ class Learner:
                  temperature: float = 1.0, attention: str = "auto"):
         self.cfg, self.mesh, self.temperature = cfg, mesh, temperature
         self.module = make_module(model_config, cfg, attention)
-        self.tx = make_optimizer(cfg, total_steps)
+        self.tx = make_optimizer(cfg, total_steps, learning_rate=1.0)
         self.lr_fn = lr_schedule(cfg, total_steps)
         boxed = abstract_params(self.module)
         self.param_shardings = param_shardings(boxed, mesh)

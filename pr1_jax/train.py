@@ -29,6 +29,7 @@ from models.weights import CheckpointError
 from pr1_jax import configlib
 from pr1_jax.checkpoint import Checkpointer, CheckpointRestoreError
 from pr1_jax.config import TrainConfig
+from pr1_jax.data.order import DataStateError, state_for_process, steps_per_epoch
 from pr1_jax.data.pipeline import make_iterator
 from pr1_jax.data.processing import load_tokenizer
 from pr1_jax.data.records import BadRecordError, RecordSource
@@ -48,7 +49,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 # Errors that mean "fix your config or paths"; reported in one line.
 USER_ERRORS = (configlib.ConfigError, ModelConfigError, CheckpointError, CheckpointRestoreError, BadRecordError,
-               FileNotFoundError, MeshError)
+               FileNotFoundError, MeshError, DataStateError)
 
 
 class Stop(Exception):
@@ -116,6 +117,7 @@ class Trainer:
         self.key = jax.random.key(cfg.seed)
         self.data_state = None
         self.consecutive_bad = 0
+        self._dropped_warned: set[str] = set()  # records the judge dropped annotations of, already named
         self._stop_requested = False
         if cfg.resume or cfg.resume_step is not None:
             self._restore()
@@ -124,8 +126,7 @@ class Trainer:
     # -- set-up --
 
     def _epoch_steps(self) -> int:
-        n = len(RecordSource(self.cfg.data)) // max(jax.process_count(), 1)
-        return max(n // self.cfg.data.batch_size, 1)
+        return max(steps_per_epoch(len(RecordSource(self.cfg.data)), self.cfg.data, jax.process_count()), 1)
 
     def _abstract_state(self) -> TrainState:
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.state)
@@ -136,13 +137,8 @@ class Trainer:
             return
         self.state, meta = self.checkpointer.restore(self._abstract_state(), step)
         self.key = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
-        # One iterator state per process (each reads its own shard); the run must resume on as
-        # many processes as it was saved with.
-        states = meta["data"]
-        if len(states) != jax.process_count():
-            raise configlib.ConfigError(f"the checkpoint holds the data positions of {len(states)} processes; "
-                                        f"this run has {jax.process_count()}")
-        self.data_state = states[jax.process_index()]
+        # One iterator state per process; the streaming order resumes on as many processes only.
+        self.data_state = state_for_process(meta["data"], jax.process_index(), jax.process_count())
         self.consecutive_bad = meta.get("consecutive_bad", 0)
         log.info("resumed from step %d of %s", int(self.state.step + self.state.skipped),
                  self.checkpointer.directory)
@@ -173,7 +169,22 @@ class Trainer:
         t_judge = time.perf_counter() - t0
         scores = combine_batch(host.terms, judged, self.cfg.reward.weights)
         extra = dict(sec_reward=t_reward, sec_judge=t_judge, reward_timeouts=host.timeouts, reward_errors=host.errors)
+        if judged:
+            extra.update(self._judge_losses(judged, batch["record_id"], n))
         return scores, extra
+
+    def _judge_losses(self, judged: dict, record_ids: list[str], n: int) -> dict:
+        """What the judge could not read, over all processes: responses it saw truncated and
+        annotations it dropped (metrics); a warning naming each record whose annotations were
+        dropped, the first time."""
+        truncated, dropped = (sum(x) for x in zip(*allgather_json([judged["n_truncated"], judged["n_dropped"]])))
+        rows = np.flatnonzero(np.asarray(judged["dropped"]) > 0)
+        new = sorted({record_ids[i // n] for i in rows} - self._dropped_warned)
+        if new:
+            self._dropped_warned.update(new)
+            log.warning("judge: annotations of records %s dropped (not judged: beyond the largest annotation or length "
+                        "bucket); counted per step in judge_dropped_annotations, named here once", new)
+        return dict(judge_truncated_responses=truncated, judge_dropped_annotations=dropped)
 
     def learner_batch(self, tb: LearnerBatch) -> LearnerBatch:
         """This process's host learner batch -> the global batch the update takes, with the
@@ -212,11 +223,16 @@ class Trainer:
         else:
             self.consecutive_bad = 0
         max_new = self.sample_cfg.max_new_tokens
-        out = {**mean_metrics(_all_processes(scores), split="train"), **{k: v for k, v in m.items()}, **extra}
-        out.update(response_len=float(lengths.mean()), response_len_max=float(lengths.max()),
-                   clipped_frac=float(np.mean(lengths >= max_new)), response_bucket=bucket, adv_mean=float(adv.mean()),
-                   adv_std=float(adv.std()), sec_sample=t_sample, sec_update=t_update,
-                   sec_step=time.perf_counter() - t0,
+        # Rows of skipped records (the reference epoch order keeps their places) carry no loss and no metrics.
+        valid = np.repeat(np.asarray(batch["example_valid"], bool), ro.n)
+        kept = _all_processes([x for x, v in zip(scores, valid) if v])
+        out = {**(mean_metrics(kept, split="train") if kept else {}), **{k: v for k, v in m.items()}, **extra}
+        lengths, adv = lengths[valid], adv[valid]
+        if lengths.size:  # none when every record of this process's batch was skipped
+            out.update(response_len=float(lengths.mean()), response_len_max=float(lengths.max()),
+                       clipped_frac=float(np.mean(lengths >= max_new)), adv_mean=float(adv.mean()),
+                       adv_std=float(adv.std()))
+        out.update(response_bucket=bucket, sec_sample=t_sample, sec_update=t_update, sec_step=time.perf_counter() - t0,
                    tokens_per_sec=float(lengths.sum()) / max(t_sample, 1e-9))
         out.pop("has_visual", None)
         for reason, count in self.data.skip_counts.items():
@@ -227,9 +243,11 @@ class Trainer:
     def validate(self, step: int) -> dict | None:
         if not self.cfg.val_paths:
             return None
+        # Every validation record once (the streaming order, the last batch padded), its image first
+        # where its problem has no placeholder (our Geometry3K converter writes none).
         val_cfg = dataclasses.replace(self.cfg.data, paths=tuple(self.cfg.val_paths), batch_size=self.cfg.val_batch_size,
-                                      shuffle=False, num_epochs=1, drop_remainder=False, shard_index=None,
-                                      shard_count=None)
+                                      shuffle=False, num_epochs=1, drop_remainder=False, epoch_order="streaming",
+                                      unplaced_images="first", shard_index=None, shard_count=None)
         scores, it, last = [], iter(make_iterator(val_cfg, self.tokenizer)), None
         for i in itertools.count():
             if self.cfg.val_max_batches is not None and i >= self.cfg.val_max_batches:

@@ -71,6 +71,21 @@ def test_rewards_have_no_jax(graph):
     assert not any(x.split(".")[0] in ("jax", "flax", "optax", "models") for x in reached), reached
 
 
+ENTRY_POINTS = ("pr1_jax.train", "pr1_jax.export", "pr1_jax.evaluate", "pr1_jax.mcnemar")
+
+
+def test_the_evaluation_room_is_below_its_entry_points(graph):
+    """`pr1_jax.evaluation` imports no entry point (McNemar lives inside it; `pr1_jax.mcnemar` is
+    the command's alias), and only the evaluation commands import it."""
+    room = [m for m in graph if m.startswith("pr1_jax.evaluation")]
+    assert "pr1_jax.evaluation.mcnemar" in room
+    for m in room:
+        assert not set(graph[m]) & set(ENTRY_POINTS), m
+    users = sorted(m for m, deps in graph.items()
+                   if m not in room and any(x.startswith("pr1_jax.evaluation") for x in deps))
+    assert users == ["pr1_jax.evaluate", "pr1_jax.mcnemar"]
+
+
 def test_only_the_entry_point_reaches_the_embedded_default(graph):
     users = sorted(m for m, deps in graph.items()
                    if not m.startswith("pr1_jax.tiny") and any(x.startswith("pr1_jax.tiny") for x in deps))

@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+import grain
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,6 +16,7 @@ from pr1_jax.data import records as rec
 from pr1_jax.data import sample
 from pr1_jax.data.batching import ARRAY_KEYS, bucket_length, split_batch
 from pr1_jax.data.config import DataConfig
+from pr1_jax.data.order import DataStateError, ReferenceOrder, ReferencePlan, state_for_process, steps_per_epoch
 from pr1_jax.data.pipeline import make_dataset, make_iterator
 from pr1_jax.data.processing import build_messages, load_tokenizer, make_image_processor
 
@@ -170,6 +172,78 @@ def test_default_shard_is_the_jax_process():
 
     opts = shard_options(DataConfig())
     assert (opts.shard_index, opts.shard_count) == (jax.process_index(), jax.process_count())
+
+
+# ---- the reference epoch order -----------------------------------------------------------
+
+def test_reference_order_at_the_paper_shape():
+    """1,442 records, 16 prompts per process x 8 processes (the paper configs): each epoch is one
+    permutation of all records cut into 11 global batches of 128 (34 left out), 25 epochs are
+    275 steps; no record twice in a step or an epoch, a new permutation every epoch, every
+    record reached, and process p's batch is slice p of the global batch that one process
+    reading 128 at a time gets."""
+    n, per_process, processes, epochs = 1442, 16, 8, 25
+    config = DataConfig(batch_size=per_process, num_epochs=epochs, seed=1, epoch_order="reference")
+    assert steps_per_epoch(n, config, processes) == 11 and steps_per_epoch(n, config, processes) * epochs == 275
+
+    def stream(index, count, batch, length=None):
+        order = ReferenceOrder(grain.MapDataset.range(n), ReferencePlan(n, batch, index, count, 1, True, epochs))
+        return np.asarray(order._getitems(range(length or len(order))))
+
+    per = np.stack([stream(p, processes, per_process) for p in range(processes)])
+    assert per.shape == (processes, 275 * per_process)
+    steps = per.reshape(processes, 275, per_process).transpose(1, 0, 2).reshape(275, 128)
+    assert all(len(set(step)) == 128 for step in steps)
+    by_epoch = steps.reshape(epochs, 11 * 128)
+    assert all(len(set(e)) == 11 * 128 for e in by_epoch) and len({tuple(e) for e in by_epoch}) == epochs
+    assert set(by_epoch.ravel()) == set(range(n))
+    np.testing.assert_array_equal(stream(0, 1, 128, 2 * 11 * 128), steps[:22].ravel())  # two epochs
+
+
+def test_reference_order_through_the_pipeline(tokenizer):
+    """The 8-record sample read by 3 processes x 1 prompt: 2 global batches of 3 per epoch, each
+    process its slice of the plan; a checkpoint taken mid-epoch resumes exactly on 1 process x 3
+    (the same global batch), within the epoch and across its end; another global batch, or a
+    streaming checkpoint on another process count, stops with a clear error."""
+    def config(index, count, **kw):
+        return cfg(epoch_order="reference", num_epochs=3, shard_index=index, shard_count=count, **kw)
+
+    records = [r.id for r in rec.read_records(cfg())[0]]  # file order = RecordSource order
+    plan = [ReferenceOrder(grain.MapDataset.range(N), ReferencePlan(N, 1, p, 3, 3, True, 3)) for p in range(3)]
+    its = [make_iterator(config(p, 3, batch_size=1, patch_rows_per_batch=1024), tokenizer) for p in range(3)]
+    states, steps = [], []
+    for _ in range(6):
+        states.append(json.loads(json.dumps([it.get_state() for it in its])))
+        steps.append([next(it)["record_id"][0] for it in its])
+    assert all(next(it, None) is None for it in its)
+    assert steps == [[records[plan[p][s]] for p in range(3)] for s in range(6)]
+    assert all(len(set(step)) == 3 for step in steps)
+    one = config(0, 1, batch_size=3, patch_rows_per_batch=3 * 1024)
+    for k in (1, 3):  # mid-epoch (the rest crosses the epoch's end), mid-epoch 2
+        rest = list(make_iterator(one, tokenizer, state=state_for_process(states[k], 0, 1)))
+        assert [b["record_id"] for b in rest] == steps[k:]
+    with pytest.raises(DataStateError, match="global batches of 3"):
+        make_iterator(config(0, 1, batch_size=2, patch_rows_per_batch=2 * 1024), tokenizer, state=states[1][0])
+    streaming = [make_iterator(cfg(shard_index=p, shard_count=2), tokenizer).get_state() for p in range(2)]
+    with pytest.raises(DataStateError, match="resumes on as many processes"):
+        state_for_process(streaming, 0, 1)
+    with pytest.raises(DataStateError, match="streaming order"):
+        make_iterator(one, tokenizer, state=streaming[0])
+
+
+def test_reference_order_keeps_a_skipped_records_place(tokenizer, tmp_path):
+    """A record that fails leaves an invalid row where it stood (counted, logged), so every
+    batch is its own positions; a batch of bad records only is all filler rows."""
+    config = dataclasses.replace(bad_config(tmp_path), epoch_order="reference")
+    batches, it = run(config, tokenizer)
+    assert len(batches) == 9  # 18 rows, 2 a batch
+    for b in batches:
+        assert b["example_valid"].shape == (2,) and int(b["example_valid"].sum()) + len(b["skipped"]) == 2
+    assert not batches[1]["example_valid"].any() and batches[1]["record_id"] == ["", ""]
+    assert batches[1]["skipped"] == [("bad-corrupt", rec.BAD_IMAGE), ("bad-truncated", rec.BAD_IMAGE)]
+    assert ids_of(batches) == sample_ids_in_file_order()
+    assert dict(s for b in batches for s in b["skipped"]) == BAD_ROWS
+    assert sum(it.skip_counts.values()) == len(BAD_ROWS)
 
 
 # ---- resume ------------------------------------------------------------------------------
@@ -448,6 +522,10 @@ def test_config_validation_and_derived_sizes():
         DataConfig(length_buckets=(512, 256))
     with pytest.raises(ValueError):
         DataConfig(format_prompt_placement="assistant")
+    for bad in (dict(epoch_order="global"), dict(epoch_order="reference", drop_remainder=False),
+                dict(image_alpha="black"), dict(unplaced_images="last")):
+        with pytest.raises(ValueError):
+            DataConfig(**bad)
     c = DataConfig(batch_size=3, patch_rows_per_batch=1000, max_patches_per_record=999)
     assert c.patch_limit_per_record == 332  # min(1000 // 3, 999) rounded down to a multiple of 4
     assert DataConfig(length_buckets=(128, 256), max_prompt_length=300).buckets == (128, 256, 300)

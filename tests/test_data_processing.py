@@ -11,7 +11,8 @@ from PIL import Image
 from pr1_jax.data.config import DEFAULT_FORMAT_PROMPT, DataConfig
 from pr1_jax.data.processing import (ExampleProcessor, build_messages, expand_image_tokens, load_tokenizer,
                                      make_image_processor, num_patches)
-from pr1_jax.data.records import BAD_IMAGE, PROMPT_TOO_LONG, TOO_MANY_PATCHES, BadRecordError, ImageRef, Record
+from pr1_jax.data.records import (BAD_IMAGE, NO_IMAGE_PLACEHOLDER, PROMPT_TOO_LONG, TOO_MANY_PATCHES, BadRecordError,
+                                  ImageRef, Record)
 
 TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "qwen2_tokenizer"
 GEO3K = Path(__file__).parent / "fixtures" / "geometry3k"
@@ -170,6 +171,41 @@ def test_two_images_with_placeholders_match_hf(tokenizer):
     ref = _reference(tokenizer, config, record, [Image.open(io.BytesIO(d)) for d in (d1, d2)])
     _assert_same(ex, ref)
     assert ex.image_grid_thw.shape == (2, 3)
+
+
+def test_paper_placeholder_rule(tokenizer):
+    """The reference's loader splits the problem at the literal `<image>` only and gives a problem
+    without it no image token; the paper configs' rule: `<image>` places the image, `<image1>` is
+    text, and a problem without `<image>` is skipped (`no_image_placeholder`), not given the image
+    first as the default does."""
+    config = DataConfig(tokenizer_path=str(TOKENIZER_DIR), format_prompt="paper", format_prompt_placement="user",
+                        image_placeholder="<image>", unplaced_images="skip")
+    img = (ImageRef(data=_png(_noise(60, 60))),)
+    proc = ExampleProcessor(config, tokenizer)
+    text = proc.prompt_text(Record("a", "Find x.<image>", "5", img))
+    assert "<|im_start|>user\nFind x.<|vision_start|><|image_pad|><|vision_end|> You FIRST" in text
+    for problem in ("Find x.", "<image1>Find x."):
+        with pytest.raises(BadRecordError) as e:
+            proc.process(Record("b", problem, "5", img))
+        assert e.value.reason == NO_IMAGE_PLACEHOLDER and "'<image>'" in str(e.value)
+    assert "<image1>Find x." in ExampleProcessor(dataclasses.replace(config, unplaced_images="first"),
+                                                 tokenizer).prompt_text(Record("c", "<image1>Find x.", "5", img))
+
+
+def test_image_alpha_drop_is_pils_rgb_conversion(tokenizer):
+    """`image_alpha: drop` (the reference's `convert("RGB")`) keeps the colour under transparent
+    pixels; `white` (transformers' processor) composites them on white. Opaque images are equal."""
+    rgba = _noise(64, 48, "RGBA", seed=9)
+    record = Record("t", "Find x.", "5", (ImageRef(data=_png(rgba)),))
+    white = DataConfig(tokenizer_path=str(TOKENIZER_DIR), **PAPER_PIXELS)
+    drop = dataclasses.replace(white, image_alpha="drop")
+    got = {c.image_alpha: ExampleProcessor(c, tokenizer).process(record).pixel_values for c in (white, drop)}
+    proc = make_image_processor(white)
+    np.testing.assert_array_equal(got["white"], proc(images=[rgba], return_tensors="np")["pixel_values"])
+    np.testing.assert_array_equal(got["drop"], proc(images=[rgba.convert("RGB")], return_tensors="np")["pixel_values"])
+    assert not np.array_equal(got["white"], got["drop"])
+    opaque = Record("o", "Find x.", "5", (ImageRef(data=(GEO3K / "14" / "img_diagram.png").read_bytes()),))
+    np.testing.assert_array_equal(*(ExampleProcessor(c, tokenizer).process(opaque).pixel_values for c in (white, drop)))
 
 
 def test_placeholder_count_mismatch_is_invalid(tokenizer):

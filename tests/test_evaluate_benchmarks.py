@@ -122,6 +122,12 @@ def test_training_parquet_reads_as_training_does(tokenizer):
     assert p.question.startswith("<image>") and p.annotations and p.choice is None
     assert data.image_placeholder == DataConfig().image_placeholder  # images at the placeholders, as in training
     assert eval_data_config(DataConfig(), "mathvision").image_placeholder == ""
+    # a paper run's data settings (its checkpoint's config): every record once, an image without a
+    # placeholder kept (first), whatever the training order and placeholder rule were
+    paper = DataConfig(epoch_order="reference", unplaced_images="skip", image_placeholder="<image>")
+    for benchmark in ("perception_r1", "mathvision"):
+        got = eval_data_config(paper, benchmark)
+        assert (got.epoch_order, got.unplaced_images, got.drop_remainder) == ("streaming", "first", False)
 
 
 def test_bad_rows_are_counted_with_their_place_or_raised(tmp_path):

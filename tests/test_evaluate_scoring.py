@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pr1_jax import evaluate, mcnemar
+from pr1_jax import evaluate
+from pr1_jax.evaluation import mcnemar
 from pr1_jax.evaluation.report import build_report, by_category, format_table, wemath_metrics
 from pr1_jax.evaluation.scoring import benchmark_correct, final_answer, named_options
 
@@ -118,3 +119,6 @@ def test_mcnemar_reads_result_files_by_id(tmp_path, capsys):
     bad = write("bad.jsonl", {"p1": 1})
     bad.write_text('{"id": "p1"}\n')
     assert mcnemar.main([str(a), str(bad)]) == 2
+    from pr1_jax import mcnemar as command  # `python -m pr1_jax.mcnemar`, the command's name
+
+    assert command.main is mcnemar.main

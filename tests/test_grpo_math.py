@@ -151,6 +151,38 @@ def test_group_advantages_identical_rewards_zero(mean_only):
     assert np.any(adv[14:] != 0.0)
 
 
+# Rewards all 8 samples of a group can share under the paper's weights: 0.9 accuracy + 0.1 format
+# (+ 0.7 visual, a judge score k / (K + 1e-6) for k of K annotations). name -> (base, visual).
+# "1.7 (visual 1 exactly)" is the nominal full reward; the judge's k / (K + 1e-6) never gives exactly 1.
+SHARED_REWARDS = {"format only": (0.1, 0.0), "accuracy only": (0.9, 0.0), "accuracy + format": (1.0, 0.0),
+                  "1.7 (visual 1 exactly)": (1.0, 1.0), "all, visual 1/1": (1.0, 1 / (1 + 1e-6)),
+                  "all, visual 2/3": (1.0, 2 / (3 + 1e-6)), "all, visual 3/4": (1.0, 3 / (4 + 1e-6)),
+                  "format, visual 1/2": (0.1, 1 / (2 + 1e-6))}
+
+
+def test_equal_reward_groups_against_the_reference_rounding():
+    """A group of 8 equal rewards: the reference (verl compute_grpo_outcome_advantage: fp32
+    torch.mean / torch.std of the group, then (r - mean) / (std + 1e-6)) leaves the rounding of its
+    mean and std, divided by 1e-6, in every sample's advantage; ours is exactly 0 (documented in
+    docs/FIDELITY.md, "advantage"). `-s` prints the table."""
+    torch = pytest.importorskip("torch")
+    print(f"\ntorch {torch.__version__}: advantage of every sample of a group of 8 equal rewards")
+    ref = {}
+    for name, (base, visual) in SHARED_REWARDS.items():
+        # The reference's reward tensor: the score as fp32, the visual term added to it in fp32.
+        r = torch.tensor(base, dtype=torch.float32) + 0.7 * visual
+        group = torch.stack([r] * 8)
+        mean, std = torch.mean(group), torch.std(group)
+        ref[name] = float(((group - mean) / (std + 1e-6))[0])
+        ours = np.asarray(grpo.group_advantages(jnp.asarray(group.numpy()), 8))
+        assert np.all(ours == 0.0), name
+        print(f"  {name:22s} reward {float(r):.7f}: reference {ref[name]:+.4f} (mean - r {float(mean - r):+.1e}, "
+              f"std {float(std):.1e}), ours 0")
+    # The cases docs/FIDELITY.md names (torch 2.13 CPU here): 0.9 -> -0.056, 1.7 -> +0.106, visual 1/1 -> +0.19.
+    assert abs(ref["accuracy only"]) > 0.01 and abs(ref["1.7 (visual 1 exactly)"]) > 0.01
+    assert max(abs(v) for v in ref.values()) < 0.5
+
+
 @pytest.mark.parametrize("mean_only", [False, True])
 def test_group_advantages_group_size_one(mean_only):
     r = jnp.array([0.3, 1.0, -2.0, 5.0])

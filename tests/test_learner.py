@@ -8,6 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from models import load_pretrained
@@ -76,7 +77,7 @@ class Setup:
         opt_cfg = dataclasses.replace(cfg, micro_batch_size=None, remat=False, recompute_old_logprobs=False)
 
         def build():
-            tx = make_optimizer(opt_cfg, 10)
+            tx = make_optimizer(opt_cfg, 10, learning_rate=1.0)
             return jax.jit(functools.partial(apply_update, cfg=opt_cfg, tx=tx, lr_fn=lr_schedule(opt_cfg, 10))), tx
 
         return self._cached(("update", opt_cfg), build)
@@ -382,6 +383,35 @@ def test_nan_guard_skips_the_step(setup):
     state, metrics = setup.run_step(BASE, setup.batch, state)
     assert float(metrics["skipped"]) == 0.0 and int(state.step) == 1 and int(state.skipped) == 1
     assert _max_diff(state.params, state0.params) > 0.5 * BASE.lr
+
+
+def test_lr_schedule_counts_skipped_steps():
+    """The schedule counts update attempts, as the reference's LR scheduler steps after a skipped
+    update too: with a warmup of 5 updates, a skip then a good gradient applies lr / 5 (counting
+    applied updates only, it would be the warmup's first, lr 0, and nothing would move); Adam's
+    own count stays at the one applied update. Without a skip the updates are those of optax's
+    own schedule (of its count of applied updates), weight decay included."""
+    cfg = dataclasses.replace(BASE, warmup_ratio=0.5, weight_decay=0.1)  # int(0.5 * 10) = 5 warmup updates
+    rng = np.random.default_rng(0)
+    params = {"embed_tokens": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "lm_head": jnp.ones((3,))}
+    grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params) for _ in range(3)]
+    tx = make_optimizer(cfg, 10, learning_rate=1.0)
+    update = jax.jit(functools.partial(apply_update, cfg=cfg, tx=tx, lr_fn=lr_schedule(cfg, 10)))
+    state0 = init_state(params, tx)
+    skipped, metrics = update(state0, grads[0], {"loss": jnp.float32(np.nan)})
+    assert float(metrics["skipped"]) == 1.0 and float(metrics["lr"]) == 0.0
+    state, metrics = update(skipped, grads[1], {"loss": jnp.float32(1.0)})
+    assert float(metrics["lr"]) == pytest.approx(cfg.lr / 5) and int(state.step) == 1 and int(state.skipped) == 1
+    assert _max_diff(state.params, params) > 0.5 * cfg.lr / 5
+    assert [int(x) for x in jax.tree.leaves(state.opt_state) if x.ndim == 0] == [1]  # Adam's count only
+    plain = make_optimizer(cfg, 10)
+    plain_update = jax.jit(plain.update)
+    opt, state = plain.init(params), state0
+    for g in grads:
+        updates, opt = plain_update(g, opt, params)
+        params = optax.apply_updates(params, updates)
+        state, _ = update(state, g, {"loss": jnp.float32(1.0)})
+    assert _max_diff(state.params, params) < 1e-6  # equal here; another CPU's fusion may round a last bit
 
 
 @pytest.mark.devices(8)

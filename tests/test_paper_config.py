@@ -23,6 +23,9 @@ def test_paper_config_is_the_reference_run(path):
     assert (d.min_pixels, d.max_pixels, d.num_epochs, d.shuffle, d.seed) == (3136, 1806336, 25, True, 1)
     assert (d.problem_column, d.answer_column, d.image_column, d.annotations_column) == (
         "problem", "answer", "images", "visual_key_info")
+    # the loader's epochs (RandomSampler + drop_last), its convert("RGB") and its literal <image> split
+    assert (d.epoch_order, d.batch_size, d.drop_remainder) == ("reference", 16, True)
+    assert (d.image_alpha, d.image_placeholder, d.unplaced_images) == ("drop", "<image>", "skip")
     # rollout (the run script, RolloutConfig defaults, the policies' generation config)
     assert (s.n, s.temperature, s.top_p, s.top_k, s.max_new_tokens) == (8, 1.0, 1.0, 0, 4096)
     assert s.eos_tokens == ("<|im_end|>", "<|endoftext|>")

@@ -650,8 +650,8 @@ def test_trainer_two_processes_match_one(assets, compile_cache, tmp_path):
     """`python -m pr1_jax.train ... distributed=true` in 2 processes x 4 devices (the coordinator
     and process ids come from the environment: jax.distributed.initialize() with no arguments reads
     JAX_COORDINATOR_ADDRESS and, for the rest, the Open MPI variables emulated here) against 1 x 8
-    with the same global batch (shuffle off; the single process reads a file whose order
-    interleaves the two shards)."""
+    with the same global batch: in the reference epoch order (the tiny config's) each process
+    reads its slice of every global batch, so both read the same records step by step."""
     import jax
 
     # Adam turns float noise on a ~0 gradient into a move of up to lr: sums in another order
@@ -659,16 +659,8 @@ def test_trainer_two_processes_match_one(assets, compile_cache, tmp_path):
     # eps 1e-3 keeps such rows still and the rest moving. The vision tower is frozen (it still
     # encodes the images) to save compile time.
     common = ("max_steps=2", "save_freq=1", "val_freq=0", "val_before_train=false", "judge.mode=soft",
-              "data.shuffle=false", "learner.eps=1e-3", "learner.freeze_vision=true")
-    records = Path(assets.train).read_text().splitlines()
-    half = len(records) // 2
-    interleaved = []
-    for k in range(0, half, 2):  # per step: 2 rows of shard 0, then 2 rows of shard 1
-        interleaved += records[k:k + 2] + records[half + k:half + k + 2]
-    single = Path(assets.train).parent / f"interleaved_{tmp_path.name}.jsonl"  # beside images/
-    single.write_text("\n".join(interleaved) + "\n")
-    sp_args = [a if not a.startswith("data.paths=") else f"data.paths=[{single}]"
-               for a in _args(assets, tmp_path / "sp", *common, "data.batch_size=4")]
+              "learner.eps=1e-3", "learner.freeze_vision=true")
+    sp_args = _args(assets, tmp_path / "sp", *common, "data.batch_size=4")
 
     with _Reap() as reap:
         sp = reap.add(_train(sp_args, compile_cache, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}))
@@ -701,10 +693,9 @@ def test_trainer_two_processes_match_one(assets, compile_cache, tmp_path):
 
     from pr1_jax.checkpoint import Checkpointer
 
-    # Every process's data position is in the checkpoint (each reads its own shard: 2 steps x 2
-    # records each).
+    # Every process's data position is in the checkpoint: 2 global batches of 2 x 2 records.
     meta = Checkpointer(tmp_path / "mp" / "checkpoints")._manager.restore(
         2, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    assert [d["parent"]["next_index"] for d in meta["data"]] == [4, 4]
+    assert [(d["batches"], d["global_batch"]) for d in meta["data"]] == [(2, 4), (2, 4)]
     print(f"trainer 2 x 4 devices vs 1 x 8: 2 steps, max |param diff| {worst:.2e}, max |update| {moved:.2e}")
 

@@ -104,11 +104,15 @@ def test_gold_text():
 
 # Where the two accuracy modes differ: (response, gold, paper, reference), verified with
 # math-verify 0.9. In the reference a multi-line answer block is never read, so math-verify
-# reads the last \boxed{} of the whole response; bare gold reads `2\sqrt{3}` as 2, `5 \sqrt { 3 }`
-# (Geometry3K's own spacing) as 3, and `\sqrt{3}` as nothing.
+# parses the whole response: mostly its last \boxed{}, but two different boxed values with a
+# comma anywhere between them parse as a set, which matches no gold; bare gold reads `2\sqrt{3}`
+# as 2, `5 \sqrt { 3 }` (Geometry3K's own spacing) as 3, and `\sqrt{3}` as nothing.
 MODE_CASES = [
     # boxed in think, unboxed answer block: the reference credits the think block
     ("<think>\nI get \\boxed{12}.\n</think>\n<answer>\nThe answer is 13\n</answer>", "12", 0.0, 1.0),
+    # a boxed guess in think, a comma, the right answer boxed last: the reference parses {12, 13}
+    ("<think>\nFirst \\boxed{12}, then I check.\n</think>\n<answer>\n\\boxed{13}\n</answer>", "13", 1.0, 0.0),
+    ("<think>\nFirst \\boxed{12}, then I check.\n</think>\n<answer>\n\\boxed{13}\n</answer>", "12", 0.0, 0.0),
     # text after the answer block: the reference reads its last \boxed{}
     ("<think>\nx\n</think>\n<answer>\n\\boxed{12}\n</answer>\nOr maybe \\boxed{13}", "12", 1.0, 0.0),
     # the right answer in the rewarded format, gold with a root: the reference scores it 0 ...

@@ -2,11 +2,13 @@
 checkpoint on SIGTERM, one-line config errors; and the embedded default, shortened, learning."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +50,8 @@ def test_short_run_writes_everything_and_exports(assets, tmp_path):
     assert [x["step"] for x in steps] == [1, 2]
     for key in ("overall", "accuracy", "format", "visual", "ngram_penalty", "response_len", "response_len_max",
                 "clipped_frac", "adv_mean", "loss", "approx_kl", "entropy", "clip_frac", "grad_norm", "lr",
-                "sec_sample", "sec_judge", "sec_reward", "sec_update", "tokens_per_sec"):
+                "sec_sample", "sec_judge", "sec_reward", "sec_update", "tokens_per_sec", "judge_truncated_responses",
+                "judge_dropped_annotations"):
         assert key in steps[-1], key
     assert [x["step"] for x in lines if x["split"] == "val"] == [0, 2]
     assert Checkpointer(run / "checkpoints").steps() == [1, 2]
@@ -64,6 +67,19 @@ def test_short_run_writes_everything_and_exports(assets, tmp_path):
     # The exported weights are the trained ones, not the base model's.
     base = load_pretrained(assets.policy)
     assert not np.allclose(np.asarray(base(ids)), np.asarray(ours(ids)))
+
+
+def test_judge_losses_are_metrics_and_name_records_once(caplog):
+    """What the judge could not read: counts per step, and one warning per record whose
+    annotations were dropped (rows are record-major, n per record)."""
+    trainer = types.SimpleNamespace(_dropped_warned=set())
+    judged = dict(n_truncated=1, n_dropped=3, dropped=np.array([0, 2, 0, 1, 0, 0]))
+    with caplog.at_level(logging.WARNING, logger="pr1_jax"):
+        first = train.Trainer._judge_losses(trainer, judged, ["a", "b", "c"], 2)
+        again = train.Trainer._judge_losses(trainer, judged, ["a", "b", "c"], 2)
+    assert first == again == dict(judge_truncated_responses=1, judge_dropped_annotations=3)
+    named = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(named) == 1 and "['a', 'b']" in named[0]
 
 
 def _run(args, **kw):

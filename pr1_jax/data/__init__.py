@@ -6,6 +6,7 @@ Modules, one job each:
   records      record files (parquet / JSONL) -> raw rows -> validated Records; writers
   processing   Record -> Example (HF Qwen2-VL image processor + chat template + image tokens)
   batching     Examples -> one static-shape batch dict (the layout is documented there)
+  order        the reference epoch order: per-epoch global permutation, each process its slice
   pipeline     the grain pipeline: shard, shuffle, epochs, workers, skip bad records, batch
   geometry3k   Geometry3K example directories + diagram logic forms -> Records
   sample       a shipped 8-record sample dataset (parquet and JSONL)

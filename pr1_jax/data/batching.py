@@ -19,8 +19,9 @@ patch_image_index    [P]             int32   image slot (row of image_grid_thw) 
 image_grid_thw       [I, 3]          int32   (t, h, w) patch grid per image; zero rows after
 image_valid          [I]             bool    True for real images
 image_example_index  [I]             int32   batch row of each image; -1 for padding
-example_valid        [B]             bool    False for filler rows of a final partial batch
-                                             (only with drop_remainder=False)
+example_valid        [B]             bool    False for filler rows: of a final partial batch
+                                             (with drop_remainder=False), or in place of
+                                             skipped records (epoch_order "reference")
 record_id            list[str] (B)           record ids ("" for filler rows)
 problem              list[str] (B)           problem text
 answer               list[str] (B)           ground-truth answers (for the accuracy reward)
@@ -61,11 +62,13 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
 
 
 def collate(examples: Sequence[Example], config: DataConfig, pad_id: int) -> dict:
-    """Pack up to `config.batch_size` examples into the static-shape batch dict above."""
+    """Pack up to `config.batch_size` examples into the static-shape batch dict above (none: a
+    batch of filler rows only, which the reference epoch order delivers when all its records
+    were skipped)."""
     B, P, I = config.batch_size, config.patch_rows, config.image_slots
-    if not 0 < len(examples) <= B:
-        raise ValueError(f"need 1..{B} examples, got {len(examples)}")
-    T = bucket_length(max(e.num_tokens for e in examples), config.buckets)
+    if len(examples) > B:
+        raise ValueError(f"need at most {B} examples, got {len(examples)}")
+    T = bucket_length(max((e.num_tokens for e in examples), default=1), config.buckets)
 
     input_ids = np.full((B, T), pad_id, np.int32)
     attention_mask = np.zeros((B, T), np.int32)

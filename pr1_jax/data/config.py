@@ -85,11 +85,19 @@ class DataConfig:
             problem text after a space ("user", what the paper's public training script does,
             with the template's default system turn).
         image_placeholder: regex for image placeholders inside the problem text (the paper's
-            parquet writes "<image>"); each match becomes an image slot in the user turn. With no
-            placeholder, the images come first, then the text.
+            parquet writes "<image>"; the reference's loader splits at that literal only, which the
+            paper configs set); each match becomes an image slot in the user turn.
+        unplaced_images: what a record whose problem has no placeholder gets: "first" (the
+            images come first, then the text) or "skip" (skipped as `no_image_placeholder`: the
+            reference's loader gives such a problem no image token, and its rollout and update
+            cannot take image features without one; the paper configs).
 
     Images
         min_pixels, max_pixels: smart-resize bounds (paper: 3136 and 1806336).
+        image_alpha: how an image that is not RGB becomes RGB: "white" (transformers' image
+            processor: alpha composited on white, the default) or "drop" (PIL's `convert("RGB")`,
+            what the reference's loader does first: the colour under a transparent pixel stays,
+            often black; the paper configs).
         max_images_per_record: records with more images are skipped (`too_many_images`).
         max_patches_per_record: records whose images give more patch rows are skipped
             (`too_many_patches`); the effective limit is also capped by
@@ -124,7 +132,14 @@ class DataConfig:
 
     Order
         seed, shuffle, num_epochs (None = repeat forever; each epoch reshuffled with seed+epoch).
-        shard_index / shard_count: per-host shard; None = jax.process_index()/process_count()
+        epoch_order: "streaming" (each process its own shard, shuffled and repeated, batches
+            drawn from the flat stream, drawing on past skipped records) or "reference" (the
+            reference run's: per epoch one permutation of all records, the same on every
+            process, global batches of batch_size x processes with the epoch's remainder
+            dropped, each process its slice of each; a skipped record leaves an invalid row).
+            See `pr1_jax.data.order`. "reference" needs drop_remainder.
+        shard_index / shard_count: this process's index and the process count (the shard it
+            reads, or its slice of each global batch); None = jax.process_index()/process_count()
             (so call jax.distributed.initialize() before building a pipeline on several hosts).
 
     Workers
@@ -151,11 +166,13 @@ class DataConfig:
     format_prompt: str = "project"
     format_prompt_placement: str = "system"
     image_placeholder: str = r"<image\d*>"
+    unplaced_images: str = "first"
 
     min_pixels: int = 3136
     max_pixels: int = 1806336
     max_images_per_record: int = 1
     max_patches_per_record: int | None = None
+    image_alpha: str = "white"
 
     batch_size: int = 8
     max_prompt_length: int = 4096
@@ -168,6 +185,7 @@ class DataConfig:
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = 1
+    epoch_order: str = "streaming"
     shard_index: int | None = None
     shard_count: int | None = None
 
@@ -183,6 +201,14 @@ class DataConfig:
         if self.format_prompt_placement not in ("system", "user"):
             raise ValueError(
                     f"format_prompt_placement must be 'system' or 'user', got {self.format_prompt_placement!r}")
+        if self.unplaced_images not in ("first", "skip"):
+            raise ValueError(f"unplaced_images must be first or skip, got {self.unplaced_images!r}")
+        if self.image_alpha not in ("white", "drop"):
+            raise ValueError(f"image_alpha must be white or drop, got {self.image_alpha!r}")
+        if self.epoch_order not in ("streaming", "reference"):
+            raise ValueError(f"epoch_order must be streaming or reference, got {self.epoch_order!r}")
+        if self.epoch_order == "reference" and not self.drop_remainder:
+            raise ValueError("epoch_order 'reference' drops each epoch's remainder: it needs drop_remainder=True")
         if self.truncation not in ("skip", "right", "left"):
             raise ValueError(f"truncation must be skip, right or left, got {self.truncation!r}")
         if self.batch_size <= 0:

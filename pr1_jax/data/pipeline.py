@@ -3,15 +3,21 @@
 ::
 
     RecordSource (raw rows)                         grain.MapDataset.source
+      epoch_order "streaming":
       -> this host's shard (even split, remainder dropped)          [start:end]
       -> shuffle(seed), reshuffled every epoch (seed + epoch)       .shuffle
       -> repeat(num_epochs)                                         .repeat
+      epoch_order "reference" (`pr1_jax.data.order`):
+      -> per epoch one permutation of all records, this host's      ReferenceOrder
+         slice of each global batch, the epoch's remainder dropped
       -> ExampleProcessor: decode + resize + tokenize,              .map (1:1, never raises:
          bad rows become Skipped markers                              bad rows -> Skipped)
       -> threads / worker processes                                 .to_iter_dataset / .mp_prefetch
       -> SkipAndBatch: count + log skips (or raise when strict),    (main process)
          count + log truncated prompts,
-         collate batch_size examples into static shapes
+         collate batch_size examples into static shapes (reference
+         order: each batch is its batch_size positions, a skipped
+         record an invalid row)
 
 Every element before the batcher maps 1:1 to a shard position, so the batches do not depend
 on `worker_count` or `read_threads`, and skip counting/logging/raising happens in the main
@@ -29,21 +35,25 @@ Use::
     it.truncation_count            # prompts shortened by DataConfig.truncation so far
 
 With `num_epochs=None` the stream is infinite (train for a number of steps). On several
-hosts each host reads its own shard; skips make hosts' streams uneven, so multi-host
-training should use `num_epochs=None` and a step count.
+hosts, in the streaming order each host reads its own shard and skips make hosts' streams
+uneven (so train for a step count with `num_epochs=None`); in the reference order every host
+delivers the same number of batches, and its state resumes on another host count with the same
+global batch (`order.state_for_process`).
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import grain
 
 from pr1_jax.data import records as rec
 from pr1_jax.data.batching import collate
 from pr1_jax.data.config import DataConfig
+from pr1_jax.data.order import DataStateError, ReferenceOrder, ReferencePlan
 from pr1_jax.data.processing import Example, ExampleProcessor, Skipped
 
 logger = logging.getLogger(__name__)
@@ -63,19 +73,31 @@ def shard_bounds(num_records: int, options: grain.sharding.ShardOptions) -> tupl
     return per_shard * options.shard_index, per_shard * (options.shard_index + 1)
 
 
-def make_example_dataset(config: DataConfig, tokenizer: Any = None,
-                         processor: ExampleProcessor | None = None) -> grain.IterDataset:
-    """The per-record stream (Example or Skipped), before batching."""
-    source = rec.RecordSource(config)
+def reference_plan(config: DataConfig, num_records: int) -> ReferencePlan:
+    """The reference epoch order's plan for this process (see `pr1_jax.data.order`)."""
+    opts = shard_options(config)
+    return ReferencePlan(records=num_records, batch_size=config.batch_size, process_index=opts.shard_index,
+                         process_count=opts.shard_count, seed=config.seed, shuffle=config.shuffle,
+                         num_epochs=config.num_epochs)
+
+
+def make_example_dataset(config: DataConfig, tokenizer: Any = None, processor: ExampleProcessor | None = None,
+                         position: int = 0, source: rec.RecordSource | None = None) -> grain.IterDataset:
+    """The per-record stream (Example or Skipped), before batching; `position`: where to begin
+    (the reference order resumes by position); `source`: the config's records, if read."""
+    source = rec.RecordSource(config) if source is None else source
     ds = grain.MapDataset.source(source)
-    start, end = shard_bounds(len(source), shard_options(config))
-    ds = ds[start:end]
-    if len(ds) == 0:
-        raise ValueError(f"shard {shard_options(config)} of {len(source)} records is empty")
-    if config.shuffle:
-        ds = ds.shuffle(seed=config.seed)
-    if config.num_epochs != 1:
-        ds = ds.repeat(config.num_epochs)
+    if config.epoch_order == "reference":
+        ds = ReferenceOrder(ds, reference_plan(config, len(source)))[position:]
+    else:
+        start, end = shard_bounds(len(source), shard_options(config))
+        ds = ds[start:end]
+        if len(ds) == 0:
+            raise ValueError(f"shard {shard_options(config)} of {len(source)} records is empty")
+        if config.shuffle:
+            ds = ds.shuffle(seed=config.seed)
+        if config.num_epochs != 1:
+            ds = ds.repeat(config.num_epochs)
     ds = ds.map(processor or ExampleProcessor(config, tokenizer))
     it_ds = ds.to_iter_dataset(grain.ReadOptions(
         num_threads=config.read_threads,
@@ -99,7 +121,10 @@ def _ensure_absl_flags_parsed() -> None:
 def make_dataset(config: DataConfig, tokenizer: Any = None) -> "SkipAndBatchIterDataset":
     """Batches of static shapes (see `pr1_jax.data.batching` for the dict)."""
     proc = ExampleProcessor(config, tokenizer)
-    return SkipAndBatchIterDataset(make_example_dataset(config, processor=proc), config, proc.pad_token_id)
+    source = rec.RecordSource(config)
+    stream = functools.partial(make_example_dataset, config, processor=proc, source=source)
+    plan = reference_plan(config, len(source)) if config.epoch_order == "reference" else None
+    return SkipAndBatchIterDataset(stream(), config, proc.pad_token_id, plan, stream)
 
 
 def make_iterator(config: DataConfig, tokenizer: Any = None, state: dict | None = None) -> "BatchIterator":
@@ -111,27 +136,36 @@ def make_iterator(config: DataConfig, tokenizer: Any = None, state: dict | None 
 
 
 class SkipAndBatchIterDataset(grain.IterDataset):
-    """Drops Skipped markers (counted, logged; raised when strict) and collates batches."""
+    """Drops Skipped markers (counted, logged; raised when strict) and collates batches.
+    `plan` and `stream` (`stream(position=k)`: the example stream from position k) for the reference order."""
 
-    def __init__(self, parent: grain.IterDataset, config: DataConfig, pad_id: int):
+    def __init__(self, parent: grain.IterDataset, config: DataConfig, pad_id: int, plan: ReferencePlan | None = None,
+                 stream: Callable[..., grain.IterDataset] | None = None):
         super().__init__(parent)
         self._config = config
         self._pad_id = pad_id
+        self._plan = plan
+        self._stream = stream
 
     def __iter__(self) -> "BatchIterator":
-        return BatchIterator(self._parent.__iter__(), self._config, self._pad_id)
+        return BatchIterator(self._parent.__iter__(), self._config, self._pad_id, self._plan, self._stream)
 
     def __str__(self) -> str:
         return f"SkipAndBatchIterDataset(batch_size={self._config.batch_size})"
 
 
 class BatchIterator(grain.DatasetIterator):
-    """Iterator of batch dicts. State = the parent's state + the skip and truncation counters."""
+    """Iterator of batch dicts. State = the parent's state (the reference order: the batches
+    delivered, `ReferencePlan.state`) + the skip and truncation counters."""
 
-    def __init__(self, parent: grain.DatasetIterator, config: DataConfig, pad_id: int):
+    def __init__(self, parent: grain.DatasetIterator, config: DataConfig, pad_id: int,
+                 plan: ReferencePlan | None = None, stream: Callable[..., grain.IterDataset] | None = None):
         super().__init__(parent)
         self._config = config
         self._pad_id = pad_id
+        self._plan = plan
+        self._stream = stream
+        self._batches = 0
         self._skips: collections.Counter = collections.Counter()
         self._truncations = 0
 
@@ -151,11 +185,14 @@ class BatchIterator(grain.DatasetIterator):
         examples: list[Example] = []
         skipped: list[tuple[str, str]] = []
         truncated: list[tuple[str, int]] = []
-        while len(examples) < cfg.batch_size:
+        taken = 0  # stream positions read: the reference order reads exactly batch_size
+        aligned = self._plan is not None
+        while len(examples) < cfg.batch_size and not (aligned and taken == cfg.batch_size):
             try:
                 el = next(self._parent)
             except StopIteration:
                 break
+            taken += 1
             if isinstance(el, Skipped):
                 if cfg.strict:
                     raise el.error()
@@ -171,19 +208,31 @@ class BatchIterator(grain.DatasetIterator):
                             "[truncated so far: %d]", el.record_id, el.truncated_tokens, cfg.truncation,
                             self._truncations)
             examples.append(el)
-        if not examples or (len(examples) < cfg.batch_size and cfg.drop_remainder):
+        if aligned and taken < cfg.batch_size:  # the stream ends at a batch boundary
             raise StopIteration
+        if not aligned and (not examples or (len(examples) < cfg.batch_size and cfg.drop_remainder)):
+            raise StopIteration
+        self._batches += 1
         batch = collate(examples, cfg, self._pad_id)
         batch["skipped"] = skipped
         batch["truncated"] = truncated
         return batch
 
     def get_state(self) -> dict:
-        return {"parent": self._parent.get_state(), "skip_counts": dict(self._skips),
-                "truncation_count": self._truncations}
+        position = {"parent": self._parent.get_state()} if self._plan is None else self._plan.state(self._batches)
+        return {**position, "skip_counts": dict(self._skips), "truncation_count": self._truncations}
 
     def set_state(self, state: dict) -> None:
-        self._parent.set_state(state["parent"])
+        if self._plan is not None:
+            self._batches = self._plan.start(state)
+            old = self._parent
+            self._parents = (self._stream(position=self._batches * self._config.batch_size).__iter__(),)
+            old.close()  # its worker processes, if it started any
+        elif "parent" not in state:
+            raise DataStateError("the saved data position is of the reference order (data.epoch_order: reference); "
+                                 "this pipeline reads the streaming order")
+        else:
+            self._parent.set_state(state["parent"])
         self._skips = collections.Counter({k: int(v) for k, v in state.get("skip_counts", {}).items()})
         self._truncations = int(state.get("truncation_count", 0))
 

@@ -9,7 +9,8 @@ What the policy sees for a record:
    of 28 within [min_pixels, max_pixels] where the rounding allows, bicubic, RGB conversion
    incl. alpha on white, rescale 1/255, CLIP mean/std, temporal duplication to 2 frames,
    flattening to rows of 1176 in 2x2 merge-block order) -> ``pixel_values [N, 1176]``,
-   ``image_grid_thw [n, 3]``;
+   ``image_grid_thw [n, 3]``; with ``DataConfig.image_alpha`` "drop", PIL's ``convert("RGB")``
+   first, as the reference's loader does;
 3. the token ids of the rendered text with each ``<|image_pad|>`` expanded to
    ``t*h*w / merge_size**2`` copies of itself (the one step written here by hand: it is
    what ``Qwen2VLProcessor`` does to the text before tokenizing; ``Qwen2VLProcessor``
@@ -109,7 +110,7 @@ def build_messages(problem: str, num_images: int, config: DataConfig) -> list[di
 
     User turn: the problem text split at `config.image_placeholder` matches, an image item at
     each placeholder (as the paper's data loader does); without placeholders the images come
-    first, then the text. The format prompt goes into a system turn
+    first, then the text (with `unplaced_images` "skip" the record never gets here). The format prompt goes into a system turn
     (`format_prompt_placement="system"`) or is appended to the problem text after a space
     (`"user"`; the chat template then adds its default system turn).
     """
@@ -319,6 +320,11 @@ class ExampleProcessor:
         if len(record.images) > cfg.image_limit_per_record:
             raise BadRecordError(rid, rec.TOO_MANY_IMAGES,
                                  f"{len(record.images)} images > limit {cfg.image_limit_per_record}")
+        placed = bool(cfg.image_placeholder) and re.search(cfg.image_placeholder, record.problem)
+        if record.images and cfg.unplaced_images == "skip" and not placed:
+            raise BadRecordError(rid, rec.NO_IMAGE_PLACEHOLDER,
+                                 f"{len(record.images)} image(s) but no {cfg.image_placeholder!r} in the problem "
+                                 "(data.unplaced_images: skip; 'first' puts the images before the text)")
         images = _open_images(record)
         try:
             n_patches = sum(num_patches(img.size[1], img.size[0], cfg) for img in images)
@@ -343,6 +349,8 @@ class ExampleProcessor:
 
         if images:
             try:
+                if cfg.image_alpha == "drop":
+                    images = [img if img.mode == "RGB" else img.convert("RGB") for img in images]
                 out = self.image_processor(images=images, return_tensors="np")
             except Exception as e:
                 raise BadRecordError(rid, rec.BAD_IMAGE, f"{type(e).__name__}: {e}") from None

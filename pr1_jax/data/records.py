@@ -53,10 +53,11 @@ PROMPT_TOO_LONG = "prompt_too_long"  # > DataConfig.max_prompt_length tokens (im
 TOO_MANY_PATCHES = "too_many_patches"  # > DataConfig.patch_limit_per_record patch rows
 TOO_MANY_IMAGES = "too_many_images"  # > DataConfig.image_limit_per_record images
 INVALID_RECORD = "invalid_record"  # anything else (malformed JSON line, wrong types, ...)
+NO_IMAGE_PLACEHOLDER = "no_image_placeholder"  # images but no placeholder, with DataConfig.unplaced_images "skip"
 # an id an earlier row (in file order) holds: results keyed by id (evaluation files, McNemar) would collide
 DUPLICATE_ID = "duplicate_id"
 SKIP_REASONS = (BAD_IMAGE, MISSING_IMAGE, MISSING_ANSWER, EMPTY_PROBLEM, PROMPT_TOO_LONG,
-                TOO_MANY_PATCHES, TOO_MANY_IMAGES, INVALID_RECORD, DUPLICATE_ID)
+                TOO_MANY_PATCHES, TOO_MANY_IMAGES, INVALID_RECORD, DUPLICATE_ID, NO_IMAGE_PLACEHOLDER)
 
 
 class BadRecordError(ValueError):

@@ -9,6 +9,7 @@ Modules, one job each:
   answer_judge  the reference's LLM answer judge ("true" / "false"), read from logits in our judge
   report        overall and per-category accuracy, WeMath's four-dimensional metrics, the table
   audit         per-annotation judge verdicts on two checkpoints' responses, McNemar between them
+  mcnemar       the exact McNemar test between two result files (`python -m pr1_jax.mcnemar`)
 
 Nothing is imported here: the reward workers import `scoring` in fresh processes, without JAX.
 """

@@ -9,7 +9,7 @@ visual_key_info), one file per checkpoint. For the problems with annotations tha
 answered (`--sample K` of them, drawn with `--seed`), the judge gives its verdict on every
 annotation of every response; a response's perception verdict is 1 when the share of its
 annotations the judge finds stated reaches `--threshold` (default 1.0: all of them). With two
-files, McNemar on those per-problem verdicts (`pr1_jax.mcnemar`).
+files, McNemar on those per-problem verdicts (`pr1_jax.evaluation.mcnemar`).
 
 The judge: `--run RUN_DIR` takes a run's judge, its tokenizer and its `judge` config (the prompt
 it was trained with); `--judge HF_DIR` a checkpoint with `JudgeConfig`'s defaults. `key=value`
@@ -31,7 +31,7 @@ from pr1_jax import configlib
 from pr1_jax.config import TrainConfig
 from pr1_jax.evaluation.report import read_rows
 from pr1_jax.judge import Judge, JudgeConfig
-from pr1_jax.mcnemar import compare, summary
+from pr1_jax.evaluation.mcnemar import compare, summary
 from pr1_jax.sharding import make_mesh
 
 log = logging.getLogger("pr1_jax")

@@ -376,11 +376,13 @@ def read_problems(benchmark: str, paths: Sequence[str | os.PathLike], *, image_r
 
 def eval_data_config(base: DataConfig, benchmark: str) -> DataConfig:
     """`base` (the run's data settings, or the defaults) as evaluation reads a benchmark: every
-    record once, in order, on one host, none dropped; problems without an image allowed (MathVerse's
-    Text Only); one image before the text with the question kept verbatim (no placeholder
-    splitting: MathVision's `<image1>` stays text, as the reference sends it), except for the
-    training parquet, whose `<image>` placeholders place its images as in training."""
-    kw = dict(shuffle=False, num_epochs=1, drop_remainder=False, shard_index=0, shard_count=1, require_image=False)
+    record once, in order, on one host, none dropped (the streaming order; a problem without a
+    placeholder keeps its image, first); problems without an image allowed (MathVerse's Text Only);
+    one image before the text with the question kept verbatim (no placeholder splitting:
+    MathVision's `<image1>` stays text, as the reference sends it), except for the training
+    parquet, whose `<image>` placeholders place its images as in training."""
+    kw = dict(shuffle=False, num_epochs=1, drop_remainder=False, shard_index=0, shard_count=1, require_image=False,
+              epoch_order="streaming", unplaced_images="first")
     if benchmark != "perception_r1":
         kw["image_placeholder"] = ""
     return dataclasses.replace(base, **kw)
