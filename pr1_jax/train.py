@@ -38,7 +38,8 @@ from pr1_jax.judge import Judge
 from pr1_jax.learner import Learner, TrainState
 from pr1_jax.metrics import MetricsLogger
 from pr1_jax.multihost import allgather_json
-from pr1_jax.rewards import RewardScorer, combine_batch, mean_metrics
+from pr1_jax.reward_plugins import RECORD_FIELDS
+from pr1_jax.rewards import RewardConfig, RewardScorer, combine_batch, mean_metrics
 from pr1_jax.rollout import LearnerBatch, Rollout, response_bucket, rollout, train_batch_from_samples
 from pr1_jax.sampling import Sampler
 from pr1_jax.sharding import MeshError, batch_axis_size, global_batch, load_model, make_mesh
@@ -62,6 +63,14 @@ def _all_processes(scores: list[dict]) -> list[dict]:
         return scores
     plain = [{k: (bool(v) if k == "has_visual" else float(v)) for k, v in x.items()} for x in scores]
     return [x for part in allgather_json(plain) for x in part]
+
+
+def reward_records(reward: RewardConfig, texts: list[str], batch: dict, n: int) -> list[dict]:
+    """The reward scorer's records of a batch's n samples per prompt: response, gold answer and
+    the record fields that the configured rewards declare (a plug-in's `problem`, ...)."""
+    fields = reward.fields_taken(RECORD_FIELDS)
+    return [dict(response=text, ground_truth=batch["answer"][i // n], **{f: batch[f][i // n] for f in fields})
+            for i, text in enumerate(texts)]
 
 
 class Trainer:
@@ -157,12 +166,11 @@ class Trainer:
         one reward path; the score dicts (row-aligned with the samples) and timing/diagnostic
         metrics."""
         n = ro.n
-        answers = [a for a in batch["answer"] for _ in range(n)]
         # The stored text where there is one: the paper judge quotes it as the reference does.
         annotations = [t or a for a, t in zip(batch["annotations"], batch["annotations_text"]) for _ in range(n)]
         t0 = time.perf_counter()
         pending = self.judge.submit(ro.texts, annotations) if self.judge else None
-        future = self.scorer.submit([dict(response=r, ground_truth=g) for r, g in zip(ro.texts, answers)])
+        future = self.scorer.submit(reward_records(self.cfg.reward, ro.texts, batch, n))
         host = future.result()
         t_reward = time.perf_counter() - t0
         judged = pending.result() if pending else None
