@@ -115,7 +115,7 @@ class Trainer:
                                     attention=cfg.model.attention)
         self.scorer = RewardScorer(cfg.reward)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.keep_checkpoints)
-        self.metrics = MetricsLogger(self.run_dir, self.total_steps)
+        self.metrics = MetricsLogger(self.run_dir, self.total_steps, cfg.logging, configlib.to_dict(cfg))
         # The KL term's reference is the starting policy; it is reloaded from its checkpoint on
         # resume, so it is not part of the train state.
         self.ref_params = None
@@ -256,7 +256,7 @@ class Trainer:
         val_cfg = dataclasses.replace(self.cfg.data, paths=tuple(self.cfg.val_paths), batch_size=self.cfg.val_batch_size,
                                       shuffle=False, num_epochs=1, drop_remainder=False, epoch_order="streaming",
                                       unplaced_images="first", shard_index=None, shard_count=None)
-        scores, it, last = [], iter(make_iterator(val_cfg, self.tokenizer)), None
+        scores, samples, it, last = [], [], iter(make_iterator(val_cfg, self.tokenizer)), None
         for i in itertools.count():
             if self.cfg.val_max_batches is not None and i >= self.cfg.val_max_batches:
                 break
@@ -272,12 +272,15 @@ class Trainer:
             ro = self._greedy(batch)
             s, _ = self._score(ro, batch)
             scores += [x for x, v in zip(s, valid) if v]
-            if i == 0:  # what the policy writes now, to read beside the numbers
-                log.info("val sample %s (answer %s): %r", batch["record_id"][0], batch["answer"][0], ro.texts[0])
+            # What the policy writes now, to read beside the numbers: this process's first samples.
+            samples += [dict(record_id=batch["record_id"][j], problem=batch["problem"][j], answer=batch["answer"][j],
+                             response=ro.texts[j], **s[j])
+                        for j in np.flatnonzero(valid)[:self.cfg.logging.val_samples - len(samples)]]
         scores = _all_processes(scores)
         out = mean_metrics(scores, split="val") if scores else {}
         out["samples"] = len(scores)
         self.metrics.write(step, out, prefix="val")
+        self.metrics.write_samples(step, samples)
         return out
 
     def _greedy(self, batch: dict) -> Rollout:
