@@ -17,17 +17,6 @@ ROWS = [{"record_id": "r0", "answer": "5", "response": "<answer>\n\\boxed{5}\n</
         {"record_id": "r1", "answer": "7", "response": "a | b", "accuracy": 0.0}]
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """wandb offline, its settings and caches in tmp_path; MLflow's file store allowed (3.x asks)."""
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    return f"file://{tmp_path / 'mlruns'}"
-
-
 def _run(cfg, run_dir, steps):
     logger = MetricsLogger(run_dir, 4, cfg, CONFIG)
     for step in steps:
