@@ -160,6 +160,8 @@ def test_sigterm_saves_a_checkpoint_before_exit(assets, tmp_path):
     (["max_steps=ten"], "max_steps: "),
     (["tiny.enabled=false", "model.policy=/no/such/dir"], "/no/such/dir: not found"),
     (["tiny.enabled=false", "model.policy=/no/such/dir", "mesh=[3,-1,1]"], "devices are not a multiple of 3"),
+    (["reward.functions.mine=/no/such/rewards.py:mine", "reward.weights.mine=1"],
+     "functions.mine: '/no/such/rewards.py:mine': no such file /no/such/rewards.py"),
 ])
 def test_config_errors_are_one_line(args, message, capsys, tmp_path):
     assert train.main([f"run_dir={tmp_path}", *args]) == 2
