@@ -97,6 +97,7 @@ def offline(monkeypatch, tmp_path):
     URI of an MLflow file store in tmp_path (returned), which MLflow 3 uses only when allowed."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")  # no crash reports (Sentry) either
     for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
