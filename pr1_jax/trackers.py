@@ -11,8 +11,8 @@ opens them on process 0 and feeds them all.
   `run_dir/tensorboard`.
 * wandb (extra `pr1-jax[wandb]`): a Weights & Biases run, its files under the run directory; the
   mode (online, offline) is `logging.wandb_mode` or wandb's own settings (WANDB_MODE).
-* mlflow (extra `pr1-jax[mlflow]`): an MLflow run at `logging.mlflow_tracking_uri` (None: MLflow's
-  own default, MLFLOW_TRACKING_URI); the config as flattened params and `config.yaml`, the samples
+* mlflow (extra `pr1-jax[mlflow]`): an MLflow run at `logging.mlflow_tracking_uri` (or
+  MLFLOW_TRACKING_URI; one of them is required); the config as flattened params and `config.yaml`, the samples
   as `val_samples/step_NNNNNN.json` tables (MLflow's table layout: columns and data).
 
 A resumed run (same run directory) goes on in the same wandb / MLflow run: their ids are kept in
@@ -26,6 +26,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Literal
@@ -56,7 +57,7 @@ class TrackerConfig:
     wandb_entity: str | None = None
     wandb_mode: Literal["online", "offline", "disabled"] | None = None  # None: wandb's settings
     wandb_tags: tuple[str, ...] = ()
-    mlflow_tracking_uri: str | None = None  # None: MLflow's default (MLFLOW_TRACKING_URI)
+    mlflow_tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI
 
     def __post_init__(self):
         if len(set(self.backends)) != len(self.backends):
@@ -67,6 +68,11 @@ class TrackerConfig:
             package, install = _PACKAGES.get(backend, (None, None))
             if package and importlib.util.find_spec(package) is None:
                 raise ValueError(f"backends: {backend} needs the {package} package: pip install '{install}'")
+        # MLflow's fallback store differs between versions (./mlruns; sqlite, which its client-only
+        # package cannot open), so where the runs go is said, and a run does not fail past start-up.
+        if "mlflow" in self.backends and not (self.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+            raise ValueError("backends: mlflow needs a tracking server or store: set mlflow_tracking_uri "
+                             "(http://HOST:PORT, sqlite:///PATH.db, ...) or MLFLOW_TRACKING_URI")
 
 
 class Tracker:

@@ -93,6 +93,12 @@ def test_start_up_errors(monkeypatch):
                            match=rf"config.logging: backends: {backend} needs the {backend} package: pip install "
                                  rf"'pr1-jax\[{backend}\]'"):
             configlib.load(TrainConfig, overrides=[f"logging.backends=[console,{backend}]"])
+    monkeypatch.undo()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(configlib.ConfigError, match="mlflow needs a tracking server or store"):
+        configlib.load(TrainConfig, overrides=["logging.backends=[mlflow]"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # never contacted: nothing is opened
+    assert configlib.load(TrainConfig, overrides=["logging.backends=[mlflow]"]).logging.backends == ("mlflow",)
     assert configlib.load(TrainConfig).logging.backends == ("console", "jsonl", "tensorboard")
 
 
