@@ -49,7 +49,7 @@ from multiprocessing.connection import wait
 
 from math_verify import parse, verify
 
-from pr1_jax.reward_plugins import RECORD_FIELDS, PluginReward, check_call
+from pr1_jax.reward_plugins import PluginReward, check_call
 
 logger = logging.getLogger(__name__)
 
@@ -171,11 +171,12 @@ class RewardConfig:
         """The rewards to compute, registered or ``functions`` (every weighted name but ``"visual"``)."""
         return [name for name in self.weights if name != VISUAL]
 
-    def fields_taken(self, available: Sequence[str] = RECORD_FIELDS) -> list[str]:
-        """The ``available`` record fields that some configured reward declares: the ones a
-        caller passes (a field no reward takes is an error in ``reward_kwargs``)."""
+    def declared_fields(self, fields: Mapping[str, object]) -> dict:
+        """The part of ``fields`` that some configured reward declares: a caller offers what it
+        knows of a sample (e.g. its record's ``RECORD_FIELDS``) and passes only what a term
+        takes, since ``reward_kwargs`` rejects a field no term takes."""
         takes = [_keywords(self.reward_fn(name)) for name in self.reward_names]
-        return [f for f in available if any(t is None or f in t for t in takes)]
+        return {k: v for k, v in fields.items() if any(t is None or k in t for t in takes)}
 
     def _options(self, name: str) -> dict:
         mode = {"mode": self.accuracy_mode} if name == "accuracy" else {}

@@ -67,9 +67,9 @@ def _all_processes(scores: list[dict]) -> list[dict]:
 
 def reward_records(reward: RewardConfig, texts: list[str], batch: dict, n: int) -> list[dict]:
     """The reward scorer's records of a batch's n samples per prompt: response, gold answer and
-    the record fields that the configured rewards declare (a plug-in's `problem`, ...)."""
-    fields = reward.fields_taken(RECORD_FIELDS)
-    return [dict(response=text, ground_truth=batch["answer"][i // n], **{f: batch[f][i // n] for f in fields})
+    the record's fields that the configured rewards declare (a plug-in's `problem`, ...)."""
+    return [dict(response=text, ground_truth=batch["answer"][i // n],
+                 **reward.declared_fields({f: batch[f][i // n] for f in RECORD_FIELDS}))
             for i, text in enumerate(texts)]
 
 

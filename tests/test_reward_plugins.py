@@ -55,7 +55,7 @@ def test_example_plugins_score_in_process():
     s = score(GOOD.replace("BC = 4", "BC = 7"), "5", config=config, fields=fields)
     assert s["numbers_seen"] == pytest.approx(2 / 3)
     assert score("\\boxed{B}", "b", config=config, fields=fields)["exact_box"] == 1.0  # options reach it
-    assert config.fields_taken() == ["annotations"]
+    assert config.declared_fields({f: "x" for f in RECORD_FIELDS}) == {"annotations": "x"}
     assert "reward/exact_box" in mean_metrics([s], split="train")
 
 
@@ -66,7 +66,7 @@ def test_the_trainer_passes_the_fields_the_rewards_declare(flaky_file):
     flaky = RewardConfig(weights={"flaky": 1.0}, functions={"flaky": f"{flaky_file}:flaky"})
     assert [r["problem"] for r in reward_records(flaky, ["x", "y"], batch, 1)] == ["p0", "p1"]
     every = RewardConfig(weights={"everything": 1.0}, functions={"everything": f"{flaky_file}:everything"})
-    assert every.fields_taken() == list(RECORD_FIELDS)
+    assert every.declared_fields({"problem": 1, "unknown": 2}) == {"problem": 1, "unknown": 2}
     records = reward_records(every, ["x"], batch, 1)
     assert score(config=every, fields={k: v for k, v in records[0].items() if k not in ("response", "ground_truth")},
                  response="x", ground_truth="5")["everything"] == 3.0
