@@ -171,16 +171,16 @@ class RewardConfig:
         """The rewards to compute, registered or ``functions`` (every weighted name but ``"visual"``)."""
         return [name for name in self.weights if name != VISUAL]
 
+    def _options(self, name: str) -> dict:
+        mode = {"mode": self.accuracy_mode} if name == "accuracy" else {}
+        return {**self.options.get(name, {}), **mode}
+
     def declared_fields(self, fields: Mapping[str, object]) -> dict:
         """The part of ``fields`` that some configured reward declares: a caller offers what it
         knows of a sample (e.g. its record's ``RECORD_FIELDS``) and passes only what a term
         takes, since ``reward_kwargs`` rejects a field no term takes."""
         takes = [_keywords(self.reward_fn(name)) for name in self.reward_names]
         return {k: v for k, v in fields.items() if any(t is None or k in t for t in takes)}
-
-    def _options(self, name: str) -> dict:
-        mode = {"mode": self.accuracy_mode} if name == "accuracy" else {}
-        return {**self.options.get(name, {}), **mode}
 
     def reward_kwargs(self, fields: Mapping[str, object] | None = None) -> dict[str, dict]:
         """Keyword arguments of each configured reward for one record: the record ``fields``
