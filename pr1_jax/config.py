@@ -3,7 +3,7 @@
 `python -m pr1_jax.train --config X.yaml key.sub=value` reads a YAML file (`yaml.safe_load`) onto
 these frozen dataclasses with `pr1_jax.configlib` (unknown keys and wrong types fail at start-up
 with the dotted path). Sections that belong to one part of the system are that part's own config
-(`DataConfig`, `SamplingConfig`, `RewardConfig`, `JudgeConfig`, `LearnerConfig`); this module
+(`DataConfig`, `SamplingConfig`, `RewardConfig`, `JudgeConfig`, `LearnerConfig`, `TrackerConfig`); this module
 only adds what belongs to the run as a whole.
 """
 
@@ -17,6 +17,7 @@ from pr1_jax.judge import JudgeConfig
 from pr1_jax.learner import LearnerConfig
 from pr1_jax.rewards import RewardConfig
 from pr1_jax.sampling import SamplingConfig
+from pr1_jax.trackers import TrackerConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,7 @@ class TrainConfig:
     judge: JudgeConfig = JudgeConfig()
     learner: LearnerConfig = LearnerConfig()
     tiny: TinySection = TinySection()
+    logging: TrackerConfig = TrackerConfig()  # where metrics go: console, jsonl, tensorboard, wandb, mlflow
     mesh: tuple[int, ...] = (1, -1, 1)  # (data, fsdp, tensor); one -1 = the remaining devices
     max_steps: int | None = None  # default: data.num_epochs passes over the training records
     val_freq: int = 10

@@ -12,7 +12,8 @@ Per response: ``overall = 0.9*accuracy + 0.1*format + 0.7*visual + 1.0*ngram_pen
   has no visual annotations, which scores 0 and is left out of the logged visual mean.
 
 Reward terms are plain functions ``fn(response, ground_truth, *, option_or_field=...) -> float``
-registered by name; ``RewardConfig.weights`` names the ones to use. A term receives the record
+registered by name, or a user's own in a file of theirs (``RewardConfig.functions``, loaded by
+``pr1_jax.reward_plugins``); ``RewardConfig.weights`` names the ones to use. A term receives the record
 fields and the options it declares by keyword, nothing else: an option or field that no
 configured term declares is an error, not silently dropped (``RewardConfig.reward_kwargs``).
 ``score`` runs them
@@ -47,6 +48,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
 from math_verify import parse, verify
+
+from pr1_jax.reward_plugins import PluginReward, check_call
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +113,9 @@ class RewardConfig:
     ``overall``. ``options`` holds per-reward keyword arguments, e.g. the n-gram size; each
     must be a parameter of that reward. ``accuracy_mode`` is the accuracy reward's mode
     (``paper`` or ``reference``, see ``accuracy_reward``). ``timeout_s`` bounds each reward
-    call in a worker; ``num_workers`` is the pool size.
+    call in a worker; ``num_workers`` is the pool size. ``functions`` maps further reward names
+    to the user's functions, ``"path/to/file.py:function"`` (``pr1_jax.reward_plugins``); each
+    needs a weight (0: logged, not trained on), and the paths are kept absolute.
     """
 
     weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
@@ -120,31 +125,62 @@ class RewardConfig:
     accuracy_mode: str = "paper"
     timeout_s: float = 5.0
     num_workers: int = 4
+    functions: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.timeout_s <= 0 or self.num_workers < 1:
             raise ValueError("timeout_s must be > 0 and num_workers >= 1")
         if self.accuracy_mode not in ACCURACY_MODES:
             raise ValueError(f"accuracy_mode must be one of {ACCURACY_MODES}, got {self.accuracy_mode!r}")
+        resolved = {}
+        for name, spec in self.functions.items():
+            if name == VISUAL or name in _REGISTRY:
+                raise ValueError(f"functions.{name}: {name!r} is a built-in reward's name; choose another")
+            if name not in self.weights:
+                raise ValueError(f"functions.{name} has no weight: set weights.{name} (0 logs it without training on it)")
+            try:
+                resolved[name] = str(_plugin(spec))
+            except ValueError as exc:
+                raise ValueError(f"functions.{name}: {exc}") from None
+        object.__setattr__(self, "functions", resolved)  # absolute paths: a resumed run finds them from anywhere
         for name in [*self.reward_names, *self.options]:
-            if name not in _REGISTRY:
-                raise ValueError(f"unknown reward {name!r}; registered: {sorted(_REGISTRY)}")
+            if name not in _REGISTRY and name not in self.functions:
+                raise ValueError(f"unknown reward {name!r}; registered: {sorted(_REGISTRY)}; "
+                                 f"from functions: {sorted(self.functions)}")
         for name, opts in self.options.items():
-            takes = _keywords(_REGISTRY[name])
+            takes = _keywords(self.reward_fn(name))
             if name == "accuracy" and "mode" in opts:
                 raise ValueError("set the accuracy mode as accuracy_mode, not options.accuracy.mode")
             unknown = sorted(set(opts) - takes) if takes is not None else []
             if unknown:
                 raise ValueError(f"options.{name}: unknown option(s) {unknown}; {name} takes {sorted(takes)}")
+        for name in self.functions:
+            try:
+                check_call(self.reward_fn(name), _keywords(self.reward_fn(name)), self.options.get(name, {}))
+            except ValueError as exc:
+                raise ValueError(f"functions.{name}: {exc}") from None
+
+    def reward_fn(self, name: str) -> RewardFn:
+        """The function of reward ``name``: a registered one, or the user's from ``functions``."""
+        if name in self.functions:
+            return _plugin(self.functions[name])
+        return get_reward(name)
 
     @property
     def reward_names(self) -> list[str]:
-        """The registered rewards to compute (every weighted name but ``"visual"``)."""
+        """The rewards to compute, registered or ``functions`` (every weighted name but ``"visual"``)."""
         return [name for name in self.weights if name != VISUAL]
 
     def _options(self, name: str) -> dict:
         mode = {"mode": self.accuracy_mode} if name == "accuracy" else {}
         return {**self.options.get(name, {}), **mode}
+
+    def declared_fields(self, fields: Mapping[str, object]) -> dict:
+        """The part of ``fields`` that some configured reward declares: a caller offers what it
+        knows of a sample (e.g. its record's ``RECORD_FIELDS``) and passes only what a term
+        takes, since ``reward_kwargs`` rejects a field no term takes."""
+        takes = [_keywords(self.reward_fn(name)) for name in self.reward_names]
+        return {k: v for k, v in fields.items() if any(t is None or k in t for t in takes)}
 
     def reward_kwargs(self, fields: Mapping[str, object] | None = None) -> dict[str, dict]:
         """Keyword arguments of each configured reward for one record: the record ``fields``
@@ -153,7 +189,7 @@ class RewardConfig:
         fields = fields or {}
         out, used = {}, set()
         for name in self.reward_names:
-            takes = _keywords(_REGISTRY[name])
+            takes = _keywords(self.reward_fn(name))
             mine = {k: v for k, v in fields.items() if takes is None or k in takes}
             options = self._options(name)
             if set(mine) & set(options):
@@ -164,6 +200,12 @@ class RewardConfig:
         if unknown:
             raise ValueError(f"record field(s) {unknown} are taken by none of the rewards {self.reward_names}")
         return out
+
+
+@functools.cache
+def _plugin(spec: str) -> PluginReward:
+    """One loaded plug-in per spec, so that ``_keywords`` reads its signature once."""
+    return PluginReward.parse(spec)
 
 
 # --- built-in rewards ------------------------------------------------------------------
@@ -306,7 +348,7 @@ def score(
     if accuracy_mode is not None:
         config = dataclasses.replace(config, accuracy_mode=accuracy_mode)
     kwargs = config.reward_kwargs(fields)
-    terms = {name: _call(get_reward(name), response, ground_truth, kwargs[name]) for name in config.reward_names}
+    terms = {name: _call(config.reward_fn(name), response, ground_truth, kwargs[name]) for name in config.reward_names}
     return combine(terms, visual, config.weights)
 
 
@@ -343,11 +385,16 @@ def mean_metrics(scores: Sequence[Mapping], split: str | None = None) -> dict[st
 _READY = "ready"
 
 
-def _worker_loop(conn) -> None:
+def _worker_loop(conn, plugins: Sequence[PluginReward] = ()) -> None:
     """Worker process: evaluate pickled ``(fn, response, ground_truth, kwargs)`` calls until EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the trainer, which closes us
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled": we bound it
     accuracy_reward("\\boxed{1}", "1")  # warm up, so start-up never eats a task's deadline
+    for plugin in plugins:  # imported now for the same reason
+        try:
+            plugin.load()
+        except ValueError:
+            pass  # the trainer loaded it at start-up; if it fails now, each call fails and is counted
     try:
         conn.send(_READY)
         while True:
@@ -364,9 +411,9 @@ def _worker_loop(conn) -> None:
 class _Worker:
     """Parent-side handle of one worker process and the task it is running."""
 
-    def __init__(self, ctx):
+    def __init__(self, ctx, plugins: Sequence[PluginReward] = ()):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_loop, args=(child,), daemon=True)
+        self.proc = ctx.Process(target=_worker_loop, args=(child, tuple(plugins)), daemon=True)
         self.proc.start()
         child.close()  # so that the worker's death reads as EOF here
         self.ready = False
@@ -418,7 +465,8 @@ class RewardScorer:
 
     def __init__(self, config: RewardConfig = RewardConfig()):
         self.config = config
-        self._fns = {name: get_reward(name) for name in config.reward_names}
+        self._fns = {name: config.reward_fn(name) for name in config.reward_names}
+        self._plugins = [fn for fn in self._fns.values() if isinstance(fn, PluginReward)]
         for name, fn in self._fns.items():
             try:
                 pickle.dumps(fn)
@@ -426,7 +474,7 @@ class RewardScorer:
                 raise ValueError(f"reward {name!r} must be a module-level function") from exc
         self._ctx = multiprocessing.get_context("spawn")
         # Started now, so that they boot while the caller compiles; the dispatcher owns them.
-        self._workers = [_Worker(self._ctx) for _ in range(config.num_workers)]
+        self._workers = [_Worker(self._ctx, self._plugins) for _ in range(config.num_workers)]
         self._jobs: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._closed = False
@@ -501,7 +549,7 @@ class RewardScorer:
 
         def replace(worker: _Worker) -> None:
             worker.stop(kill=True)
-            workers[workers.index(worker)] = _Worker(self._ctx)
+            workers[workers.index(worker)] = _Worker(self._ctx, self._plugins)
 
         while pending or any(w.task is not None for w in workers):
             for worker in workers:

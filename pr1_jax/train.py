@@ -38,7 +38,8 @@ from pr1_jax.judge import Judge
 from pr1_jax.learner import Learner, TrainState
 from pr1_jax.metrics import MetricsLogger
 from pr1_jax.multihost import allgather_json
-from pr1_jax.rewards import RewardScorer, combine_batch, mean_metrics
+from pr1_jax.reward_plugins import RECORD_FIELDS
+from pr1_jax.rewards import RewardConfig, RewardScorer, combine_batch, mean_metrics
 from pr1_jax.rollout import LearnerBatch, Rollout, response_bucket, rollout, train_batch_from_samples
 from pr1_jax.sampling import Sampler
 from pr1_jax.sharding import MeshError, batch_axis_size, global_batch, load_model, make_mesh
@@ -62,6 +63,14 @@ def _all_processes(scores: list[dict]) -> list[dict]:
         return scores
     plain = [{k: (bool(v) if k == "has_visual" else float(v)) for k, v in x.items()} for x in scores]
     return [x for part in allgather_json(plain) for x in part]
+
+
+def reward_records(reward: RewardConfig, texts: list[str], batch: dict, n: int) -> list[dict]:
+    """The reward scorer's records of a batch's n samples per prompt: response, gold answer and
+    the record's fields that the configured rewards declare (a plug-in's `problem`, ...)."""
+    return [dict(response=text, ground_truth=batch["answer"][i // n],
+                 **reward.declared_fields({f: batch[f][i // n] for f in RECORD_FIELDS}))
+            for i, text in enumerate(texts)]
 
 
 class Trainer:
@@ -106,7 +115,7 @@ class Trainer:
                                     attention=cfg.model.attention)
         self.scorer = RewardScorer(cfg.reward)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.keep_checkpoints)
-        self.metrics = MetricsLogger(self.run_dir, self.total_steps)
+        self.metrics = MetricsLogger(self.run_dir, self.total_steps, cfg.logging, configlib.to_dict(cfg))
         # The KL term's reference is the starting policy; it is reloaded from its checkpoint on
         # resume, so it is not part of the train state.
         self.ref_params = None
@@ -157,12 +166,11 @@ class Trainer:
         one reward path; the score dicts (row-aligned with the samples) and timing/diagnostic
         metrics."""
         n = ro.n
-        answers = [a for a in batch["answer"] for _ in range(n)]
         # The stored text where there is one: the paper judge quotes it as the reference does.
         annotations = [t or a for a, t in zip(batch["annotations"], batch["annotations_text"]) for _ in range(n)]
         t0 = time.perf_counter()
         pending = self.judge.submit(ro.texts, annotations) if self.judge else None
-        future = self.scorer.submit([dict(response=r, ground_truth=g) for r, g in zip(ro.texts, answers)])
+        future = self.scorer.submit(reward_records(self.cfg.reward, ro.texts, batch, n))
         host = future.result()
         t_reward = time.perf_counter() - t0
         judged = pending.result() if pending else None
@@ -248,7 +256,7 @@ class Trainer:
         val_cfg = dataclasses.replace(self.cfg.data, paths=tuple(self.cfg.val_paths), batch_size=self.cfg.val_batch_size,
                                       shuffle=False, num_epochs=1, drop_remainder=False, epoch_order="streaming",
                                       unplaced_images="first", shard_index=None, shard_count=None)
-        scores, it, last = [], iter(make_iterator(val_cfg, self.tokenizer)), None
+        scores, samples, it, last = [], [], iter(make_iterator(val_cfg, self.tokenizer)), None
         for i in itertools.count():
             if self.cfg.val_max_batches is not None and i >= self.cfg.val_max_batches:
                 break
@@ -264,12 +272,15 @@ class Trainer:
             ro = self._greedy(batch)
             s, _ = self._score(ro, batch)
             scores += [x for x, v in zip(s, valid) if v]
-            if i == 0:  # what the policy writes now, to read beside the numbers
-                log.info("val sample %s (answer %s): %r", batch["record_id"][0], batch["answer"][0], ro.texts[0])
+            # What the policy writes now, to read beside the numbers: this process's first samples.
+            samples += [dict(record_id=batch["record_id"][j], problem=batch["problem"][j], answer=batch["answer"][j],
+                             response=ro.texts[j], **s[j])
+                        for j in np.flatnonzero(valid)[:self.cfg.logging.val_samples - len(samples)]]
         scores = _all_processes(scores)
         out = mean_metrics(scores, split="val") if scores else {}
         out["samples"] = len(scores)
         self.metrics.write(step, out, prefix="val")
+        self.metrics.write_samples(step, samples)
         return out
 
     def _greedy(self, batch: dict) -> Rollout:

@@ -89,3 +89,16 @@ def hf_checkpoint(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """Trackers that send nothing anywhere: wandb offline, its settings and caches in tmp_path; the
+    URI of an MLflow file store in tmp_path (returned), which MLflow 3 uses only when allowed."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")  # no crash reports (Sentry) either
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    return f"file://{tmp_path / 'mlruns'}"

@@ -1,6 +1,7 @@
 """The training run end to end: on prebuilt tiny assets metrics, checkpoints, TensorBoard, export,
 checkpoint on SIGTERM, one-line config errors; and the embedded default, shortened, learning."""
 
+import importlib.util
 import json
 import logging
 import os
@@ -39,10 +40,16 @@ def _args(assets, run_dir, *extra):
 
 
 @pytest.mark.usefixtures("highest_precision")  # the export's logits against transformers' to 1e-4
-def test_short_run_writes_everything_and_exports(assets, tmp_path):
+def test_short_run_writes_everything_and_exports(assets, tmp_path, offline):
     run = tmp_path / "run"
+    # Every tracker installed (wandb / MLflow offline: the `offline` fixture), and a user's reward term.
+    backends = ["console", "jsonl", "tensorboard", *(b for b in ("wandb", "mlflow") if importlib.util.find_spec(b))]
+    plugin = f"{ROOT}/examples/reward_plugin.py:numbers_seen"
     # Weight decay moves the params even when a random policy's rewards tie (zero advantages).
-    cfg = train.parse_config(_args(assets, run, "max_steps=2", "val_freq=2", "save_freq=1", "learner.weight_decay=0.1"))
+    cfg = train.parse_config(_args(assets, run, "max_steps=2", "val_freq=2", "save_freq=1", "learner.weight_decay=0.1",
+                                   f"reward.functions.numbers_seen={plugin}", "reward.weights.numbers_seen=0",
+                                   f"logging.backends=[{','.join(backends)}]", f"logging.mlflow_tracking_uri={offline}",
+                                   "logging.val_samples=3"))
     val = train.Trainer(cfg).fit()
     assert val is not None and val["samples"] == 8
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -51,11 +58,25 @@ def test_short_run_writes_everything_and_exports(assets, tmp_path):
     for key in ("overall", "accuracy", "format", "visual", "ngram_penalty", "response_len", "response_len_max",
                 "clipped_frac", "adv_mean", "loss", "approx_kl", "entropy", "clip_frac", "grad_norm", "lr",
                 "sec_sample", "sec_judge", "sec_reward", "sec_update", "tokens_per_sec", "judge_truncated_responses",
-                "judge_dropped_annotations"):
+                "judge_dropped_annotations", "numbers_seen", "reward/numbers_seen"):
         assert key in steps[-1], key
+    assert (steps[-1]["reward_errors"], steps[-1]["reward_timeouts"]) == (0, 0)
     assert [x["step"] for x in lines if x["split"] == "val"] == [0, 2]
+    samples = [json.loads(x) for x in (run / "val_samples.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in samples] == [0, 0, 0, 2, 2, 2]
+    assert {"record_id", "problem", "answer", "response", "overall", "numbers_seen"} <= set(samples[0])
     assert Checkpointer(run / "checkpoints").steps() == [1, 2]
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    ids = json.loads((run / "trackers.json").read_text()) if len(backends) > 3 else {}
+    if "wandb" in ids:
+        assert list((run / "wandb").glob(f"offline-run-*-{ids['wandb']}/run-{ids['wandb']}.wandb"))
+    if "mlflow" in ids:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=offline)
+        params = client.get_run(ids["mlflow"]).data.params
+        assert (params["reward.functions.numbers_seen"], params["logging.val_samples"]) == (plugin, "3")
+        assert [m.step for m in client.get_metric_history(ids["mlflow"], "val/numbers_seen")] == [0, 2]
 
     out = export(run, tmp_path / "hf")
     ours = load_pretrained(out)
@@ -139,6 +160,8 @@ def test_sigterm_saves_a_checkpoint_before_exit(assets, tmp_path):
     (["max_steps=ten"], "max_steps: "),
     (["tiny.enabled=false", "model.policy=/no/such/dir"], "/no/such/dir: not found"),
     (["tiny.enabled=false", "model.policy=/no/such/dir", "mesh=[3,-1,1]"], "devices are not a multiple of 3"),
+    (["reward.functions.mine=/no/such/rewards.py:mine", "reward.weights.mine=1"],
+     "functions.mine: '/no/such/rewards.py:mine': no such file /no/such/rewards.py"),
 ])
 def test_config_errors_are_one_line(args, message, capsys, tmp_path):
     assert train.main([f"run_dir={tmp_path}", *args]) == 2
