@@ -90,7 +90,10 @@ class Trainer:
             self.sample_cfg = cfg.sampling.with_tokenizer(self.tokenizer)
         except ValueError as e:
             raise configlib.ConfigError(str(e)) from None
-        self.learner = Learner(model_cfg, cfg.learner, self.mesh, self.total_steps,
+        # seq-mean-token-sum-norm's constant defaults to the sampler's response cap.
+        learner_cfg = dataclasses.replace(cfg.learner, loss=cfg.learner.loss.with_norm_length(
+            self.sample_cfg.max_new_tokens))
+        self.learner = Learner(model_cfg, learner_cfg, self.mesh, self.total_steps,
                                temperature=self.sample_cfg.score_temperature, attention=cfg.model.attention)
         self.policy = load_model(cfg.model.policy, self.mesh, dtype=cfg.learner.dtype,
                                  param_dtype=cfg.learner.param_dtype, attention=cfg.model.attention)
@@ -202,7 +205,7 @@ class Trainer:
         t_sample = time.perf_counter() - t0
         scores, extra = self._score(ro, batch)
         overall = np.array([s["overall"] for s in scores], np.float32)
-        adv = np.asarray(group_advantages(overall, ro.n))
+        adv = np.asarray(group_advantages(overall, ro.n, mean_only=self.cfg.learner.advantage == "drgrpo"))
         lengths = np.asarray(ro.samples.lengths)
         longest = max(allgather_json(int(lengths.max(initial=0))))
         bucket = response_bucket(longest, self.cfg.learner.response_buckets, self.sample_cfg.max_new_tokens)
