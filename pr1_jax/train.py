@@ -165,7 +165,11 @@ class Trainer:
         annotations = [t or a for a, t in zip(batch["annotations"], batch["annotations_text"]) for _ in range(n)]
         t0 = time.perf_counter()
         pending = self.judge.submit(ro.texts, annotations) if self.judge else None
-        future = self.scorer.submit([dict(response=r, ground_truth=g) for r, g in zip(ro.texts, answers)])
+        # What the run knows of each sample beyond its text, for the terms that declare it (overlong).
+        cap = self.sample_cfg.max_new_tokens
+        offered = [self.cfg.reward.declared_fields(dict(response_length=int(k), max_length=cap))
+                   for k in np.asarray(ro.samples.lengths)]
+        future = self.scorer.submit([dict(response=r, ground_truth=g, **f) for r, g, f in zip(ro.texts, answers, offered)])
         host = future.result()
         t_reward = time.perf_counter() - t0
         judged = pending.result() if pending else None
