@@ -33,6 +33,7 @@ from pr1_jax.data.order import DataStateError, state_for_process, steps_per_epoc
 from pr1_jax.data.pipeline import make_iterator
 from pr1_jax.data.processing import load_tokenizer
 from pr1_jax.data.records import BadRecordError, RecordSource
+from pr1_jax.dynamic_sampling import fill_step
 from pr1_jax.grpo import group_advantages
 from pr1_jax.judge import Judge
 from pr1_jax.learner import Learner, TrainState
@@ -201,13 +202,25 @@ class Trainer:
             gb = gb.replace(ref_logprobs=self.learner.logprobs(self.ref_params, gb)[0])
         return gb
 
-    def train_step(self, step: int, batch: dict) -> dict:
+    def _produce(self, batch: dict) -> tuple[Rollout, list[dict], dict]:
+        """One rollout of a data batch and its scores: (rollout, score dicts, extra metrics)."""
         self.key, sample_key = jax.random.split(self.key)
         t0 = time.perf_counter()
         ro = rollout(self.policy, self.state.params, self.sampler, self.tokenizer, batch, sample_key, self.mesh,
                      self.cfg.data.patch_limit_per_record)
         t_sample = time.perf_counter() - t0
         scores, extra = self._score(ro, batch)
+        return ro, scores, dict(extra, sec_sample=t_sample)
+
+    def train_step(self, step: int, batch: dict) -> dict:
+        t0 = time.perf_counter()
+        dynamic = self.cfg.data.dynamic_sampling
+        if dynamic.enabled:
+            filled = fill_step(batch, lambda: next(self.data, None), self._produce, dynamic)
+            ro, batch, scores, extra = filled.rollout, filled.batch, filled.scores, {**filled.extra, **filled.metrics}
+        else:
+            ro, scores, extra = self._produce(batch)
+        t_sample = extra.pop("sec_sample")
         overall = np.array([s["overall"] for s in scores], np.float32)
         adv = np.asarray(group_advantages(overall, ro.n, mean_only=self.cfg.learner.advantage == "drgrpo"))
         lengths = np.asarray(ro.samples.lengths)
