@@ -261,7 +261,7 @@ def ngram_penalty(response: str, ground_truth: str = "", *, n: int = 20, max_pen
 @register_reward(OVERLONG)
 def overlong_penalty(response: str, ground_truth: str = "", *, response_length: int, max_length: int,
                      buffer: int = 256) -> float:
-    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13): 0 up to ``max_length - buffer``
+    """DAPO's soft overlong punishment (arXiv 2503.14476, section 3.4): 0 up to ``max_length - buffer``
     tokens, then linear down to -1 at ``max_length`` (the sampler's cap): a response cut by the
     cap scores -1, one that ends just in time barely less than 0, so the policy learns to stop
     without the noise of punishing every long but finished answer as hard as a truncated one.
