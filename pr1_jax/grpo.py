@@ -1,9 +1,11 @@
-"""GRPO math in pure JAX: advantages, log-probs, PPO-clip surrogate, KL / entropy terms.
+"""GRPO math in pure JAX: advantages (GRPO, Dr.GRPO), log-probs, the policy surrogates (PPO clip,
+GSPO, CISPO), loss aggregation, KL / entropy terms. docs/ALGORITHMS.md gives each formula's source.
 
 Everything here is model-agnostic: the learner computes ``logits`` with whatever model it
 has, then calls :func:`token_logprobs` / :func:`entropy_from_logits` and :func:`grpo_loss`.
 All functions are jit-friendly; arguments documented as *static* (``group_size``,
-``loss_agg``, ``kind``, the :class:`GRPOLossConfig`) must be Python values, not tracers.
+``loss_agg``, ``policy``, ``norm_length``, ``kind``, the :class:`GRPOLossConfig`) must be Python
+values, not tracers.
 
 Conventions
 -----------
