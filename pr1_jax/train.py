@@ -74,6 +74,10 @@ class Trainer:
         elif not cfg.model.policy:
             raise configlib.ConfigError("model.policy is required (or tiny.enabled=true)")
         self.cfg = cfg
+        metric = cfg.data.dynamic_sampling.metric
+        if cfg.data.dynamic_sampling.enabled and metric not in {"overall", "overall_reference", *cfg.reward.weights}:
+            raise configlib.ConfigError(f"data.dynamic_sampling.metric={metric!r} is not a score: use overall, "
+                                        f"overall_reference or a reward.weights name {sorted(cfg.reward.weights)}")
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(_yaml(configlib.to_dict(cfg)))
