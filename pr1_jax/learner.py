@@ -68,6 +68,9 @@ class LearnerConfig:
     # at or above it are ignored (`pr1_jax.rollout.response_bucket`).
     response_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 3072)
     loss: GRPOLossConfig = GRPOLossConfig()
+    # Group advantages: grpo = (r - mean) / (std + eps); drgrpo = r - mean (Dr.GRPO, no std
+    # division, which up-weights groups of near-equal rewards). `grpo.group_advantages`.
+    advantage: Literal["grpo", "drgrpo"] = "grpo"
     freeze_vision: bool = False
     remat: bool = False
     dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators)

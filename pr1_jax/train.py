@@ -33,6 +33,7 @@ from pr1_jax.data.order import DataStateError, state_for_process, steps_per_epoc
 from pr1_jax.data.pipeline import make_iterator
 from pr1_jax.data.processing import load_tokenizer
 from pr1_jax.data.records import BadRecordError, RecordSource
+from pr1_jax.dynamic_sampling import fill_step
 from pr1_jax.grpo import group_advantages
 from pr1_jax.judge import Judge
 from pr1_jax.learner import Learner, TrainState
@@ -65,12 +66,14 @@ def _all_processes(scores: list[dict]) -> list[dict]:
     return [x for part in allgather_json(plain) for x in part]
 
 
-def reward_records(reward: RewardConfig, texts: list[str], batch: dict, n: int) -> list[dict]:
+def reward_records(reward: RewardConfig, texts: list[str], batch: dict, n: int, lengths, cap: int) -> list[dict]:
     """The reward scorer's records of a batch's n samples per prompt: response, gold answer and
-    the record's fields that the configured rewards declare (a plug-in's `problem`, ...)."""
+    what the configured rewards declare of the record's fields (a plug-in's `problem`, ...) and of
+    the sample (its token count ``lengths[i]`` and the response cap, for the overlong term)."""
     return [dict(response=text, ground_truth=batch["answer"][i // n],
-                 **reward.declared_fields({f: batch[f][i // n] for f in RECORD_FIELDS}))
-            for i, text in enumerate(texts)]
+                 **reward.declared_fields({**{f: batch[f][i // n] for f in RECORD_FIELDS},
+                                           "response_length": int(k), "max_length": cap}))
+            for i, (text, k) in enumerate(zip(texts, np.asarray(lengths)))]
 
 
 class Trainer:
@@ -82,6 +85,10 @@ class Trainer:
         elif not cfg.model.policy:
             raise configlib.ConfigError("model.policy is required (or tiny.enabled=true)")
         self.cfg = cfg
+        metric = cfg.data.dynamic_sampling.metric
+        if cfg.data.dynamic_sampling.enabled and metric not in {"overall", "overall_reference", *cfg.reward.weights}:
+            raise configlib.ConfigError(f"data.dynamic_sampling.metric={metric!r} is not a score: use overall, "
+                                        f"overall_reference or a reward.weights name {sorted(cfg.reward.weights)}")
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(_yaml(configlib.to_dict(cfg)))
@@ -99,7 +106,10 @@ class Trainer:
             self.sample_cfg = cfg.sampling.with_tokenizer(self.tokenizer)
         except ValueError as e:
             raise configlib.ConfigError(str(e)) from None
-        self.learner = Learner(model_cfg, cfg.learner, self.mesh, self.total_steps,
+        # seq-mean-token-sum-norm's constant defaults to the sampler's response cap.
+        learner_cfg = dataclasses.replace(cfg.learner, loss=cfg.learner.loss.with_norm_length(
+            self.sample_cfg.max_new_tokens))
+        self.learner = Learner(model_cfg, learner_cfg, self.mesh, self.total_steps,
                                temperature=self.sample_cfg.score_temperature, attention=cfg.model.attention)
         self.policy = load_model(cfg.model.policy, self.mesh, dtype=cfg.learner.dtype,
                                  param_dtype=cfg.learner.param_dtype, attention=cfg.model.attention)
@@ -170,7 +180,8 @@ class Trainer:
         annotations = [t or a for a, t in zip(batch["annotations"], batch["annotations_text"]) for _ in range(n)]
         t0 = time.perf_counter()
         pending = self.judge.submit(ro.texts, annotations) if self.judge else None
-        future = self.scorer.submit(reward_records(self.cfg.reward, ro.texts, batch, n))
+        future = self.scorer.submit(reward_records(self.cfg.reward, ro.texts, batch, n, ro.samples.lengths,
+                                                   self.sample_cfg.max_new_tokens))
         host = future.result()
         t_reward = time.perf_counter() - t0
         judged = pending.result() if pending else None
@@ -202,15 +213,27 @@ class Trainer:
             gb = gb.replace(ref_logprobs=self.learner.logprobs(self.ref_params, gb)[0])
         return gb
 
-    def train_step(self, step: int, batch: dict) -> dict:
+    def _produce(self, batch: dict) -> tuple[Rollout, list[dict], dict]:
+        """One rollout of a data batch and its scores: (rollout, score dicts, extra metrics)."""
         self.key, sample_key = jax.random.split(self.key)
         t0 = time.perf_counter()
         ro = rollout(self.policy, self.state.params, self.sampler, self.tokenizer, batch, sample_key, self.mesh,
                      self.cfg.data.patch_limit_per_record)
         t_sample = time.perf_counter() - t0
         scores, extra = self._score(ro, batch)
+        return ro, scores, dict(extra, sec_sample=t_sample)
+
+    def train_step(self, step: int, batch: dict) -> dict:
+        t0 = time.perf_counter()
+        dynamic = self.cfg.data.dynamic_sampling
+        if dynamic.enabled:
+            filled = fill_step(batch, lambda: next(self.data, None), self._produce, dynamic)
+            ro, batch, scores, extra = filled.rollout, filled.batch, filled.scores, {**filled.extra, **filled.metrics}
+        else:
+            ro, scores, extra = self._produce(batch)
+        t_sample = extra.pop("sec_sample")
         overall = np.array([s["overall"] for s in scores], np.float32)
-        adv = np.asarray(group_advantages(overall, ro.n))
+        adv = np.asarray(group_advantages(overall, ro.n, mean_only=self.cfg.learner.advantage == "drgrpo"))
         lengths = np.asarray(ro.samples.lengths)
         longest = max(allgather_json(int(lengths.max(initial=0))))
         bucket = response_bucket(longest, self.cfg.learner.response_buckets, self.sample_cfg.max_new_tokens)

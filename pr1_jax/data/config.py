@@ -57,6 +57,29 @@ def max_resized_blocks(min_pixels: int, max_pixels: int, factor: int = PATCH_SIZ
 
 
 @dataclasses.dataclass(frozen=True)
+class DynamicSamplingConfig:
+    """DAPO's dynamic sampling (`pr1_jax.dynamic_sampling`): a step keeps only groups whose
+    `metric` differs between their samples and samples more prompts until it has batch_size
+    of them per process.
+
+    enabled: off by default (one rollout per step, every group kept).
+    metric: the score key that must not be the same on all of a group's samples: "overall" (the
+        reward trained on; DAPO's accuracy-only reward makes this its "all correct or all
+        wrong"), or a term such as "accuracy" (a 0/1 term: all 0 or all 1).
+    max_rollouts: rollouts per step at most, the first included (the cap on extra rollouts);
+        a step still short then trains on the groups it has, the missing ones masked out.
+    """
+
+    enabled: bool = False
+    metric: str = "overall"
+    max_rollouts: int = 4
+
+    def __post_init__(self):
+        if self.max_rollouts < 1:
+            raise ValueError(f"dynamic_sampling.max_rollouts must be >= 1, got {self.max_rollouts}")
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Configuration of record reading, prompt building, image processing and batching.
 
@@ -149,6 +172,10 @@ class DataConfig:
     Errors
         strict: raise `BadRecordError` naming the record and where it is stored instead of
             skipping it (a duplicate id: as soon as the pipeline is built, naming both rows).
+
+    Steps
+        dynamic_sampling: DAPO's filling of a step with informative groups
+            (`DynamicSamplingConfig`); the trainer draws the extra batches from this pipeline.
     """
 
     paths: str | Sequence[str] = ()
@@ -194,6 +221,8 @@ class DataConfig:
     worker_buffer_size: int = 8
 
     strict: bool = False
+
+    dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()
 
     def __post_init__(self):
         if self.format not in ("auto", "parquet", "jsonl"):
