@@ -150,7 +150,8 @@ class Qwen2Decoder(nn.Module):
             # run with their tokens first (exact, see `padding_last`) and are put back after.
             order = padding_last(valid)
             x, cos, sin = (jnp.take_along_axis(a, order[..., None], axis=1) for a in (x, cos, sin))
-            mask = AttentionMask.right_padded(valid.sum(axis=1), valid.shape[1], causal=True)
+            # A row of padding only keeps one slot (no row without keys, as in the segment mask).
+            mask = AttentionMask.right_padded(jnp.maximum(valid.sum(axis=1), 1), valid.shape[1], causal=True)
         mask = mask.prepare(implementation, self.dtype)
         stack = layer_stack(DecoderLayer, self.cfg.num_layers, self.remat, num_broadcast=3)
         layers = stack(self.cfg, self.dtype, self.param_dtype, implementation, emit_kv=bool(cache_len), name="layers")

@@ -1,6 +1,6 @@
 """GPU and TPU programs traced and lowered on a CPU host (nothing compiled or run for them).
 
-`as_platform("cuda" | "tpu")` makes the models see that backend while a program is traced:
+`as_platform("cuda" | "tpu" | "cpu")` makes the models see that backend while a program is traced:
 `jax.default_backend`, which `models.attention.resolve` reads (so `auto` and the refusals of
 explicit settings behave as on that backend, and splash attention builds its Mosaic kernel
 instead of Pallas' interpreter), and, for cuda, JAX's cuDNN version check: JAX asks the cuDNN
@@ -24,7 +24,7 @@ from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha
 
 import models.attention
 
-BACKEND = {"cuda": "gpu", "tpu": "tpu"}
+BACKEND = {"cuda": "gpu", "tpu": "tpu", "cpu": "cpu"}
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from accelerator import as_platform, cudnn_stand_in
-from models import abstract_params, load_pretrained
+from models import Model, abstract_params, load_pretrained
 from models.attention import AttentionMask, attend, attend_part, merge_parts, padding_last, resolve
 from models.causal_lm import QwenCausalLM
 from models.config import config_from_dict
@@ -72,10 +72,11 @@ def test_auto_and_explicit_settings_per_backend():
     explicit settings that backend or dtype cannot run refused by name (finding 5: an explicit
     cudnn in fp32 failed deep inside JAX, an explicit pallas on a GPU ran the TPU kernel in
     Pallas' interpreter)."""
-    assert resolve("auto", jnp.float32) == "xla"  # CPU
-    assert resolve("pallas", jnp.float32) == "pallas"  # Pallas' interpreter: the CPU tests
-    with pytest.raises(ValueError, match="'cudnn' runs on GPUs .* not with bfloat16 on cpu"):
-        resolve("cudnn", jnp.bfloat16)
+    with as_platform("cpu"):
+        assert resolve("auto", jnp.float32) == "xla"
+        assert resolve("pallas", jnp.float32) == "pallas"  # Pallas' interpreter: the CPU tests
+        with pytest.raises(ValueError, match="'cudnn' runs on GPUs .* not with bfloat16 on cpu"):
+            resolve("cudnn", jnp.bfloat16)
     with as_platform("cuda"):
         assert resolve("auto", jnp.bfloat16) == "cudnn"
         assert resolve("auto", jnp.float16) == "cudnn"
@@ -93,10 +94,13 @@ def test_auto_and_explicit_settings_per_backend():
 
 
 def test_explicit_cudnn_in_fp32_is_a_start_up_error():
-    """The error comes when the model is first traced (a Learner's construction traces it)."""
+    """The error comes when a `Model` is built (policy, judge) or the module is first traced (a
+    Learner's construction traces it)."""
     cfg = config_from_dict(tiny_config("qwen2").to_dict())
     with as_platform("cuda"), pytest.raises(ValueError, match="model.attention 'cudnn'"):
         abstract_params(QwenCausalLM(cfg, dtype=jnp.float32, attention="cudnn"))
+    with as_platform("cuda"), pytest.raises(ValueError, match="model.attention 'cudnn'"):
+        Model(cfg, {"w": jnp.zeros(1)}, dtype=jnp.float32, attention="cudnn")
 
 
 @pytest.mark.devices(8)
@@ -192,9 +196,10 @@ def test_models_with_splash_match_transformers(hf_checkpoint):
     """Qwen2.5-VL (window and full attention in the tower, a left-padded batch in the decoder)
     with `attention="pallas"` against transformers."""
     hf, path = hf_checkpoint("qwen2_5_vl")
-    model = load_pretrained(path, attention="pallas")
     ids, mask, mm, pv, thw = vlm_batch([[(1, 6, 10)], [(1, 4, 4)]], [(2, 3), (5, 1)], np.random.default_rng(2))
-    ours = model(ids, attention_mask=mask, pixel_values=pv, image_grid_thw=thw)
+    with as_platform("cpu"):  # the kernel in Pallas' interpreter, which a GPU refuses for a run
+        model = load_pretrained(path, attention="pallas")
+        ours = model(ids, attention_mask=mask, pixel_values=pv, image_grid_thw=thw)
     ref = hf_logits(hf, ids, mask, mm, pv, thw)
     assert np.abs(np.asarray(ours) - ref)[mask.astype(bool)].max() <= 1e-4
 
