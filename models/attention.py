@@ -210,11 +210,11 @@ def _cudnn_fused(q, k, v, bias, lengths, causal: bool):
     mask_type = {(False, False): kinds.NO_MASK, (True, False): kinds.CAUSAL,
                  (False, True): kinds.PADDING, (True, True): kinds.PADDING_CAUSAL}[(causal, padded)]
     unused = jnp.zeros(0, q.dtype)
-    if bias is not None:
-        bias = jax.lax.stop_gradient(bias)
     return cudnn_fmha._dot_product_attention(
         q, k, v, unused if bias is None else bias, lengths if padded else unused, lengths if padded else unused,
         unused, unused, unused, unused,  # segment offsets and page tables: not used
+        # scale, dropout seed and rate, (has a bias, returns its gradient), mask type, layout,
+        # sliding window, cuDNN version, return the softmax residual
         q.shape[-1] ** -0.5, 0, 0.0, (bias is not None, False), mask_type, cudnn_fmha.AttentionLayout.BNTH.value,
         None, cudnn_fmha.check_cudnn_version(), False)
 

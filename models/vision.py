@@ -1,12 +1,13 @@
 """Vision towers of Qwen2-VL and Qwen2.5-VL, one module with the differences as config.
 
-Patches are packed in sequences `[G, P, C*T*ph*pw]` (the HF layout per group), padded to a static P:
-one group holds a whole batch's patches, or one row's or prompt's. The group axis is the tower's
-batch axis (the attention's B), not a `vmap`: JAX's batching rule for cuDNN attention breaks on a
-mask bias (`models.attention`). Which patch may attend to which is given by integer segment ids computed on the
-host (`models/positions.py:vision_inputs`): the frame a patch belongs to (full attention) and,
-for Qwen2.5-VL, its window. Qwen2.5-VL works in window order: patches are permuted by merge unit
-before the blocks and the merged tokens are put back in image order after the merger.
+Patches are packed in sequences `[G, P, C*T*ph*pw]` (the HF layout per group), padded to a static
+P: one group holds a whole batch's patches, or one row's or prompt's. The group axis is the
+tower's batch axis (the attention's B), not a `vmap`: JAX's batching rule for cuDNN attention
+breaks on a mask bias (`models.attention`). Which patch may attend to which is given by integer
+segment ids computed on the host (`models/positions.py:vision_inputs`): the frame a patch belongs
+to (full attention) and, for Qwen2.5-VL, its window. Qwen2.5-VL works in window order: patches
+are permuted by merge unit before the blocks and the merged tokens are put back in image order
+after the merger.
 
 Differences (transformers 5.24 is the reference):
 - Qwen2-VL: LayerNorm blocks, quick_gelu MLP (fc1/fc2), full attention everywhere, LayerNorm merger.
