@@ -5,7 +5,7 @@ Every program the trainer and the evaluator compile, at tiny sizes, for Qwen2-VL
 `xla` for tpu (`xla` is traced once and lowered for both): the update (`Learner.jitted_step`,
 bf16 compute, remat, per-prompt vision groups), the sampler (`Sampler`: prefill and the decode
 loop; the evaluator's generation is this program) and the judge (`Judge.forward`, the yes/no and
-the paper prompts; the evaluator's answer judge is the yes/no program). `tests/accelerator.py`
+the paper prompts; the evaluator's answer judge is the yes/no program). `tests/lowering.py`
 says what is stood in for (the backend name and JAX's cuDNN version check) and why.
 
 Findings 1-3 of issue 31 (each failed on the code before it) come first, on the smallest
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from accelerator import as_platform, fmha_calls, lower
+from lowering import as_platform, fmha_calls, lower
 from models import Model, abstract_params
 from models.causal_lm import QwenCausalLM
 from models.config import config_from_dict

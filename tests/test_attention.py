@@ -1,5 +1,5 @@
 """The attention implementations against each other: splash attention (Pallas' interpreter on CPU)
-and the cuDNN path (its kernel stood in for in plain JAX, `tests/accelerator.py`) against the XLA
+and the cuDNN path (its kernel stood in for in plain JAX, `tests/lowering.py`) against the XLA
 path, on the masks the models build; the `auto` choice and the refused settings per backend; the
 models with each implementation against transformers' logits or the XLA path (the parity tests
 use `auto` = XLA on CPU). What the cuDNN path lowers to: tests/test_accelerator_lowering.py."""
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from accelerator import as_platform, cudnn_stand_in
+from lowering import as_platform, cudnn_stand_in
 from models import Model, abstract_params, load_pretrained
 from models.attention import AttentionMask, attend, attend_part, merge_parts, padding_last, resolve
 from models.causal_lm import QwenCausalLM
