@@ -103,4 +103,12 @@ class Checkpointer:
         return out["state"]["params"]
 
     def close(self) -> None:
+        """Waits for a save in flight and stops Orbax's threads (left running, they print
+        tracebacks when the interpreter exits)."""
         self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
