@@ -58,10 +58,21 @@ def locate(checkpoint: str | Path) -> tuple[Path, int | None]:
     raise CheckpointRestoreError(f"{path}: not a run directory (no checkpoints/ inside) or RUN_DIR/STEP")
 
 
-def load_run_policy(checkpoint: str | Path, mesh: Mesh | None = None):
-    """(the run's TrainConfig, step or None for latest, the trained policy as a `Model` computing in
-    the run's `learner.dtype`). With a mesh, every param is restored straight to its shards."""
+def resolve(checkpoint: str | Path) -> tuple[Path, int]:
+    """`locate` with the latest step looked up: (RUN_DIR, the step that will be read)."""
     run, step = locate(checkpoint)
+    if step is None:
+        with Checkpointer(run / "checkpoints") as ck:
+            step = ck.latest_step()
+        if step is None:
+            raise CheckpointRestoreError(f"{run / 'checkpoints'}: no complete checkpoint")
+    return run, step
+
+
+def load_run_policy(checkpoint: str | Path, mesh: Mesh | None = None):
+    """(the run's TrainConfig, the step read, the trained policy as a `Model` computing in the
+    run's `learner.dtype`). With a mesh, every param is restored straight to its shards."""
+    run, step = resolve(checkpoint)
     cfg = configlib.load(TrainConfig, run / "config.yaml")
     if not cfg.model.policy or not Path(cfg.model.policy).is_dir():
         raise configlib.ConfigError(f"{run / 'config.yaml'}: model.policy {cfg.model.policy} is not a directory "
@@ -111,7 +122,7 @@ def export(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False) 
         _swap_in(fresh, out)
     finally:
         shutil.rmtree(fresh, ignore_errors=True)  # gone already when swapped in
-    log.info("exported %s (step %s) to %s", checkpoint, step if step is not None else "latest", out)
+    log.info("exported %s (step %d) to %s", checkpoint, step, out)
     return out
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 
 import numpy as np
-
 import pytest
 
 COUNTS = collections.Counter()  # faults_injected, faults_survived, bad_inputs, steps_lost
@@ -190,3 +189,206 @@ def test_export_replaces_an_earlier_sharded_export_and_refuses_to_mix(tiny_run, 
                     "model.tokenizer", "moved_tok")
     assert not (tmp_path / "x").exists()
     COUNTS["bad_inputs"] += 8
+
+
+# ================================================================================================
+# evaluate: hostile benchmark rows (findings 6, 7), one-line errors (finding 8)
+# ================================================================================================
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "benchmarks"
+
+
+def _mathvision_with_bad_rows(tmp_path):
+    """The MathVision sample (6 problems) with hostile rows between them: {id: expected reason}."""
+    import json
+
+    good = [json.loads(x) for x in (FIXTURES / "mathvision" / "testmini_sample.jsonl").read_text().splitlines()]
+    for g in good:
+        g["image"] = str(FIXTURES / "mathvision" / g["image"])
+    base = dict(good[0], options=["A", "B", "C"], answer="B")
+    bad = {
+        "int-question": dict(question=42),
+        "null-question": dict(question=None),
+        "list-question": dict(question=["a", "b"]),
+        "empty-question": dict(question="  "),
+        "string-options": dict(options="ABCDE"),
+        "dict-options": dict(options={"A": 1}),
+        "null-option": dict(options=["x", None]),
+        "list-answer": dict(answer=["B"]),
+        "bool-answer": dict(answer=True),
+        "letter-past-options": dict(answer="E"),
+        "dict-subject": dict(subject={"x": 1}),
+    }
+    rows = []
+    for k, (rid, fields) in enumerate(bad.items()):
+        rows += [good[k % len(good)]] if k < len(good) else []
+        rows.append(dict(base, id=rid, **fields))
+    path = tmp_path / "mathvision.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, [g["id"] for g in good], bad
+
+
+def test_benchmark_readers_check_every_field_type(tmp_path):
+    """Every hostile row is a named INVALID_RECORD skip, never a string read per character, a
+    `repr` or an AttributeError later; the good rows all come through."""
+    import json
+
+    from pr1_jax.evaluation.benchmarks import read_problems
+
+    path, good, bad = _mathvision_with_bad_rows(tmp_path)
+    problems, skipped = read_problems("mathvision", [path])
+    assert [p.id for p in problems] == good
+    assert {e.record_id: e.reason for e in skipped} == {rid: "invalid_record" for rid in bad}
+    details = {e.record_id: e.detail for e in skipped}
+    assert "'options' is str 'ABCDE', not a list of texts" in details["string-options"]
+    assert "'question' is int 42" in details["int-question"] and "'answer' is list" in details["list-answer"]
+    assert "names option 5 of 3" in details["letter-past-options"] or "of 3 options" in details["letter-past-options"]
+
+    # WeMath: a letter past the options; MathVista: choices as a string.
+    rows = json.loads((FIXTURES / "wemath" / "testmini.json").read_text())
+    for r in rows:
+        r["image_path"] = str(FIXTURES / "wemath" / r["image_path"])
+    rows[0] = dict(rows[0], answer="F")
+    (tmp_path / "wemath.json").write_text(json.dumps(rows))
+    problems, skipped = read_problems("wemath", [tmp_path / "wemath.json"])
+    assert [(e.reason, "of 4 options" in e.detail) for e in skipped] == [("invalid_record", True)]
+    assert len(problems) == len(rows) - 1
+    vista = json.loads((FIXTURES / "mathvista" / "testmini.json").read_text())
+    pid = next(k for k, v in vista.items() if v.get("choices"))
+    vista[pid]["choices"] = "ABCD"
+    (tmp_path / "mathvista").mkdir()
+    (tmp_path / "mathvista" / "testmini.json").write_text(json.dumps(vista))
+    problems, skipped = read_problems("mathvista", [tmp_path / "mathvista" / "testmini.json"],
+                                      image_root=str(FIXTURES / "mathvista"))
+    assert [(e.record_id, e.reason) for e in skipped] == [(pid, "invalid_record")]
+
+    # Geometry3K: logic forms or choices stored as a string.
+    import shutil
+
+    for name, edit in (("string-forms", lambda d, lf: lf.update(diagram_logic_form="Equals(a, b)")),
+                       ("string-choices", lambda d, lf: d.update(choices="1234"))):
+        ex = tmp_path / "g3k" / name
+        shutil.copytree(__import__("pathlib").Path(__file__).parent / "fixtures" / "geometry3k" / "11", ex)
+        d, lf = json.loads((ex / "data.json").read_text()), json.loads((ex / "logic_form.json").read_text())
+        edit(d, lf)
+        (ex / "data.json").write_text(json.dumps(d))
+        (ex / "logic_form.json").write_text(json.dumps(lf))
+    problems, skipped = read_problems("geometry3k", [tmp_path / "g3k"])
+    assert not problems and [e.reason for e in skipped] == ["invalid_record"] * 2, skipped
+    COUNTS["bad_inputs"] += len(bad) + 4
+
+
+def test_score_mcnemar_and_audit_refuse_ambiguous_or_malformed_results(tmp_path, capsys):
+    """--score and mcnemar: an id twice is an error naming both lines (not the last one winning);
+    mcnemar: `correct` null or a list; the audit: a result without response; evaluate's flags."""
+    import json
+
+    from pr1_jax import evaluate
+    from pr1_jax.evaluation import audit, mcnemar
+
+    def jsonl(name, rows):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+
+    bench = ["--benchmark", "mathvision", "--data", str(FIXTURES / "mathvision"), "--workers", "1"]
+    twice = jsonl("twice.jsonl", [{"id": "80", "response": "B"}, {"id": "168", "response": "75"},
+                                  {"id": "80", "response": "C"}])
+    _one_line_error(capsys, evaluate.main([*bench, "--score", twice, "--out", str(tmp_path / "s.jsonl")]),
+                    "twice.jsonl:3", "id '80' again (first at line 1)")
+    ok = jsonl("a.jsonl", [{"id": "1", "correct": 1}, {"id": "2", "correct": 0}])
+    for name, rows, expect in (
+            ("dup.jsonl", [{"id": "1", "correct": 1}, {"id": "1", "correct": 0}], "id '1' again"),
+            ("null.jsonl", [{"id": "1", "correct": None}], "'correct' None, not 0 or 1"),
+            ("list.jsonl", [{"id": "1", "correct": [1]}], "'correct' [1], not 0 or 1"),
+            ("half.jsonl", [{"id": "1", "correct": 0.5}], "not 0 or 1"),
+            ("none.jsonl", [{"id": "1"}], "'correct' None")):
+        _one_line_error(capsys, mcnemar.main([ok, jsonl(name, rows)]), name, expect)
+    assert mcnemar.main([ok, jsonl("b.jsonl", [{"id": "1", "correct": True}, {"id": "2", "correct": 1}])]) == 0
+    capsys.readouterr()
+    no_response = jsonl("noresp.jsonl", [{"id": "1", "annotations": ["AB = 1."], "correct": 1}])
+    _one_line_error(capsys, audit.main([no_response, "--judge", str(tmp_path / "no_judge_needed"), "--out",
+                                        str(tmp_path / "audit.json")]), "noresp.jsonl", "no response text")
+    bad_annotations = jsonl("badann.jsonl", [{"id": "1", "annotations": "AB = 1.", "response": "x"}])
+    _one_line_error(capsys, audit.main([bad_annotations, "--judge", str(tmp_path / "j"), "--out",
+                                        str(tmp_path / "audit.json")]), "badann.jsonl", "not a list of texts")
+
+    responses = jsonl("r.jsonl", [{"id": "80", "response": "<answer>B</answer>"}])
+    for flags, expect in ((["--max-new-tokens", "0", "--model", "m"], "--max-new-tokens must be at least 1"),
+                          (["--batch-size", "-1", "--model", "m"], "--batch-size must be at least 1")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main([*bench, *flags, "--out", str(tmp_path / "o.jsonl")])
+        assert e.value.code == 2 and expect in capsys.readouterr().err
+    (tmp_path / "a_dir").mkdir()
+    _one_line_error(capsys, evaluate.main([*bench, "--score", responses, "--out", str(tmp_path / "a_dir")]),
+                    "a_dir", "is a directory")
+    _one_line_error(capsys, evaluate.main([*bench, "--score", responses, "--out", str(tmp_path / "a.jsonl" / "x")]),
+                    "a.jsonl")
+    COUNTS["bad_inputs"] += 13
+
+
+# ================================================================================================
+# evaluate --out: resumed only from rows of the same evaluation (finding 2)
+# ================================================================================================
+
+def test_evaluate_resumes_only_rows_of_the_same_evaluation(tiny_run, tmp_path, capsys):
+    """A partial --out of the run's step 1 (hostile rows among the problems: counted skips, the
+    rest answered). Then: the run's latest step is 2, another model, another benchmark, other
+    decoding or prompt settings: each refused in one line, the file untouched; step 1 named
+    explicitly resumes it (only the missing problems generated); --no-resume starts over."""
+    import json
+    import shutil
+
+    import jax
+
+    from models import load_pretrained
+    from pr1_jax import evaluate
+    from pr1_jax.checkpoint import Checkpointer
+    from pr1_jax.evaluation.report import source_path
+
+    run0, base, tok_dir = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(run0, run)
+    data, good, bad = _mathvision_with_bad_rows(tmp_path)
+    out = tmp_path / "r.jsonl"
+    common = ["--benchmark", "mathvision", "--data", str(data), "--out", str(out), "--max-new-tokens", "3",
+              "--batch-size", "4", "--workers", "1"]
+    assert evaluate.main([*common, "--checkpoint", str(run)]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == good
+    source = json.loads(source_path(out).read_text())
+    assert (source["checkpoint"], source["step"], source["max_new_tokens"]) == (str(run.resolve()), 1, 3)
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["unreadable"] == {"invalid_record": len(bad)} and report["source"] == source
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))  # killed after two problems
+    partial = out.read_text()
+    capsys.readouterr()
+
+    with Checkpointer(run / "checkpoints") as ck:  # training went on: the latest step is now 2
+        ck.save(2, {"params": jax.tree.map(lambda x: np.asarray(x) + 1.0, load_pretrained(base).params)}, {})
+    refusals = {
+        "step": ["--checkpoint", str(run)],
+        "model": ["--model", str(base), "--tokenizer", str(tok_dir)],
+        "max_new_tokens": ["--checkpoint", str(run / "1"), "--max-new-tokens", "4"],
+        "prompt": ["--checkpoint", str(run / "1"), "format_prompt=project"],
+    }
+    for differ, flags in refusals.items():
+        args = [*common, *flags] if differ != "max_new_tokens" else [*common[:-6], *flags, *common[-4:]]
+        _one_line_error(capsys, evaluate.main(args), str(out), "holds results of another evaluation", differ)
+        assert out.read_text() == partial
+    wemath = ["--benchmark", "wemath", "--data", str(FIXTURES / "wemath"), "--out", str(out), "--checkpoint",
+              str(run / "1"), "--max-new-tokens", "3"]
+    _one_line_error(capsys, evaluate.main(wemath), "benchmark", "data")
+    source_path(out).unlink()
+    _one_line_error(capsys, evaluate.main([*common, "--checkpoint", str(run / "1")]), "r.source.json")
+    source_path(out).write_text(json.dumps(source))
+
+    assert evaluate.main([*common, "--checkpoint", str(run / "checkpoints" / "1")]) == 0
+    resumed = [json.loads(x) for x in out.read_text().splitlines()]
+    assert resumed == rows  # the same greedy responses; the two answered ones not generated again
+    assert "resuming" in capsys.readouterr().err
+    assert evaluate.main([*common, "--checkpoint", str(run), "--no-resume"]) == 0
+    assert json.loads(source_path(out).read_text())["step"] == 2
+    COUNTS["faults_injected"] += 6
+    COUNTS["faults_survived"] += 6
+
