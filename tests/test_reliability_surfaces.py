@@ -10,10 +10,13 @@ terminal summary (tests/conftest.py). The promises are listed in docs/RELIABILIT
 from __future__ import annotations
 
 import collections
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
+TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "qwen2_tokenizer"
 COUNTS = collections.Counter()  # faults_injected, faults_survived, bad_inputs, steps_lost
 
 
@@ -195,9 +198,6 @@ def test_export_replaces_an_earlier_sharded_export_and_refuses_to_mix(tiny_run, 
 # evaluate: hostile benchmark rows (findings 6, 7), one-line errors (finding 8)
 # ================================================================================================
 
-FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "benchmarks"
-
-
 def _mathvision_with_bad_rows(tmp_path):
     """The MathVision sample (6 problems) with hostile rows between them: {id: expected reason}."""
     import json
@@ -268,7 +268,7 @@ def test_benchmark_readers_check_every_field_type(tmp_path):
     for name, edit in (("string-forms", lambda d, lf: lf.update(diagram_logic_form="Equals(a, b)")),
                        ("string-choices", lambda d, lf: d.update(choices="1234"))):
         ex = tmp_path / "g3k" / name
-        shutil.copytree(__import__("pathlib").Path(__file__).parent / "fixtures" / "geometry3k" / "11", ex)
+        shutil.copytree(Path(__file__).parent / "fixtures" / "geometry3k" / "11", ex)
         d, lf = json.loads((ex / "data.json").read_text()), json.loads((ex / "logic_form.json").read_text())
         edit(d, lf)
         (ex / "data.json").write_text(json.dumps(d))
@@ -392,3 +392,144 @@ def test_evaluate_resumes_only_rows_of_the_same_evaluation(tiny_run, tmp_path, c
     COUNTS["faults_injected"] += 6
     COUNTS["faults_survived"] += 6
 
+
+
+# ================================================================================================
+# Nothing hangs: no valid record in an endless stream (finding 3); responses parsed in linear time
+# ================================================================================================
+
+@pytest.mark.parametrize("order,shuffle", [("streaming", False), ("streaming", True), ("reference", True)])
+def test_an_endless_stream_with_no_usable_record_stops_with_an_error(tmp_path, order, shuffle):
+    """num_epochs unset (train for a step count): data where every record is skipped raises
+    `NoValidRecordError` once a whole pass is proven unusable, instead of reading forever."""
+    import json
+
+    from pr1_jax.data.config import DataConfig
+    from pr1_jax.data.pipeline import NoValidRecordError, make_iterator
+    from pr1_jax.data.processing import load_tokenizer
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps({"id": f"r{i}", "problem": "Find x.", "answer": None, "image": "x.png"}) + "\n"
+                            for i in range(5)))
+    config = DataConfig(paths=str(path), image_column="image", tokenizer_path=str(TOKENIZER_DIR), batch_size=2,
+                        num_epochs=None, shuffle=shuffle, epoch_order=order, shard_index=0, shard_count=1,
+                        read_threads=0, drop_remainder=order == "reference")
+    it = make_iterator(config, load_tokenizer(TOKENIZER_DIR))
+    with pytest.raises(NoValidRecordError, match="a whole pass") as e:
+        for _ in range(1000):
+            next(it)
+    assert sum(it.skip_counts.values()) <= 2 * 5 and "missing_answer" in str(e.value)
+    COUNTS["bad_inputs"] += 1
+
+
+def test_hostile_responses_are_parsed_in_linear_time():
+    """The host-side reading of a response (`final_answer`, the answer judge's piece, the option
+    letter) on 40000 repeated tags: milliseconds (the regexes took minutes), same answers as the
+    regexes on a corpus of tag soup."""
+    import random
+    import re
+    import time
+
+    from pr1_jax.evaluation import scoring
+    from pr1_jax.evaluation.answer_judge import reference_answer
+    from pr1_jax.rewards import extract_answer, first_block
+
+    hostile = ["<answer>" * 40000, "<answer>\n" * 40000, "<answer>" * 40000 + "</answer>", "\\boxed{" * 40000,
+               "\\text{" * 40000 + "}", "(A" * 40000]
+    t0 = time.perf_counter()
+    for x in hostile:
+        scoring.option_letter(scoring.final_answer(x))
+        extract_answer(x, "reference")
+        reference_answer(x)
+    assert time.perf_counter() - t0 < 2.0
+    regexes = [(re.compile(r"<answer>(.*?)</answer>", re.DOTALL), {}),
+               (re.compile(r"<answer>(.*?)</answer>"), {"one_line": True}),
+               (re.compile(r"<answer>(.+?)</answer>", re.DOTALL), {"min_len": 1})]
+    rng = random.Random(0)
+    parts = ["<answer>", "</answer>", "\n", "a", "<ans", "wer>", "</", " "]
+    for _ in range(3000):
+        text = "".join(rng.choice(parts) for _ in range(rng.randint(0, 9)))
+        for regex, kw in regexes:
+            m = regex.search(text)
+            assert first_block(text, "<answer>", "</answer>", **kw) == (m.group(1) if m else None), (text, kw)
+    COUNTS["bad_inputs"] += len(hostile)
+
+
+# ================================================================================================
+# train: a failed start writes nothing (finding 4); a step that raises is not saved (finding 5)
+# ================================================================================================
+
+def _train_config(run_dir, base, tok_dir, **kw):
+    from pr1_jax.config import ModelSection, TrainConfig
+    from pr1_jax.data import sample
+    from pr1_jax.data.config import DataConfig
+    from pr1_jax.rewards import RewardConfig
+    from pr1_jax.sampling import SamplingConfig
+
+    data = DataConfig(paths=str(sample.SAMPLE_JSONL), image_column="image", annotations_column="annotations",
+                      batch_size=4, shuffle=False, num_epochs=None, read_threads=0, max_prompt_length=512,
+                      min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
+    return TrainConfig(run_dir=str(run_dir), model=ModelSection(policy=str(base), tokenizer=str(tok_dir)), data=data,
+                       sampling=SamplingConfig(n=2, max_new_tokens=4), reward=RewardConfig(weights={"accuracy": 1.0, "format": 1.0}, num_workers=1),
+                       val_freq=0, val_before_train=False, save_freq=100, **kw)
+
+
+def test_a_failed_start_leaves_the_run_and_a_raising_step_is_not_saved(tiny_run, tmp_path, monkeypatch):
+    """1. A start that fails its checks (a bad data path; a checkpoint of another model) writes
+    nothing into the run directory: config.yaml stays as it was. 2. An exception inside step 2
+    (before its update) saves the last good state as step 1 with the data position after batch 1,
+    never as step 2; the rerun resumes from 1 and reads batch 2 again."""
+    import dataclasses
+
+    from pr1_jax import train
+    from pr1_jax.checkpoint import CheckpointRestoreError
+
+    _, base, tok_dir = tiny_run
+    run = tmp_path / "run"
+    cfg = _train_config(run, base, tok_dir, max_steps=3)
+    bad_data = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, paths=str(tmp_path / "nowhere.jsonl")))
+    with pytest.raises(FileNotFoundError):
+        train.Trainer(bad_data)
+    assert not run.exists()
+
+    seen, fail_at = [], {2}
+
+    def step(self, k, batch):  # the update of the real step, minus sampling and scoring
+        seen.append((k, list(batch["record_id"])))
+        if k in fail_at:
+            fail_at.discard(k)
+            raise RuntimeError(f"injected fault inside step {k}")
+        self.state = self.state.replace(step=self.state.step + 1)
+        return {"loss": 0.0}
+
+    monkeypatch.setattr(train.Trainer, "train_step", step)
+    trainer = train.Trainer(cfg)
+    with pytest.raises(RuntimeError, match="inside step 2"):
+        trainer.fit()
+    trainer.checkpointer.close()
+    COUNTS["faults_injected"] += 1
+    config_text = (run / "config.yaml").read_text()
+    assert trainer.checkpointer.steps() == [1]
+
+    trainer = train.Trainer(cfg)  # resumes from step 1: batch 2 again
+    assert int(trainer.state.step) == 1
+    trainer.fit()
+    trainer.checkpointer.close()
+    assert [k for k, _ in seen] == [1, 2, 2, 3] and seen[1][1] == seen[2][1] != seen[0][1]
+    assert trainer.checkpointer.steps() == [1, 3]
+    COUNTS["faults_survived"] += 1
+    COUNTS["steps_lost"] += 0  # step 2 raised before its update: nothing trained was lost
+
+    other = tmp_path / "other_base"  # another model size than the run's checkpoints
+    import transformers
+
+    wider = transformers.AutoConfig.from_pretrained(base)
+    for section in (wider, getattr(wider, "text_config", None)):
+        if section is not None:
+            section.intermediate_size = 64
+    transformers.Qwen2VLForConditionalGeneration(wider).save_pretrained(other)
+    with pytest.raises(CheckpointRestoreError):
+        train.Trainer(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, policy=str(other))))
+    assert (run / "config.yaml").read_text() == config_text
+    COUNTS["faults_injected"] += 1
+    COUNTS["faults_survived"] += 1
