@@ -533,3 +533,45 @@ def test_a_failed_start_leaves_the_run_and_a_raising_step_is_not_saved(tiny_run,
     assert (run / "config.yaml").read_text() == config_text
     COUNTS["faults_injected"] += 1
     COUNTS["faults_survived"] += 1
+
+
+# ================================================================================================
+# tpu_scripts/launch.sh: overrides reach the trainer quoted (finding 10)
+# ================================================================================================
+
+def test_launch_passes_overrides_quoted_to_the_remote_shell(tmp_path):
+    """The command launch.sh sends to the workers, run by bash as the remote shell would (a fake
+    `gcloud` runs it here in a scratch HOME whose venv `python` records its arguments): an override
+    with spaces and `; echo injected` is one argument, and nothing of it runs."""
+    import os
+    import subprocess
+    import time
+
+    scripts = Path(__file__).resolve().parents[1] / "tpu_scripts"
+    home = tmp_path / "home"
+    venv_bin = home / "pr1-jax" / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "activate").write_text(f'export PATH="{venv_bin}:$PATH"\n')
+    (venv_bin / "python").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{tmp_path}/args.tmp" && '
+                                     f'mv "{tmp_path}/args.tmp" "{tmp_path}/args.txt"\n')
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # gcloud ... --command CMD ...: run CMD with bash, as the worker's login shell would.
+    (bin_dir / "gcloud").write_text('#!/usr/bin/env bash\nwhile [ $# -gt 0 ]; do\n'
+                                    '  if [ "$1" = --command ]; then exec bash -c "$2"; fi; shift\ndone\n')
+    for f in (venv_bin / "python", bin_dir / "gcloud"):
+        f.chmod(0o755)
+    overrides = ["key=value with spaces; echo injected", "x=$(echo injected)", "y=`echo injected`", "z='a b'", "seed=3"]
+    env = dict(os.environ, HOME=str(home), PATH=f"{bin_dir}:{os.environ['PATH']}", PROJECT="p", TPU_NAME="t1")
+    subprocess.run(["bash", str(scripts / "launch.sh"), "configs/my config.yaml", *overrides], env=env, cwd=tmp_path,
+                   check=True, capture_output=True, text=True, timeout=60)
+    args_file = tmp_path / "args.txt"
+    for _ in range(200):  # the trainer was started in the background
+        if args_file.exists():
+            break
+        time.sleep(0.05)
+    assert args_file.read_text().splitlines() == ["-m", "pr1_jax.train", "--config", "configs/my config.yaml",
+                                                  "distributed=true", *overrides]
+    log = (home / "pr1-jax" / "train.log").read_text()
+    assert "injected" not in log and not list(tmp_path.rglob("*injected*"))
+    COUNTS["bad_inputs"] += 4
