@@ -575,3 +575,41 @@ def test_launch_passes_overrides_quoted_to_the_remote_shell(tmp_path):
     log = (home / "pr1-jax" / "train.log").read_text()
     assert "injected" not in log and not list(tmp_path.rglob("*injected*"))
     COUNTS["bad_inputs"] += 4
+
+
+def test_a_corrupt_latest_step_is_one_line_naming_the_intact_one(tiny_run, tmp_path):
+    """`python -m pr1_jax.export` on a run whose latest step is corrupt: exit 2, one error line
+    naming the step and the earlier complete one, and nothing after it (Orbax closed: no asyncio
+    "Event loop is closed" tracebacks at exit); the earlier step exports."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import jax
+
+    from models import load_pretrained
+    from pr1_jax.checkpoint import Checkpointer
+
+    run0, base, _ = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(run0, run)
+    with Checkpointer(run / "checkpoints") as ck:
+        ck.save(2, {"params": jax.tree.map(lambda x: np.asarray(x) - 1.0, load_pretrained(base).params)}, {})
+    for f in (run / "checkpoints" / "2" / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(b"\0garbage" * 4)
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    cmd = [sys.executable, "-m", "pr1_jax.export", "--checkpoint", str(run), "--out", str(tmp_path / "hf")]
+    out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    err = out.stderr
+    assert out.returncode == 2, err[-3000:]
+    assert "Traceback" not in err and "Event loop is closed" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("E ")]
+    assert len(errors) == 1 and "step 2 cannot be restored" in errors[0] and "earlier complete steps: [1]" in errors[0]
+    assert len(errors[0]) < 1000 and not (tmp_path / "hf").exists()
+    cmd[4] = str(run / "1")
+    assert subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300).returncode == 0
+    COUNTS["faults_injected"] += 1
+    COUNTS["faults_survived"] += 1
