@@ -210,7 +210,6 @@ def _mathvision_with_bad_rows(tmp_path):
         "int-question": dict(question=42),
         "null-question": dict(question=None),
         "list-question": dict(question=["a", "b"]),
-        "empty-question": dict(question="  "),
         "string-options": dict(options="ABCDE"),
         "dict-options": dict(options={"A": 1}),
         "null-option": dict(options=["x", None]),

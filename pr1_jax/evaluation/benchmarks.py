@@ -137,9 +137,10 @@ def _text(row: Mapping, key: str) -> str:
 
 
 def _question(row: Mapping, key: str) -> str:
-    """A question: non-empty text as stored (the reference sends it verbatim)."""
+    """A question's text as stored (the reference sends it verbatim); anything but text (a number,
+    None, a list: whose `str` would become the prompt) a ValueError naming the field."""
     v = row[key]
-    if not isinstance(v, str) or not v.strip():
+    if not isinstance(v, str):
         raise ValueError(f"{key!r} is {type(v).__name__} {v!r:.60}, not the question's text")
     return v
 
