@@ -143,7 +143,7 @@ def generate_and_score(args, problems: Sequence[Problem], data: DataConfig, out:
 
     mesh = make_mesh()
     if args.checkpoint:
-        cfg, _, model = load_run_policy(args.checkpoint, mesh)  # the step `run` resolved
+        cfg, _, model = load_run_policy(args.checkpoint, mesh)
         sampling = cfg.sampling
     else:
         model, sampling = load_model(args.model, mesh, dtype=args.dtype), SamplingConfig(eos_tokens=REFERENCE_STOP)
@@ -236,10 +236,9 @@ def evaluation_source(args, data: DataConfig) -> dict:
     src = dict(benchmark=args.benchmark, data=[str(Path(d).resolve()) for d in args.data],
                image_root=args.image_root and str(Path(args.image_root).resolve()))
     if args.checkpoint:
-        from pr1_jax.export import resolve
+        from pr1_jax.export import locate
 
-        run_dir, step = resolve(args.checkpoint)
-        args.checkpoint = str(run_dir / "checkpoints" / str(step))  # later steps may land while this runs
+        run_dir, step = locate(args.checkpoint)  # RUN_DIR/checkpoints/STEP: `run` resolved it
         src.update(checkpoint=str(run_dir.resolve()), step=step, max_new_tokens=args.max_new_tokens)
     elif args.model:
         src.update(model=str(Path(args.model).resolve()), dtype=args.dtype, max_new_tokens=args.max_new_tokens)
@@ -257,6 +256,12 @@ def run(args) -> dict | None:
     out = Path(args.out)
     if out.is_dir():
         raise ValueError(f"--out {out}: is a directory; give the result file (JSONL)")
+    if args.checkpoint:
+        from pr1_jax.export import resolve
+
+        run_dir, step = resolve(args.checkpoint)
+        # This step throughout: a step the run saves while the evaluation runs is not mixed in.
+        args.checkpoint = str(run_dir / "checkpoints" / str(step))
     data = data_config(args)
     problems, bad = read_problems(args.benchmark, args.data, image_root=args.image_root, data=data,
                                   strict=data.strict)
