@@ -213,13 +213,23 @@ def _plugin(spec: str) -> PluginReward:
 
 # --- built-in rewards ------------------------------------------------------------------
 
-# "paper" has DOTALL on purpose; the reference code omits it, so its multi-line answer blocks
-# (the very format it rewards) never match and it verifies the whole response, think block
-# included: math-verify then reads the last \boxed{} of the text.
-_ANSWER_RE = {
-    "paper": re.compile(r"<answer>(.*?)</answer>", re.DOTALL),
-    "reference": re.compile(r"<answer>(.*?)</answer>"),
-}
+def first_block(text: str, open_tag: str, close_tag: str, *, one_line: bool = False, min_len: int = 0) -> str | None:
+    """What `re.search(open_tag + "(.{min_len,}?)" + close_tag, text, DOTALL unless one_line)`
+    captures, in linear time. The regex retries from every `open_tag` and scans to the end of the
+    text each time: minutes on a response of 40000 repeated tags. The leftmost match starts at the
+    first `open_tag` (of the first line that has one, for `one_line`) and ends at the first
+    `close_tag` far enough after it; when that one has none, no later `open_tag` has one either."""
+    for part in text.split("\n") if one_line else (text,):
+        start = part.find(open_tag)
+        if start < 0:
+            continue
+        start += len(open_tag)
+        end = part.find(close_tag, start + min_len)
+        if end >= 0:
+            return part[start:end]
+    return None
+
+
 
 # The reference pattern verbatim. It is applied with fullmatch to the raw decoded text, as
 # the reference does: a trailing newline or any text after </answer> fails the format.
@@ -238,8 +248,11 @@ def extract_answer(response: str, mode: str = "paper") -> str:
     """The first ``<answer>`` block's contents (``reference``: one on a single line), or the
     whole response; stripped."""
     _check_mode(mode)
-    match = _ANSWER_RE[mode].search(response)
-    return (match.group(1) if match else response).strip()
+    # "paper" spans lines on purpose; the reference's regex has no DOTALL, so its multi-line answer
+    # blocks (the very format it rewards) never match and it verifies the whole response, think
+    # block included: math-verify then reads the last \boxed{} of the text.
+    block = first_block(response, "<answer>", "</answer>", one_line=mode == "reference")
+    return (block if block is not None else response).strip()
 
 
 def gold_text(ground_truth: str, mode: str = "paper") -> str:

@@ -30,7 +30,7 @@ from pr1_jax import configlib
 from pr1_jax.checkpoint import Checkpointer, CheckpointRestoreError
 from pr1_jax.config import TrainConfig
 from pr1_jax.data.order import DataStateError, state_for_process, steps_per_epoch
-from pr1_jax.data.pipeline import make_iterator
+from pr1_jax.data.pipeline import NoValidRecordError, make_iterator
 from pr1_jax.data.processing import load_tokenizer
 from pr1_jax.data.records import BadRecordError, RecordSource
 from pr1_jax.dynamic_sampling import fill_step
@@ -90,8 +90,6 @@ class Trainer:
             raise configlib.ConfigError(f"data.dynamic_sampling.metric={metric!r} is not a score: use overall, "
                                         f"overall_reference or a reward.weights name {sorted(cfg.reward.weights)}")
         self.run_dir = Path(cfg.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(_yaml(configlib.to_dict(cfg)))
         self.mesh = make_mesh(cfg.mesh)
         divisor = batch_axis_size(self.mesh)
         rows = cfg.data.batch_size * jax.process_count() * cfg.sampling.n
@@ -124,8 +122,8 @@ class Trainer:
                                     tokenizer_path=cfg.model.judge_tokenizer or cfg.model.judge, dtype=cfg.model.judge_dtype,
                                     attention=cfg.model.attention)
         self.scorer = RewardScorer(cfg.reward)
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.keep_checkpoints)
-        self.metrics = MetricsLogger(self.run_dir, self.total_steps, cfg.logging, configlib.to_dict(cfg))
+        ckpt_dir = self.run_dir / "checkpoints"
+        self.checkpointer = Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints) if ckpt_dir.is_dir() else None
         # The KL term's reference is the starting policy; it is reloaded from its checkpoint on
         # resume, so it is not part of the train state.
         self.ref_params = None
@@ -138,9 +136,23 @@ class Trainer:
         self.consecutive_bad = 0
         self._dropped_warned: set[str] = set()  # records the judge dropped annotations of, already named
         self._stop_requested = False
-        if cfg.resume or cfg.resume_step is not None:
-            self._restore()
-        self.data = make_iterator(cfg.data, self.tokenizer, self.data_state)
+        try:
+            if cfg.resume or cfg.resume_step is not None:
+                self._restore()
+            self.data = make_iterator(cfg.data, self.tokenizer, self.data_state)
+        except BaseException:
+            # Orbax's threads and the reward workers, left running, print tracebacks at exit.
+            if self.checkpointer is not None:
+                self.checkpointer.close()
+            self.scorer.close()
+            raise
+        # Every start-up check passed: only now is the run directory written, so a start that
+        # fails (another model size, a bad path) leaves an existing run as it was.
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(_yaml(configlib.to_dict(cfg)))
+        if self.checkpointer is None:
+            self.checkpointer = Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints)
+        self.metrics = MetricsLogger(self.run_dir, self.total_steps, cfg.logging, configlib.to_dict(cfg))
 
     # -- set-up --
 
@@ -152,6 +164,10 @@ class Trainer:
 
     def _restore(self) -> None:
         step = self.cfg.resume_step
+        if self.checkpointer is None:
+            if step is not None:
+                raise CheckpointRestoreError(f"resume_step={step}: {self.run_dir / 'checkpoints'} does not exist")
+            return
         if step is None and self.checkpointer.latest_step() is None:
             return
         self.state, meta = self.checkpointer.restore(self._abstract_state(), step)
@@ -162,8 +178,10 @@ class Trainer:
         log.info("resumed from step %d of %s", int(self.state.step + self.state.skipped),
                  self.checkpointer.directory)
 
-    def save(self, step: int) -> None:
-        meta = dict(data=allgather_json(self.data.get_state()), rng=np.asarray(jax.random.key_data(self.key)).tolist(),
+    def save(self, step: int, data_state: dict) -> None:
+        """Writes the train state as `step`, with `data_state` (the data position after the batches
+        the state has been trained on)."""
+        meta = dict(data=allgather_json(data_state), rng=np.asarray(jax.random.key_data(self.key)).tolist(),
                     consecutive_bad=self.consecutive_bad, step=step)
         # Returns once the state is on the host: the write goes on under the next steps (the
         # state can be donated), and `fit` waits for it before it returns.
@@ -316,10 +334,20 @@ class Trainer:
         log.warning("SIGTERM: saving a checkpoint at the end of this step, then exiting")
         self._stop_requested = True
 
+    def _steps_taken(self) -> int | None:
+        """Steps in the train state (updates and skipped ones); None when its arrays are gone (donated
+        to an update that raised)."""
+        if any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(self.state)):
+            return None
+        return int(self.state.step + self.state.skipped)
+
     def fit(self) -> dict | None:
-        """Runs to `total_steps` (or the end of the data, or SIGTERM); returns the last validation."""
+        """Runs to `total_steps` (or the end of the data, or SIGTERM); returns the last validation.
+        However it ends, the last good state is saved under its own step: a step that raised
+        before its update is not saved (its batch is read again on resume)."""
         signal.signal(signal.SIGTERM, self._on_sigterm)
-        step = int(self.state.step + self.state.skipped)
+        step = self._steps_taken()
+        data_state = self.data.get_state()  # the data position of the batches the state was trained on
         val = None
         try:
             if self.cfg.val_before_train and step == 0:
@@ -331,16 +359,25 @@ class Trainer:
                     log.info("data exhausted after %d steps", step)
                     break
                 step += 1
-                self.metrics.write(step, self.train_step(step, batch))
+                after = self.data.get_state()
+                try:
+                    self.metrics.write(step, self.train_step(step, batch))
+                finally:
+                    if self._steps_taken() == step:  # the update ran (also before a Stop of the NaN guard)
+                        data_state = after
                 if step % self.cfg.save_freq == 0:
-                    self.save(step)
+                    self.save(step, data_state)
                 if self.cfg.val_freq and step % self.cfg.val_freq == 0:
                     val = self.validate(step)
             if not self._stop_requested and self.cfg.val_freq and step % self.cfg.val_freq:
                 val = self.validate(step)
         finally:
-            if step not in self.checkpointer.steps():
-                self.save(step)
+            taken = self._steps_taken()
+            if taken is None:
+                log.error("the train state was lost in the failed update; the last checkpoint is step %s",
+                          self.checkpointer.latest_step())
+            elif taken not in self.checkpointer.steps():
+                self.save(taken, data_state)
             self.checkpointer.wait()  # the last save is complete on disk before the run ends (SIGTERM too)
             self.scorer.close()
             self.metrics.close()
@@ -404,6 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     except Stop as e:
         log.error("%s", e)
         return 1
+    except (*USER_ERRORS, NoValidRecordError) as e:  # e.g. data with no usable record: one line
+        log.error("%s: %s", type(e).__name__, e)
+        return 2
+    finally:
+        trainer.checkpointer.close()
     return 0
 
 

@@ -13,7 +13,7 @@ import dataclasses
 import math
 from typing import Sequence
 
-from pr1_jax import reference
+from pr1_jax import configlib, reference
 
 # Qwen2-VL vision geometry (the same for Qwen2.5-VL).
 PATCH_SIZE = 14
@@ -195,14 +195,14 @@ class DataConfig:
     image_placeholder: str = r"<image\d*>"
     unplaced_images: str = "first"
 
-    min_pixels: int = 3136
-    max_pixels: int = 1806336
-    max_images_per_record: int = 1
-    max_patches_per_record: int | None = None
+    min_pixels: int = configlib.bounded(3136, ge=1)
+    max_pixels: int = configlib.bounded(1806336, ge=1)
+    max_images_per_record: int = configlib.bounded(1, ge=0)
+    max_patches_per_record: int | None = configlib.bounded(None, ge=1)
     image_alpha: str = "white"
 
-    batch_size: int = 8
-    max_prompt_length: int = 4096
+    batch_size: int = configlib.bounded(8, ge=1)
+    max_prompt_length: int = configlib.bounded(4096, ge=1)
     truncation: str = "skip"
     length_buckets: Sequence[int] | None = None
     patch_rows_per_batch: int | None = None
@@ -211,14 +211,14 @@ class DataConfig:
 
     seed: int = 0
     shuffle: bool = True
-    num_epochs: int | None = 1
+    num_epochs: int | None = configlib.bounded(1, ge=1)
     epoch_order: str = "streaming"
     shard_index: int | None = None
     shard_count: int | None = None
 
-    worker_count: int = 0
-    read_threads: int = 4
-    worker_buffer_size: int = 8
+    worker_count: int = configlib.bounded(0, ge=0)
+    read_threads: int = configlib.bounded(4, ge=0)
+    worker_buffer_size: int = configlib.bounded(8, ge=1)
 
     strict: bool = False
 
