@@ -5,11 +5,12 @@ A forward (`Qwen2Decoder.__call__`: learner, judge, a sampler's prefill) runs th
 layer body; `remat` recomputes each layer's activations in the backward pass. A prefill also
 returns the tokens' keys and values as a `KVCache`.
 
-A decode step (`Qwen2Decoder.decode`) runs the layers unrolled on per-layer weights and per-layer
-cache buffers (`QwenCausalLM.decode_params` splits the stacked weights once per sampler call), so
-that a step reads each weight and each cache slot once, where it lies, and writes only the new
-token's keys and values: no slice of a stacked array per layer (XLA:CPU copies those, XLA:GPU
-without dynamic-slice fusion too) and no restacking of the cache.
+A decode step (`Qwen2Decoder.decode`, on a `KVCache` or on the sampler's `SharedPrefixCache`:
+a group's prompt KV once, each row's response KV) runs the layers unrolled on per-layer weights
+and per-layer cache buffers (`QwenCausalLM.decode_params` splits the stacked weights once per
+sampler call), so that a step reads each weight and each cache slot once, where it lies, and
+writes only the new token's keys and values: no slice of a stacked array per layer (XLA:CPU
+copies those, XLA:GPU without dynamic-slice fusion too) and no restacking of the cache.
 """
 
 from __future__ import annotations
@@ -99,7 +100,10 @@ class DecoderLayer(nn.Module):
         """x: [B, T, E]. kv: None, the T tokens attend to each other (with `emit_kv` their keys and
         values [B, K, T, D] are returned for a prefill's cache, else None); or this layer's cache
         (k, v), [B, K, S, D] each: the new keys and values are written at slots `mask.q_offset`..,
-        the queries attend over the whole cache, and the updated cache is returned."""
+        the queries attend over the whole cache, and the updated cache is returned; or, with a
+        `SharedPrefixMask` (one token per row), this layer's (prompt k, prompt v, response k,
+        response v) of a `SharedPrefixCache`: the new key and value are written at response slot
+        `mask.index` and the query attends to its group's prompt and its own response so far."""
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, t, _ = x.shape
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
