@@ -10,7 +10,8 @@ steps the rollout runs of the bytes of the compiled programs it runs (XLA's cost
 CPU, every loop trip counted as `bench/decode_cost.py` does; compile only, nothing runs);
 `ideal_bytes` = per step the decoder and head weights once, each group's prompt KV once (groups
 with a live row) and each live row's response KV so far; `ratio` of the two; `peak_memory` = the
-largest of those programs' arguments + outputs + temporaries (XLA's memory analysis).
+largest of those programs' arguments + outputs + temporaries (XLA's memory analysis; during a live
+compaction the state plus the one KV buffer being gathered).
 
 Samplers (`pr1_jax.sampling`): `whole_cache` (`sample`: every row's copy of its prompt and all
 `max_new_tokens` slots read every step until the longest row stops) and `live` (`Sampler`: the
@@ -24,7 +25,9 @@ extrapolated to the config's; and, at a given layer count, an affine function of
 and slot counts (weights, per-row activations and logits, per-group prompt KV, per-row response
 KV), so each program kind is compiled at a few small shapes and the costs of the shapes the
 rollout meets come from a least-squares fit (`fit_residual`: its largest relative error at the
-compiled points). Prompts are `--prompt-len` real tokens each, n samples per prompt.
+compiled points, per program kind). A compaction is `compact` on the state without its KV plus
+`take_kv` on each of its 4 x layers KV buffers (as `Sampler` runs it, one buffer at a time).
+Prompts are `--prompt-len` real tokens each, n samples per prompt.
 
 Lengths: `cap` (every row at `--max-new`), `lognormal:median=600,sigma=0.9,cap=4096` (seeded,
 rounded up, clipped to [1, cap]), `file:PATH` (integers, one per line or a JSON list; drawn with
@@ -195,17 +198,30 @@ class Programs:
         `segment_program`."""
         return self.measure(self.segment_program(rows, groups, slots, chunk), loop_trip=True)
 
-    def live_compact(self, rows: int, groups: int, slots: int, chunk: int, rows_out: int, groups_out: int):
-        """[bytes, peak] of `compact` from rows / groups / slots to rows_out / groups_out / slots + chunk."""
+    def live_compact(self, rows: int, groups: int, slots: int, chunk: int, rows_out: int, groups_out: int) -> float:
+        """Bytes of a compaction from rows / groups / slots to rows_out / groups_out / slots + chunk:
+        `compact` on the state without its KV, then `take_kv` on each of the 4 x layers buffers."""
+        import jax
+        import jax.numpy as jnp
+
+        from pr1_jax.sampling import _without_kv, compact, take_kv
+
+        cfg, _, _ = self._setup(1)
+        t, sds = cfg.text, jax.ShapeDtypeStruct
+        bare = _without_kv(self._live_state(cfg, rows, groups, slots, chunk))[0]
+        fn = jax.jit(functools.partial(compact, rows=rows_out, groups=groups_out))
+        total = self._bytes(fn, bare)
+        for count, keep, grow, shape in ((rows, rows_out, chunk, slots), (groups, groups_out, 0, self.t)):
+            buffer = sds((count, t.num_kv_heads, shape, t.head_dim), jnp.float32)
+            take = jax.jit(functools.partial(take_kv, grow=grow))
+            total += 2 * self.layers * self._bytes(take, buffer, sds((1, keep), jnp.int32))
+        return total
+
+    @staticmethod
+    def _bytes(fn, *args) -> float:
         import jax
 
-        from pr1_jax.sampling import compact
-
-        def build(cfg, module, params):
-            fn = jax.jit(functools.partial(compact, rows=rows_out, groups=groups_out))
-            return fn, (self._live_state(cfg, rows, groups, slots, chunk),)
-
-        return self.measure(build)
+        return HloCosts(fn.lower(*args).compile().as_text(), jax.devices()[0].client).bytes_accessed()
 
 
 def _fit(points: list[tuple], values: list[np.ndarray], features):
@@ -267,7 +283,7 @@ def rollout_cost(name: str, rows_list, specs, n: int, prompt_len: int, max_new: 
                    lambda r, g, s: (1, r, g, r * s))
     comp_points = [(16, 2, 2 * chunk, 8, 1), (32, 4, 2 * chunk, 16, 2), (32, 4, 3 * chunk, 24, 3),
                    (16, 2, 3 * chunk, 16, 2), (48, 6, 2 * chunk, 12, 3), (32, 4, 4 * chunk, 8, 4)]
-    comp = _fit(comp_points, [programs.live_compact(r, g, s, chunk, ro, go) for r, g, s, ro, go in comp_points],
+    comp = _fit(comp_points, [[programs.live_compact(r, g, s, chunk, ro, go)] for r, g, s, ro, go in comp_points],
                 lambda r, g, s, ro, go: (1, r, g, r * s, ro * s, go))
     out = []
     for rows in rows_list:
@@ -287,12 +303,13 @@ def rollout_cost(name: str, rows_list, specs, n: int, prompt_len: int, max_new: 
                 accessed += first + (seg["steps"] - 1) * trip
                 peak = max(peak, seg_peak)
                 if "rows_out" in seg:
-                    moved, moved_peak = comp[0](*key, seg["rows_out"], seg["groups_out"])
-                    accessed += moved
-                    peak = max(peak, moved_peak)
+                    accessed += comp[0](*key, seg["rows_out"], seg["groups_out"])[0]
+                    # Compaction holds the state and one new response buffer at a time.
+                    peak = max(peak, seg_peak + seg["rows_out"] * (seg["slots"] + chunk) * kv_token_bytes
+                               / (2 * programs.layers))
             out.append(dict(common, sampler="live", bytes_accessed=int(accessed), ratio=round(accessed / ideal, 3),
                             peak_memory=int(peak), segments=len(segments),
-                            fit_residual=round(max(segment[1], comp[1]), 4)))
+                            fit_residual=dict(segment=round(segment[1], 4), compaction=round(comp[1], 4))))
     return out
 
 

@@ -79,6 +79,6 @@ def test_live_on_the_mesh_equals_whole_cache(text_model, shape):
 
 
 def test_buckets():
-    assert [bucket(c, 1000) for c in (1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 600)] == \
-        [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 768]
+    assert [bucket(c, 1000) for c in (1, 2, 3, 4, 5, 7, 9, 11, 13, 17, 21, 25, 29, 33, 600)] == \
+        [1, 2, 3, 4, 5, 7, 10, 12, 14, 20, 24, 28, 32, 40, 640]
     assert bucket(100, 80) == 80
