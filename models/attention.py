@@ -15,6 +15,10 @@ so no row is empty), the judge's prefix-sharing branches (segment = branch, the 
 visible to all), Qwen2-VL frames and Qwen2.5-VL windows (segment = frame or window), the filled
 slots of a KV cache.
 
+The sampler's decode (`attend_shared_prefix`, `SharedPrefixMask`) reads a group's prompt keys once
+for the group's samples and each sample's own response keys, in two parts merged by their
+log-sum-exp (`attend_part`, `merge_parts`); it is "xla" whatever the setting, as every decode step.
+
 Implementations:
 - "xla": fp32 scores [B, K, G, T, S] and softmax, the way transformers' eager path computes them
   (the parity path on CPU; decode steps always take it: at T = 1 its scores are a sliver next to

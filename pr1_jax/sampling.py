@@ -30,9 +30,9 @@ from __future__ import annotations
 import dataclasses
 
 import flax.struct
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from models.causal_lm import QwenCausalLM
@@ -240,7 +240,8 @@ def sample(module: QwenCausalLM, params, input_ids, positions, attention_mask, v
         # The first new token sits right after the prompt's real tokens on every M-RoPE row.
         next_pos = jnp.repeat(attention_mask.sum(-1).astype(jnp.int32) + rope_deltas, n)
         row_keys = _row_keys(key, prompt_ids, b, n)
-        init = DecodeState(step=jnp.zeros((), jnp.int32), start=jnp.zeros((), jnp.int32), tokens=jnp.full((rows, new), cfg.pad_id, jnp.int32),
+        init = DecodeState(step=jnp.zeros((), jnp.int32), start=jnp.zeros((), jnp.int32),
+                           tokens=jnp.full((rows, new), cfg.pad_id, jnp.int32),
                            logprobs=jnp.zeros((rows, new), jnp.float32), done=jnp.zeros((rows,), bool), cache=cache,
                            hidden=hidden)
         decode_params = module.decode_params(params)

@@ -66,7 +66,8 @@ def test_live_on_the_mesh_equals_whole_cache(text_model, shape):
     """Rows compacted within their shard of the data axes; the result as on one device."""
     model, path = text_model
     mesh = make_mesh(shape)
-    params = load_pretrained(path, place=placer(param_shardings(abstract_params(QwenCausalLM(model.config)), mesh))).params
+    shardings = param_shardings(abstract_params(QwenCausalLM(model.config)), mesh)
+    params = load_pretrained(path, place=placer(shardings)).params
     inputs = _prompts(model, 8, seed=1)
     cfg = SamplingConfig(max_new_tokens=NEW, eos_ids=EOS, pad_id=0, temperature=1.0, n=2)
     ref = _whole_cache(model, inputs, jax.random.key(2), cfg)
