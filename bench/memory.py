@@ -30,7 +30,8 @@ sequences (prompts x n, n = 8) decoded together, judge = rows per device call
 (`max_rows_per_call`), each row one response with 8 annotations. Shapes: prompt `--prompt`
 tokens holding one image of `--patches` patches (1024 = a 448 x 448 px figure, 256 visual
 tokens; `--patches 0` for text-only prompts), response `--response` tokens, judge rows of
-`--judge-length` tokens.
+`--judge-length` tokens. The sampler's figure is the larger of its prefill and its largest decode
+segment (every row live at the `--response` cap: prompt KV per prompt, response KV per row).
 
 Attention and activation sharding. `--attention` sets the models' attention (`models.attention`;
 on CPU `auto` is the XLA path with fp32 [T, S] scores per layer; `pallas` compiles splash attention
@@ -127,9 +128,10 @@ def _bf16_upcast_bytes(hlo: str) -> int:
     return total
 
 
-def _compile(jitted, *args) -> dict:
+def _compile(jitted, *args, keep: bool = False):
     """Compile; per-device bytes: args, out, temp, alias, peak = args + out + temp - alias, and
-    tpu_est = peak minus the CPU-only f32 copies of bf16 weights."""
+    tpu_est = peak minus the CPU-only f32 copies of bf16 weights. keep: (that dict, the compiled
+    program)."""
     t0 = time.perf_counter()
     compiled = jitted.lower(*args).compile()
     t = time.perf_counter() - t0
@@ -137,8 +139,9 @@ def _compile(jitted, *args) -> dict:
     arg, out, tmp, alias = (int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias"))
     upcast = _bf16_upcast_bytes(compiled.as_text())
     peak = arg + out + tmp - alias
-    return dict(args=arg, out=out, temp=tmp, alias=alias, peak=peak, cpu_upcast=upcast, tpu_est=peak - upcast,
-                compile_s=round(t, 1))
+    stats = dict(args=arg, out=out, temp=tmp, alias=alias, peak=peak, cpu_upcast=upcast, tpu_est=peak - upcast,
+                 compile_s=round(t, 1))
+    return (stats, compiled) if keep else stats
 
 
 def _vision_inputs(lead: tuple, patches: int, cfg, mesh, batch_axis: bool):
@@ -222,7 +225,7 @@ def sampler_stats(mesh, policy_cfg, prompts: int, a) -> dict:
     from models import abstract_params
     from pr1_jax.learner import LearnerConfig, make_module
     from pr1_jax.sampling import SamplingConfig, Sampler
-    from pr1_jax.sharding import param_shardings, sharding_for
+    from pr1_jax.sharding import batch_axis_size, param_shardings, sharding_for
 
     module = make_module(policy_cfg, LearnerConfig(dtype="bfloat16", param_dtype="float32"))
     module = module.clone(attention=a.attention)
@@ -246,8 +249,21 @@ def sampler_stats(mesh, policy_cfg, prompts: int, a) -> dict:
     elif a.patches:
         vision = _vision_inputs((prompts,), a.patches, policy_cfg.vision, mesh, batch_axis=True)
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
-    return _compile(sampler._fn, params, sds((prompts, t)), sds((3, prompts, t), axis=1), sds((prompts, t)), vision,
-                    sds((prompts,)), key, None if packed else sds((prompts,)), cfg)
+    shards = batch_axis_size(mesh) if prompts % batch_axis_size(mesh) == 0 else 1
+    inputs = (params, sds((prompts, t)), sds((3, prompts, t), axis=1), sds((prompts, t)), vision, sds((prompts,)), key,
+              None if packed else sds((prompts,)), cfg, shards)
+    stats, prefill = _compile(sampler._prefill, *inputs, keep=True)
+    # The live sampler's largest segment: every row still live at the cap (a `--lengths cap`
+    # rollout's last one), its response KV grown to `--response` slots; shardings as the prefill's.
+    shapes = jax.eval_shape(lambda *arrays: sampler._prefill(*arrays, cfg, shards), *inputs[:8])
+    decode_params, state = _abstract(shapes, prefill.output_shardings)
+    grow = lambda xs: tuple(jax.ShapeDtypeStruct((*x.shape[:2], a.response, x.shape[3]), x.dtype, sharding=x.sharding)
+                            for x in xs)  # noqa: E731
+    cache = state.decode.cache
+    state = state.replace(decode=state.decode.replace(cache=cache.replace(k=grow(cache.k), v=grow(cache.v))))
+    segment = _compile(sampler._segment, decode_params, state, cfg)
+    worst = max(stats, segment, key=lambda r: r["tpu_est"])
+    return dict(worst, compile_s=stats["compile_s"] + segment["compile_s"])
 
 
 def judge_stats(mesh, judge_cfg, rows: int, a) -> dict:
@@ -295,8 +311,8 @@ def worker(a) -> None:
     for program in a.programs:
         cfg = judge_cfg if program == "judge" else policy_cfg
         # Batches in multiples of the data x fsdp devices (sampler: prompts, each giving n rows). A
-        # prompt count they do not divide leaves the sampler's prefill cache, and the decode cache
-        # repeated from it, unsharded over the data axes (pr1_jax/sampling.py, `cache.repeat(n)`).
+        # prompt count they do not divide leaves the sampler's prompt KV and its rows unsharded
+        # over the data axes (pr1_jax/sampling.py: one block of rows).
         unit = data
         seen: dict[int, dict] = {}
 

@@ -3,18 +3,23 @@ configs and the run's shapes, turned into time with the chip's published numbers
 utilisation. Nothing here is measured on a TPU; the script only does arithmetic (instant).
 
     python bench/projection.py                                # paper run, v5p-64 (32 chips)
-    python bench/projection.py --chips 8 --response-mean 1024 --mfu 0.3
+    python bench/projection.py --chips 8 --lengths cap --mfu 0.3
 
 Run: 1,442 prompts x 8 samples x 25 epochs, 128 prompts per step (16 per host x 8 hosts of
-`configs/paper_qwen25vl7b_v5p.yaml`), responses of `--response-mean` tokens (default: all 4096,
-the cap; an upper bound), prompts of `--prompt` tokens with one `--patches`-patch image.
+`configs/paper_qwen25vl7b_v5p.yaml`), response lengths drawn from `--lengths` (as
+`bench/rollout_cost.py`: default lognormal, median 600, sigma 0.9, capped at 4096; `cap` = every
+response at the cap, an upper bound), prompts of `--prompt` tokens with one `--patches`-patch image.
 
 Per step:
   sample  prefill (shared by the n samples) + vision tower, then decode. Decode is a roofline:
           each step costs max(FLOPs / (chips x peak x mfu), HBM bytes / bandwidth, ICI bytes /
-          ICI bandwidth) with the KV cache read once per step, the params read once per step
-          (fp32: the trainer samples with the learner's fp32 state) and the FSDP weight all-gather
-          (bf16) received per chip at every step (also shown: gathered once per sampler call).
+          ICI bandwidth). HBM bytes = a sampler's measured ratio (`bench/rollout_cost.py`, 7B,
+          1,024 rows, the same lengths: `MEASURED_RATIOS`, or `--decode-ratios`) x the bytes
+          the step must read: the params once (fp32: the trainer samples with the learner's fp32
+          state), each live group's prompt KV once and each live row's response KV so far (bf16).
+          The whole-cache sampler (before issue 24) computes every row until the longest stops,
+          the live sampler the live rows. The FSDP weight all-gather (bf16) is received per chip
+          at every step (also shown: gathered once per sampler call).
           The sampler's vision tower runs per row ("now"); before, it attended over all
           prompts' patches at once ([P, P], P = prompts x patches), whose memory capped a
           sampler call at `--sampler-max-prompts` prompts, so a step decoded in several calls
@@ -32,10 +37,17 @@ import argparse
 import math
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from common import table
 from memory import JUDGE, POLICY
+from rollout_cost import response_lengths
+
+LOGNORMAL = "lognormal:median=600,sigma=0.9,cap=4096"
+# bytes accessed / bytes needed of a rollout's decode, (whole-cache sampler, live sampler):
+# `python bench/rollout_cost.py --configs 7b --rows 1024` (docs/PERFORMANCE.md).
+MEASURED_RATIOS = {LOGNORMAL: (12.88, 1.767), "cap": (2.538, 1.599)}
 
 V5P = dict(peak=459e12, hbm=95 * (1 << 30), hbm_bw=2765e9, ici_bw=4800e9 / 8)  # per chip; ICI 4,800 Gbps
 A800 = dict(peak=312e12)  # bf16 dense, per GPU
@@ -75,7 +87,10 @@ def main():
     p.add_argument("--prompt", type=int, default=1024)
     p.add_argument("--patches", type=int, default=1024)
     p.add_argument("--response-max", type=int, default=4096)
-    p.add_argument("--response-mean", type=int, default=4096)
+    p.add_argument("--lengths", default=LOGNORMAL, help="response lengths (bench/rollout_cost.py's --lengths)")
+    p.add_argument("--decode-ratios", type=float, nargs=2, default=None, metavar=("WHOLE_CACHE", "LIVE"),
+                   help="bytes accessed / needed of the two samplers (default: MEASURED_RATIOS for --lengths)")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--annotations", type=int, default=8)
     p.add_argument("--judge-overhead", type=int, default=120, help="system + template tokens of a judge row")
     p.add_argument("--annotation-tokens", type=int, default=20, help="tokens per annotation branch")
@@ -94,7 +109,9 @@ def main():
     flops_s = chips * peak * a.mfu
     steps = math.ceil(a.records * a.epochs / a.prompts_per_step)
     rows_per_step = a.prompts_per_step * a.n
-    b, r, tp, pp = a.prompts_per_step, a.response_mean, a.prompt, a.patches
+    lengths = response_lengths(a.lengths, a.prompts_per_step * a.n, a.response_max, a.seed)
+    whole_ratio, live_ratio = a.decode_ratios or MEASURED_RATIOS[a.lengths]
+    b, r, tp, pp = a.prompts_per_step, int(round(lengths.mean())), a.prompt, a.patches
     vw, vd = v["hidden_size"], v["depth"]
 
     # -- sample
@@ -103,27 +120,37 @@ def main():
     vis_per_image_attn = 4 * vd * pp * pp * vw * b
     fsdp = chips // a.tensor
 
-    def decode(rows: int, gather_per_step: bool = True) -> tuple[float, float]:
-        """(seconds, FLOPs) of decoding `r` tokens for `rows` rows in one sampler call; the FSDP
-        weight all-gather once per decode step, or once per call (held gathered: 2 x params /
-        tensor bytes per chip, e.g. 3.5 GiB for the 7B at tensor 4)."""
+    def decode(lengths, ratio: float, live: bool, gather_per_step: bool = True) -> tuple[float, float]:
+        """(seconds, FLOPs) of one sampler call decoding rows (groups of n) that stop at `lengths`:
+        HBM bytes = ratio x the bytes needed (see the module docstring); FLOPs of the live rows
+        (`live`) or of every row over the whole cache; the FSDP weight all-gather once per step,
+        or once per call (held gathered: 2 x params / tensor bytes per chip, e.g. 3.5 GiB for the
+        7B at tensor 4)."""
         t_sum = f_sum = 0.0
-        for s in range(r):
-            ctx = tp + s
-            f = rows * (2 * (dec + head) + 4 * L * ctx * d)
-            kv = rows * ctx * L * 2 * kvd * 2  # bf16 K and V
-            hbm = (kv + 4 * (dec + head)) / chips
+        rows, cap = len(lengths), a.response_max
+        for s in range(int(lengths.max())):
+            alive = lengths > s
+            n_live, g_live = int(alive.sum()), int(alive.reshape(-1, a.n).any(-1).sum())
+            f = (n_live * (2 * (dec + head) + 4 * L * (tp + s) * d) if live
+                 else rows * (2 * (dec + head) + 4 * L * (tp + cap) * d))
+            need = 4 * (dec + head) + (g_live * tp + n_live * (s + 1)) * L * 2 * kvd * 2  # bf16 K and V
+            hbm = ratio * need / chips
             ici = 2 * (dec + head) / a.tensor * (fsdp - 1) / fsdp if gather_per_step else 0.0
             t_sum += max(f / flops_s, hbm / V5P["hbm_bw"], ici / V5P["ici_bw"])
             f_sum += f
         return t_sum, f_sum
 
-    decode_t, decode_f = decode(rows_per_step)
-    decode_once_t = decode(rows_per_step, gather_per_step=False)[0]
-    # Today the packed vision attention caps a sampler call at `sampler_max_prompts` (bench/memory.py):
-    # the step's prompts go through in several calls, each re-reading and re-gathering the weights.
+    decode_t, decode_f = decode(lengths, live_ratio, live=True)
+    decode_once_t = decode(lengths, live_ratio, live=True, gather_per_step=False)[0]
+    whole_t, whole_f = decode(lengths, whole_ratio, live=False)
+    whole_once_t = decode(lengths, whole_ratio, live=False, gather_per_step=False)[0]
+    # Before per-row vision the packed vision attention capped a sampler call at
+    # `sampler_max_prompts` (bench/memory.py): the step's prompts went through in several calls of
+    # the whole-cache sampler, each re-reading and re-gathering the weights.
     calls = math.ceil(b / a.sampler_max_prompts)
-    decode_chunked_t = calls * decode(math.ceil(b / calls) * a.n)[0]
+    per_call = math.ceil(b / calls) * a.n
+    decode_chunked_t = sum(decode(lengths[i:i + per_call], whole_ratio, live=False)[0]
+                           for i in range(0, len(lengths), per_call))
     # -- judge: rows padded to the config's length bucket (before the fix: 4096 -> 8192)
     jrow = a.judge_overhead + r + a.annotations * a.annotation_tokens
     buckets = yaml.safe_load(CONFIG.read_text())["judge"]["length_buckets"]
@@ -141,11 +168,15 @@ def main():
              s_per_step=(prefill + vis_per_image_attn) / flops_s),
         dict(phase="sample: packed [P,P] vision attention (before)", pflop=vis_packed_attn / 1e15,
              s_per_step=vis_packed_attn / flops_s),
-        dict(phase=f"sample: decode {r} tokens, one call (now, roofline)", pflop=decode_f / 1e15, s_per_step=decode_t),
-        dict(phase="sample: decode, one call, weights gathered once", pflop=decode_f / 1e15,
-             s_per_step=decode_once_t),
-        dict(phase=f"sample: decode in {calls} calls of <= {a.sampler_max_prompts} prompts (before)",
-             pflop=decode_f / 1e15, s_per_step=decode_chunked_t),
+        dict(phase=f"sample: decode, whole-cache sampler (before issue 24, ratio {whole_ratio})", pflop=whole_f / 1e15,
+             s_per_step=whole_t),
+        dict(phase=f"sample: decode, live sampler (now, ratio {live_ratio})", pflop=decode_f / 1e15,
+             s_per_step=decode_t),
+        dict(phase="sample: decode, whole cache, weights gathered once", pflop=whole_f / 1e15,
+             s_per_step=whole_once_t),
+        dict(phase="sample: decode, live, weights gathered once", pflop=decode_f / 1e15, s_per_step=decode_once_t),
+        dict(phase=f"sample: decode, whole cache, {calls} calls of <= {a.sampler_max_prompts} prompts (before)",
+             pflop=whole_f / 1e15, s_per_step=decode_chunked_t),
         dict(phase=f"judge: rows of {jrow} -> bucket {jlen_old} (before)", pflop=judge_old / 1e15,
              s_per_step=judge_old / flops_s),
         dict(phase=f"judge: rows of {jrow} -> bucket {jlen} (now, {CONFIG.name})", pflop=judge / 1e15,
@@ -156,16 +187,20 @@ def main():
         row["run_hours"] = hours(row["s_per_step"])
     total_before = (prefill + vis_packed_attn) / flops_s + decode_chunked_t + judge_old / flops_s + update / flops_s
     total = (prefill + vis_per_image_attn) / flops_s + decode_t + judge / flops_s + update / flops_s
+    total_whole = total - decode_t + whole_t
     print(f"v5p x {chips} chips ({chips * peak / 1e15:.1f} PFLOP/s bf16 peak, mfu {a.mfu}), {steps} steps of "
-          f"{a.prompts_per_step} prompts x {a.n}; prompt {tp} (+{pp} patches), response mean {r} / max "
-          f"{a.response_max}\n")
+          f"{a.prompts_per_step} prompts x {a.n}; prompt {tp} (+{pp} patches), responses {a.lengths}: mean {r}, "
+          f"median {int(np.median(lengths))}, max {int(lengths.max())} / cap {a.response_max}\n")
     print(table(rows))
     flops_run = (prefill + vis_per_image_attn + decode_f + judge + update) * steps
     ref_flops = 16 * A800["peak"] * 16 * 3600
     print(f"\ntotal per step before (packed vision -> chunked sampling, judge buckets {OLD_JUDGE_BUCKETS}): "
           f"{total_before:.0f} s = {hours(total_before):.1f} h for the run, {hours(total_before) * chips:.0f} chip-hours")
-    print(f"total per step now (per-row vision, one sampler call, the config's judge buckets): {total:.0f} s = "
-          f"{hours(total):.1f} h, {hours(total) * chips:.0f} chip-hours")
+    print(f"total per step with the whole-cache sampler (per-row vision, one sampler call, the config's judge "
+          f"buckets): {total_whole:.0f} s = {hours(total_whole):.1f} h, {hours(total_whole) * chips:.0f} chip-hours")
+    print(f"total per step now (the live sampler): {total:.0f} s = {hours(total):.1f} h, "
+          f"{hours(total) * chips:.0f} chip-hours; decode {hours(whole_t):.2f} h -> {hours(decode_t):.2f} h (weights "
+          f"gathered once per call: {hours(whole_once_t):.2f} h -> {hours(decode_once_t):.2f} h)")
     print(f"reference: 16 A800 x 16 h = 256 GPU-hours, {ref_flops / 1e18:.0f} EFLOP of bf16 peak; this run's "
           f"{flops_run / 1e18:.0f} EFLOP would be {flops_run / ref_flops:.0%} of it")
 

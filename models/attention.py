@@ -15,6 +15,10 @@ so no row is empty), the judge's prefix-sharing branches (segment = branch, the 
 visible to all), Qwen2-VL frames and Qwen2.5-VL windows (segment = frame or window), the filled
 slots of a KV cache.
 
+The sampler's decode (`attend_shared_prefix`, `SharedPrefixMask`) reads a group's prompt keys once
+for the group's samples and each sample's own response keys, in two parts merged by their
+log-sum-exp (`attend_part`, `merge_parts`); it is "xla" whatever the setting, as every decode step.
+
 Implementations:
 - "xla": fp32 scores [B, K, G, T, S] and softmax, the way transformers' eager path computes them
   (the parity path on CPU; decode steps always take it: at T = 1 its scores are a sliver next to
@@ -179,6 +183,50 @@ def merge_parts(parts, dtype):
     weights = jnp.exp(lse - jnp.max(lse, axis=0))
     weights = weights / jnp.sum(weights, axis=0)
     return sum(p[0].astype(jnp.float32) * w[..., None] for p, w in zip(parts, weights)).astype(dtype)
+
+
+@flax.struct.dataclass
+class SharedPrefixMask:
+    """What a decode step over a `models.qwen2.SharedPrefixCache` sees: a group's prompt keys,
+    stored once for the group's samples, and each row's own response keys written so far.
+
+    Rows and groups are laid out per shard, `shards` blocks of rows [S, r] and of groups [S, g]
+    (flattened to R = S * r and G = S * g), and a row's group is in its own block: the scatter of
+    queries to groups and back never crosses a shard of a data-parallel mesh.
+    prompt_mask: [G, T] bool, the prompt slots holding real tokens; group: [R] int32, the row's
+    group within its block (>= g for a row whose group was dropped: a finished row kept as bucket
+    padding); member: [R] int32, the row's query slot in its group (0 .. width - 1, unique within
+    a group); index: [] int32, the response slot the step writes (the same for every row: all rows
+    start their responses together). width, shards: static."""
+
+    prompt_mask: jax.Array
+    group: jax.Array
+    member: jax.Array
+    index: jax.Array
+    width: int = flax.struct.field(pytree_node=False, default=1)
+    shards: int = flax.struct.field(pytree_node=False, default=1)
+
+
+def attend_shared_prefix(q, prompt_k, prompt_v, k, v, mask: SharedPrefixMask, dtype):
+    """One decode query per row over its group's prompt keys and its own response keys so far.
+
+    q [R, H, 1, D]; prompt_k / prompt_v [G, K, T, D]; k / v [R, K, S, D] (slots > mask.index are not
+    read into the result). The prompt part runs per group with the group's rows as its queries
+    ([G, H, width, D]: each prompt key read once per group, not once per row), the response part per
+    row; `merge_parts` joins them. -> [R, H, 1, D] in `dtype`."""
+    r, h, _, d = q.shape
+    s, w = mask.shards, mask.width
+    g = prompt_k.shape[0] // s
+    slot = (mask.group * w + mask.member).reshape(s, r // s)
+    per_shard = q[:, :, 0].reshape(s, r // s, h, d)
+    grouped = jax.vmap(lambda x, i: jnp.zeros((g * w, h, d), x.dtype).at[i].set(x, mode="drop"))(per_shard, slot)
+    grouped = grouped.reshape(s * g, w, h, d).transpose(0, 2, 1, 3)
+    out, lse = attend_part(grouped, prompt_k, prompt_v, mask.prompt_mask[:, None, None, None, :], dtype)
+    back = lambda x, i: jnp.take(x, i, axis=0, mode="fill", fill_value=0)  # noqa: E731
+    out = jax.vmap(back)(out.transpose(0, 2, 1, 3).reshape(s, g * w, h, d), slot).reshape(r, h, 1, d)
+    lse = jax.vmap(back)(lse.transpose(0, 2, 1).reshape(s, g * w, h), slot).reshape(r, h, 1)
+    own = attend_part(q, k, v, (jnp.arange(k.shape[2]) <= mask.index)[None, None, None, None, :], dtype)
+    return merge_parts([(out, lse), own], dtype)
 
 
 def _cudnn(q, k, v, mask: AttentionMask, dtype):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from models.config import ModelConfig
 from models.layers import Dtype, param_init
-from models.qwen2 import KVCache, Qwen2Decoder
+from models.qwen2 import KVCache, Qwen2Decoder, SharedPrefixCache
 from models.vision import VisionInputs, VisionTower
 
 
@@ -90,7 +90,7 @@ class QwenCausalLM(nn.Module):
             x = scatter_image_features(x, image_mask, features)
         return self.decoder(x, positions, attention_mask, branches, cache_len)
 
-    def decode(self, input_ids, positions, attention_mask, cache: KVCache):
+    def decode(self, input_ids, positions, attention_mask, cache: KVCache | SharedPrefixCache):
         """t new text tokens (input_ids [B, t], positions [3, B, t] or [B, t], attention_mask
         [B, t]) on top of `cache`: returns hidden states [B, t, E] and the extended cache. Apply
         it with `decode_params(params)`, not the stacked params."""

@@ -5,11 +5,12 @@ A forward (`Qwen2Decoder.__call__`: learner, judge, a sampler's prefill) runs th
 layer body; `remat` recomputes each layer's activations in the backward pass. A prefill also
 returns the tokens' keys and values as a `KVCache`.
 
-A decode step (`Qwen2Decoder.decode`) runs the layers unrolled on per-layer weights and per-layer
-cache buffers (`QwenCausalLM.decode_params` splits the stacked weights once per sampler call), so
-that a step reads each weight and each cache slot once, where it lies, and writes only the new
-token's keys and values: no slice of a stacked array per layer (XLA:CPU copies those, XLA:GPU
-without dynamic-slice fusion too) and no restacking of the cache.
+A decode step (`Qwen2Decoder.decode`, on a `KVCache` or on the sampler's `SharedPrefixCache`:
+a group's prompt KV once, each row's response KV) runs the layers unrolled on per-layer weights
+and per-layer cache buffers (`QwenCausalLM.decode_params` splits the stacked weights once per
+sampler call), so that a step reads each weight and each cache slot once, where it lies, and
+writes only the new token's keys and values: no slice of a stacked array per layer (XLA:CPU
+copies those, XLA:GPU without dynamic-slice fusion too) and no restacking of the cache.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from models.attention import AttentionMask, attend, padding_last, resolve
+from models.attention import AttentionMask, SharedPrefixMask, attend, attend_shared_prefix, padding_last, resolve
 from models.config import TextConfig
 from models.layers import Dtype, RMSNorm, apply_rope, dense, layer_stack, rope_inv_freq
 
@@ -52,6 +53,23 @@ class KVCache:
         return self.replace(k=rep(self.k), v=rep(self.v), mask=jnp.repeat(self.mask, n, axis=0))
 
 
+@flax.struct.dataclass
+class SharedPrefixCache:
+    """The sampler's cache for groups of samples of one prompt (GRPO's n): the prompt's keys and
+    values stored once per group, each row's response keys and values on its own row.
+
+    prompt_k, prompt_v: tuples of L arrays [G, K, T, D] (a prefill's `KVCache` without free slots);
+    k, v: tuples of L arrays [R, K, S, D], response slot s = the row's s-th new token;
+    layout: which group each row reads, which slots are real, the slot to write (see
+    `models.attention.SharedPrefixMask`)."""
+
+    prompt_k: tuple[jax.Array, ...]
+    prompt_v: tuple[jax.Array, ...]
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    layout: SharedPrefixMask
+
+
 def rope_cos_sin(cfg: TextConfig, positions):
     """positions: [3, B, T] (M-RoPE rows t, h, w) or [B, T]. Returns cos, sin: [B, T, head_dim] fp32.
 
@@ -82,7 +100,10 @@ class DecoderLayer(nn.Module):
         """x: [B, T, E]. kv: None, the T tokens attend to each other (with `emit_kv` their keys and
         values [B, K, T, D] are returned for a prefill's cache, else None); or this layer's cache
         (k, v), [B, K, S, D] each: the new keys and values are written at slots `mask.q_offset`..,
-        the queries attend over the whole cache, and the updated cache is returned."""
+        the queries attend over the whole cache, and the updated cache is returned; or, with a
+        `SharedPrefixMask` (one token per row), this layer's (prompt k, prompt v, response k,
+        response v) of a `SharedPrefixCache`: the new key and value are written at response slot
+        `mask.index` and the query attends to its group's prompt and its own response so far."""
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, t, _ = x.shape
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -96,13 +117,21 @@ class DecoderLayer(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "q_heads", "length", None))
         k, v = (nn.with_logical_constraint(a, ("batch", "kv_heads", "length", None)) for a in (k, v))
         implementation = self.attention
-        if kv is not None:
-            k, v = (jax.lax.dynamic_update_slice(c, a.astype(c.dtype), (0, 0, mask.q_offset, 0))
-                    for c, a in zip(kv, (k, v)))
-            kv, implementation = (k, v), "xla"
-        elif self.emit_kv:
-            kv = (k, v)
-        attn = attend(q, k, v, mask, implementation, self.dtype).swapaxes(1, 2).reshape(b, t, -1)
+        if isinstance(mask, SharedPrefixMask):  # kv: (prompt k, prompt v, response k, response v)
+            pk, pv, rk, rv = kv
+            rk, rv = (jax.lax.dynamic_update_slice(c, a.astype(c.dtype), (0, 0, mask.index, 0))
+                      for c, a in zip((rk, rv), (k, v)))
+            kv = (pk, pv, rk, rv)
+            attn = attend_shared_prefix(q, pk, pv, rk, rv, mask, self.dtype)
+        else:
+            if kv is not None:
+                k, v = (jax.lax.dynamic_update_slice(c, a.astype(c.dtype), (0, 0, mask.q_offset, 0))
+                        for c, a in zip(kv, (k, v)))
+                kv, implementation = (k, v), "xla"
+            elif self.emit_kv:
+                kv = (k, v)
+            attn = attend(q, k, v, mask, implementation, self.dtype)
+        attn = attn.swapaxes(1, 2).reshape(b, t, -1)
         attn = nn.with_logical_constraint(attn, ("batch", "length", "q_heads"))
         x = x + dense(cfg.hidden_size, ("q_heads", "embed"), use_bias=False, name="o_proj", **kw)(attn)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -164,25 +193,35 @@ class Qwen2Decoder(nn.Module):
         x = RMSNorm(self.cfg.rms_norm_eps, name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
         return x, (KVCache.from_prefill(*kv, valid, cache_len) if cache_len else None)
 
-    def decode(self, x, positions, attention_mask, cache: KVCache):
+    def decode(self, x, positions, attention_mask, cache: KVCache | SharedPrefixCache):
         """x: [B, t, E] of t new tokens (positions [3, B, t] or [B, t], attention_mask [B, t]),
         written into `cache` at its index; they attend to the cache's real slots and causally to
-        each other. Params in the layout of `QwenCausalLM.decode_params`. Returns the final-norm
-        hidden states [B, t, E] and the extended cache."""
+        each other. A `SharedPrefixCache` takes one token per row (t = 1, every row real): it
+        attends to its group's prompt and its own response so far. Params in the layout of
+        `QwenCausalLM.decode_params`. Returns the final-norm hidden states [B, t, E] and the
+        extended cache."""
         params = self.variables["params"]
         if not isinstance(params["layers"], (tuple, list)):
             raise TypeError("decode reads per-layer params: pass QwenCausalLM.decode_params(params)")
         t = x.shape[1]
-        new = attention_mask.astype(jnp.int32)
-        kv_mask = jax.lax.dynamic_update_slice(cache.mask, new.astype(bool), (0, cache.index))
-        mask = AttentionMask(q_segment=new, kv_segment=kv_mask.astype(jnp.int32), q_offset=cache.index, causal=True)
+        if isinstance(cache, SharedPrefixCache):
+            mask, layers = cache.layout, zip(cache.prompt_k, cache.prompt_v, cache.k, cache.v)
+        else:
+            new = attention_mask.astype(jnp.int32)
+            kv_mask = jax.lax.dynamic_update_slice(cache.mask, new.astype(bool), (0, cache.index))
+            mask = AttentionMask(q_segment=new, kv_segment=kv_mask.astype(jnp.int32), q_offset=cache.index,
+                                 causal=True)
+            layers = zip(cache.k, cache.v)
         cos, sin = rope_cos_sin(self.cfg, positions)
         layer = DecoderLayer(self.cfg, self.dtype, self.param_dtype, "xla", parent=None)
-        ks, vs = [], []
-        for p, k, v in zip(params["layers"], cache.k, cache.v):
-            x, (k, v) = layer.apply({"params": p}, x, (k, v), cos, sin, mask)
-            ks.append(k)
-            vs.append(v)
+        kvs = []
+        for p, kv in zip(params["layers"], layers):
+            x, kv = layer.apply({"params": p}, x, kv, cos, sin, mask)
+            kvs.append(kv)
         norm = RMSNorm(self.cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, parent=None)
         x = norm.apply({"params": params["norm"]}, x)
-        return x, KVCache(k=tuple(ks), v=tuple(vs), mask=kv_mask, index=cache.index + t)
+        if isinstance(cache, SharedPrefixCache):
+            return x, cache.replace(k=tuple(kv[2] for kv in kvs), v=tuple(kv[3] for kv in kvs),
+                                    layout=mask.replace(index=mask.index + t))
+        return x, KVCache(k=tuple(kv[0] for kv in kvs), v=tuple(kv[1] for kv in kvs), mask=kv_mask,
+                          index=cache.index + t)
