@@ -9,10 +9,12 @@ decode step reads the cache where it lies. Scores are scaled by 1/sqrt(D).
 
 `AttentionMask` says which keys each query sees with per-token vectors rather than a dense
 [T, S] tensor: query t (cache slot `q_offset + t`) sees key s when their segment ids are equal
-or the key is `kv_shared`, and, if `causal`, when s <= q_offset + t. Every mask the models use is
-of this form: left / right padding (segment 0 = padding, 1 = tokens; a padding query sees padding,
-so no row is empty), the judge's prefix-sharing branches (segment = branch, the shared prefix
-visible to all), Qwen2-VL frames and Qwen2.5-VL windows (segment = frame or window), the filled
+or the key is `kv_shared` (and, with `q_group` / `kv_group`, of the query's group), and, if
+`causal`, when s <= q_offset + t. Every mask the models use is of this form: left / right padding
+(segment 0 = padding, 1 = tokens; a padding query sees padding, so no row is empty), the judge's
+prefix-sharing branches (segment = branch, the shared prefix visible to all), the learner's packed
+rows (several GRPO groups in a row: segment = (group, branch), a group's prompt visible to its own
+samples only), Qwen2-VL frames and Qwen2.5-VL windows (segment = frame or window), the filled
 slots of a KV cache.
 
 Implementations:
@@ -69,13 +71,17 @@ class AttentionMask:
     """Which keys each query sees (see the module docstring).
 
     q_segment: [B, T] int32; kv_segment: [B, S] int32; kv_shared: [B, S] bool or None;
-    q_offset: [] int32, the cache slot of query 0; causal: static. bias: [B, 1, T, S] in the
-    compute dtype (0 or a large negative), only when `prepare` made it for "cudnn".
+    q_group: [B, T] / kv_group: [B, S] int32 or None: a shared key is seen only by the queries of
+    its group (None: by every query); q_offset: [] int32, the cache slot of query 0; causal:
+    static. bias: [B, 1, T, S] in the compute dtype (0 or a large negative), only when `prepare`
+    made it for "cudnn".
     """
 
     q_segment: jax.Array
     kv_segment: jax.Array
     kv_shared: jax.Array | None = None
+    q_group: jax.Array | None = None
+    kv_group: jax.Array | None = None
     q_offset: jax.Array | int = 0
     causal: bool = flax.struct.field(pytree_node=False, default=False)
     bias: jax.Array | None = None
@@ -84,7 +90,10 @@ class AttentionMask:
         """[B, T, S] bool."""
         allowed = self.q_segment[:, :, None] == self.kv_segment[:, None, :]
         if self.kv_shared is not None:
-            allowed |= self.kv_shared[:, None, :]
+            shared = self.kv_shared[:, None, :]
+            if self.q_group is not None:
+                shared &= self.q_group[:, :, None] == self.kv_group[:, None, :]
+            allowed |= shared
         if self.causal:
             t, s = self.q_segment.shape[1], self.kv_segment.shape[1]
             allowed &= jnp.arange(s)[None, None, :] <= (self.q_offset + jnp.arange(t))[None, :, None]
