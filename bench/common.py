@@ -8,6 +8,7 @@ grpo_step, memory and projection measure or project our own costs. Results: docs
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import sys
@@ -42,6 +43,21 @@ def qwen25vl_config(**text) -> dict:
 # The decode and update issues' model: a 1.5B-class text decoder (bench/decode_cost.py, accelerator.py).
 QWEN25VL_1_5B = qwen25vl_config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                                 num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)
+
+
+def response_lengths(spec: str, count: int, cap: int, seed: int = 0) -> np.ndarray:
+    """`cap` | `lognormal:median=M,sigma=S[,cap=C]` -> [count] int lengths in 1..C (default `cap`)."""
+    import numpy as np
+
+    kind, _, args = spec.partition(":")
+    kw = dict(a.split("=") for a in args.split(",") if a)
+    cap = int(kw.get("cap", cap))
+    if kind == "cap":
+        return np.full(count, cap)
+    if kind != "lognormal":
+        raise ValueError(f"--lengths {spec!r}: cap or lognormal:median=M,sigma=S,cap=C")
+    draws = np.random.default_rng(seed).lognormal(math.log(float(kw["median"])), float(kw["sigma"]), count)
+    return np.clip(np.round(draws), 1, cap).astype(np.int64)
 
 
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:

@@ -44,23 +44,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from common import QWEN25VL_1_5B  # noqa: E402
+from common import QWEN25VL_1_5B, response_lengths  # noqa: E402
 from memory import POLICY  # noqa: E402
 from projection import text_params, vision_params  # noqa: E402
 
 CONFIGS = {"1.5b": QWEN25VL_1_5B, "7b": POLICY}
-
-
-def response_lengths(spec: str, count: int, seed: int = 0) -> np.ndarray:
-    """`cap=C` | `lognormal:median=M,sigma=S,cap=C` -> [count] int lengths in 1..C."""
-    kind, _, args = spec.partition(":")
-    kw = dict(a.split("=") for a in args.split(",") if a)
-    if kind == "cap":
-        return np.full(count, int(kw.get("cap", 4096)))
-    if kind != "lognormal":
-        raise ValueError(f"--lengths {spec!r}: cap or lognormal:median=M,sigma=S,cap=C")
-    draws = np.random.default_rng(seed).lognormal(math.log(float(kw["median"])), float(kw["sigma"]), count)
-    return np.clip(np.round(draws), 1, int(kw.get("cap", 4096))).astype(np.int64)
 
 
 def ideal_flops(config: dict, prompt: int, patches: int, lengths: np.ndarray, n: int, remat: bool) -> float:
@@ -81,12 +69,12 @@ def ideal_flops(config: dict, prompt: int, patches: int, lengths: np.ndarray, n:
 
 def packed_shapes(prompt: int, lengths: np.ndarray, n: int, mode: str, row_tokens: int) -> tuple[int, float]:
     """(rows, fill) of the packed layout (`pr1_jax.packing`) on one data shard."""
-    from pr1_jax.packing import assign_rows, chunks, micro_bucket
+    from pr1_jax.packing import micro_bucket, place
 
-    cs = chunks([prompt] * (len(lengths) // n), lengths, n, mode, row_tokens)
-    sizes = [prompt + lengths[rows].sum() for _, rows in cs]
-    rows = micro_bucket(len(assign_rows(sizes, row_tokens)))
-    return rows, float(sum(sizes)) / (rows * row_tokens)
+    placed = place([prompt] * (len(lengths) // n), lengths, n, mode, row_tokens)
+    tokens = sum(prompt + lengths[seqs].sum() for row in placed for _, seqs in row)
+    rows = micro_bucket(len(placed))
+    return rows, float(tokens) / (rows * row_tokens)
 
 
 def abstract_batch(cfg, packing: str, prompts: int, n: int, prompt: int, patches: int, length: int, rows: int):
@@ -132,7 +120,7 @@ def update_cost(name: str, lengths_spec: str, packing: str, a) -> dict:
     config = CONFIGS[name]
     cfg = config_from_dict(config)
     n, prompts = a.n, a.prompts
-    lengths = response_lengths(lengths_spec, prompts * n, a.seed)
+    lengths = response_lengths(lengths_spec, prompts * n, a.cap, a.seed)
     lcfg = LearnerConfig(remat=a.remat, micro_batch_size=a.micro, recompute_old_logprobs=True, packing=packing,
                          max_tokens_per_micro_batch=a.row_tokens)
     learner = Learner(cfg, lcfg, make_mesh((1, 1, 1), devices=jax.devices()[:1]), 100)
@@ -173,7 +161,6 @@ def main():
     a = p.parse_args()
     for name in a.config:
         for spec in a.lengths:
-            spec = "cap=%d" % a.cap if spec == "cap" else spec
             for packing in a.packing:
                 print(json.dumps(update_cost(name, spec, packing, a)), flush=True)
 

@@ -20,7 +20,11 @@ slots of a KV cache.
 Implementations:
 - "xla": fp32 scores [B, K, G, T, S] and softmax, the way transformers' eager path computes them
   (the parity path on CPU; decode steps always take it: at T = 1 its scores are a sliver next to
-  the cache it reads). The mask is compared from the vectors inside the softmax fusion.
+  the cache it reads). The mask is compared from the vectors inside the softmax fusion. A causal
+  self-attention over a long row (the learner's packed rows) runs in query blocks of
+  `CAUSAL_BLOCK`, each over the keys up to its own end: the keys above the diagonal are never
+  scored (about half the FLOPs and score memory of the square at 8 blocks), and since their
+  softmax weight is exactly 0 the result is the same.
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused flash attention
   (GPU, bf16 / fp16): no [T, S] scores in memory; `is_causal` for causal masks; segments and
   shared keys enter as one additive bias [B, 1, T, S] in the compute dtype (`AttentionMask.prepare`
@@ -48,6 +52,7 @@ import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 _SPLASH_BLOCK = 128  # splash's default block sizes; sequences and head dims are padded to it
+CAUSAL_BLOCK = 1024  # query block of the "xla" path's causal rows of at least 2 blocks
 
 
 def resolve(setting: str, dtype) -> str:
@@ -118,7 +123,20 @@ def attend(q, k, v, mask: AttentionMask, implementation: str, dtype):
 
 
 def _xla(q, k, v, mask: AttentionMask, dtype):
-    return attend_part(q, k, v, mask.dense()[:, None, None], dtype)[0]
+    t, s = q.shape[2], k.shape[2]
+    if not (mask.causal and t == s and t % CAUSAL_BLOCK == 0 and t >= 2 * CAUSAL_BLOCK
+            and isinstance(mask.q_offset, int) and mask.q_offset == 0):
+        return attend_part(q, k, v, mask.dense()[:, None, None], dtype)[0]
+    outs = []
+    for start in range(0, t, CAUSAL_BLOCK):
+        end = start + CAUSAL_BLOCK
+        part = mask.replace(q_segment=mask.q_segment[:, start:end], kv_segment=mask.kv_segment[:, :end],
+                            kv_shared=None if mask.kv_shared is None else mask.kv_shared[:, :end],
+                            q_group=None if mask.q_group is None else mask.q_group[:, start:end],
+                            kv_group=None if mask.kv_group is None else mask.kv_group[:, :end], q_offset=start)
+        outs.append(attend_part(q[:, :, start:end], k[:, :, :end], v[:, :, :end], part.dense()[:, None, None],
+                                dtype)[0])
+    return jnp.concatenate(outs, axis=2)
 
 
 def attend_part(q, k, v, allowed, dtype):

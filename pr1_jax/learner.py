@@ -8,6 +8,10 @@ Pieces (pure functions first, a thin shell last):
   prompt + response, the LM head applied only to the R positions that predict response tokens
   (never `[N, T+R, V]` logits), then `grpo.token_logprobs` at the sampler's temperature
   (`SamplingConfig.score_temperature`).
+- `packed_logprobs`: the same for a `pr1_jax.packing.PackedBatch` (rows of a token budget holding
+  whole GRPO groups, each prompt once with its responses as branches): every slot's log-prob from
+  the hidden state of its `sources` slot, the image tokens' features gathered from the groups'.
+  `batch_logprobs` picks the one the batch's layout needs.
 - `make_optimizer` / `lr_schedule`: AdamW (torch semantics, decay on every trainable param) after a
   global-norm clip, linear warmup then constant or cosine; a frozen vision tower is a
   `set_to_zero` partition of `optax.multi_transform`, so it has no moments and never moves. The
@@ -87,6 +91,13 @@ class LearnerConfig:
     # `Learner.logprobs` before the first of them instead. Either way the step reports how far
     # the sampler's log-probs are from the learner's.
     recompute_old_logprobs: bool = False
+
+    def __post_init__(self):
+        if self.packing not in ("off", "groups", "sequences"):
+            raise ValueError(f"packing {self.packing!r}: expected off, groups or sequences")
+        if self.packing != "off" and not self.max_tokens_per_micro_batch:
+            raise ValueError(f"packing {self.packing!r} needs max_tokens_per_micro_batch (tokens per device per "
+                             "micro-batch, at least the longest prompt + max_new_tokens)")
 
 
 @flax.struct.dataclass
@@ -298,6 +309,9 @@ def loss_and_grads(params, batch: LearnerBatch, cfg: LearnerConfig, module: Qwen
                    temperature: float = 1.0):
     """(grads, metrics) of the mini-batch token-mean loss, accumulated over micro-batches with
     `lax.scan`. Gradients are float32 and exactly (up to summation order) those of one pass.
+    A per-sequence batch splits into micro-batches of `micro_batch_size` sequences, a packed one
+    into micro-batches of one row per data shard (token-mean loss only: a packed row holds no
+    per-sequence axis to average over).
 
     The vision tower runs once per vision group, before the scan and sharded with the groups;
     each micro-batch reads its rows' features (`micro_features`); the features' gradient,

@@ -7,13 +7,13 @@ bucket: its padding is dropped here). Two modes (`LearnerConfig.packing`):
 
 - "groups": a chunk is one prompt followed by its samples' responses as branches (each response
   attends to the prompt and to itself, `models.qwen2.Qwen2Decoder`'s branches), so the prompt's
-  tokens are computed once per group; a group whose chunk would exceed the budget is split into
-  several chunks, each with its own copy of the prompt.
+  tokens are computed once per group; a group that does not fit one row's free space is split
+  into several chunks, each with its own copy of the prompt.
 - "sequences": a chunk is one prompt and one response (the prompt repeated per sample), plain
   segments: the layout verl / MaxText pack, and the one TPU splash attention runs (no shared keys).
 
-Chunks are packed first-fit-decreasing into rows of `row_tokens` tokens (a token of one chunk
-never sees another chunk's: `groups` ids). The rows are dealt to the data shards in turn and
+Chunks fill rows of `row_tokens` tokens best-fit (`place`; a token of one chunk never sees
+another chunk's: `groups` ids). The rows are dealt to the data shards in turn and
 each shard gets `micro_rows(...)` rows, a bounded set of counts (`micro_bucket`), so the update
 compiles for few shapes; micro-batch j of the update takes row j of every shard
 (`pr1_jax.learner.split_micro_batches`), i.e. `row_tokens` tokens per device per micro-batch.
@@ -91,42 +91,42 @@ def micro_bucket(k: int) -> int:
     return -(-k // step) * step
 
 
-def chunks(prompt_lengths, response_lengths, n: int, mode: PackingMode, row_tokens: int) -> list[tuple[int, list[int]]]:
-    """[(prompt b, [sequence rows i])] of the batch's real tokens. Responses of length 0 (filler
-    prompts, rows skipped) carry no loss and are left out, and so is a prompt with none."""
-    out = []
-    for b, p in enumerate(prompt_lengths):
-        rows = [i for i in range(b * n, (b + 1) * n) if response_lengths[i] > 0]
-        for i in rows:
-            if p + response_lengths[i] > row_tokens:
+def place(prompt_lengths, response_lengths, n: int, mode: PackingMode, row_tokens: int
+          ) -> list[list[tuple[int, list[int]]]]:
+    """The rows: each a list of chunks (prompt b, [its sequences' rows i]) of at most row_tokens
+    tokens in all. Best fit, groups largest first and each group's responses longest first: a
+    response joins a row that holds its prompt already ("groups"), else the fullest row with room
+    for it and a copy of its prompt, else a new row. Responses of length 0 (filler prompts, rows
+    skipped) carry no loss and are left out, and so is a prompt with none."""
+    rows: list[list[tuple[int, list[int]]]] = []
+    free: list[int] = []
+    totals = [prompt_lengths[b] + sum(response_lengths[b * n:(b + 1) * n]) for b in range(len(prompt_lengths))]
+    for b in sorted(range(len(prompt_lengths)), key=lambda b: -totals[b]):
+        p = int(prompt_lengths[b])
+        held: dict[int, list[int]] = {}  # row -> this prompt's chunk there
+        for i in sorted(range(b * n, (b + 1) * n), key=lambda i: -response_lengths[i]):
+            m = int(response_lengths[i])
+            if m == 0:
+                continue
+            if p + m > row_tokens:
                 raise ValueError(f"max_tokens_per_micro_batch={row_tokens} cannot hold prompt {b} ({p} tokens) "
-                                 f"and its response of {response_lengths[i]}")
-        if mode == "sequences":
-            out.extend((b, [i]) for i in rows)
-            continue
-        current, size = [], p
-        for i in rows:
-            if size + response_lengths[i] > row_tokens:
-                out.append((b, current))
-                current, size = [], p
-            current.append(i)
-            size += response_lengths[i]
-        if current:
-            out.append((b, current))
-    return out
-
-
-def assign_rows(sizes, row_tokens: int) -> list[list[int]]:
-    """First-fit decreasing: the chunk indices of each row, rows of at most row_tokens tokens."""
-    rows, free = [], []
-    for c in sorted(range(len(sizes)), key=lambda c: -sizes[c]):
-        r = next((r for r, f in enumerate(free) if f >= sizes[c]), None)
-        if r is None:
-            rows.append([])
-            free.append(row_tokens)
-            r = len(rows) - 1
-        rows[r].append(c)
-        free[r] -= sizes[c]
+                                 f"and its response of {m}")
+            shared = [r for r in held if free[r] >= m] if mode == "groups" else []
+            if shared:
+                r = min(shared, key=lambda r: free[r])
+                held[r].append(i)
+                free[r] -= m
+                continue
+            fits = [r for r, f in enumerate(free) if f >= p + m]
+            if fits:
+                r = min(fits, key=lambda r: free[r])
+            else:
+                rows.append([])
+                free.append(row_tokens)
+                r = len(rows) - 1
+            rows[r].append((b, [i]))
+            held[r] = rows[r][-1][1]
+            free[r] -= p + m
     return rows
 
 
@@ -138,14 +138,11 @@ def _lengths(batch):
 
 
 def plan(batch, n: int, mode: PackingMode, row_tokens: int, shards: int = 1):
-    """(chunk list, rows of chunk indices, micro-batches needed) of a per-sequence batch; with
-    several processes take the largest micro-batch count of them all (`micro_bucket` of it)."""
-    t, prompt_mask, resp_len = _lengths(batch)
-    plen = prompt_mask[::n].sum(-1)
-    cs = chunks(plen, resp_len, n, mode, row_tokens)
-    sizes = [plen[b] + resp_len[rows].sum() for b, rows in cs]
-    rows = assign_rows(sizes, row_tokens)
-    return cs, rows, micro_bucket(-(-len(rows) // shards))
+    """(rows of `place`, micro-batches needed: `micro_bucket` of the rows per shard) of a
+    per-sequence batch; with several processes take the largest micro-batch count of them all."""
+    _, prompt_mask, resp_len = _lengths(batch)
+    rows = place(prompt_mask[::n].sum(-1), resp_len, n, mode, row_tokens)
+    return rows, micro_bucket(-(-len(rows) // shards))
 
 
 def pack(config: ModelConfig, batch, n: int, mode: PackingMode, row_tokens: int, shards: int = 1,
@@ -157,7 +154,7 @@ def pack(config: ModelConfig, batch, n: int, mode: PackingMode, row_tokens: int,
     global batch stacks the processes' groups)."""
     if mode not in ("groups", "sequences"):
         raise ValueError(f"packing {mode!r}: pack takes 'groups' or 'sequences'")
-    cs, rows, need = plan(batch, n, mode, row_tokens, shards)
+    rows, need = plan(batch, n, mode, row_tokens, shards)
     num_micro = need if num_micro is None else num_micro
     if num_micro < -(-len(rows) // shards):
         raise ValueError(f"num_micro={num_micro} rows per shard cannot hold this batch's {len(rows)} rows")
@@ -181,8 +178,7 @@ def pack(config: ModelConfig, batch, n: int, mode: PackingMode, row_tokens: int,
     for k, row in enumerate(rows):
         r = (k % shards) * num_micro + k // shards  # rows dealt to the shards in turn
         at, images = 0, []
-        for g, c in enumerate(row, start=1):
-            b, seqs = cs[c]
+        for g, (b, seqs) in enumerate(row, start=1):
             first = b * n
             keep = np.flatnonzero(prompt_mask[first])
             p = len(keep)

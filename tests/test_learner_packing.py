@@ -65,7 +65,7 @@ def test_packed_equals_padded(hf_checkpoint, arch, mode):
     lengths = np.asarray(batch.response_mask).sum(-1)
     assert lengths.min() <= 2 and lengths.max() >= 10, lengths  # very different lengths
     packed = pack(model.config, batch, N, mode, ROW)
-    _, rows, _ = plan(batch, N, mode, ROW)
+    rows, _ = plan(batch, N, mode, ROW)
     assert len(rows) > 1 and packed.num_rows == len(rows)
     mask = np.asarray(batch.response_mask).astype(bool)
     prompt_tokens = np.asarray(batch.attention_mask)[:, :-mask.shape[1]].sum()
