@@ -200,11 +200,10 @@ def main():
     flops_run = (prefill + vis_per_image_attn + decode_f + judge + update) * steps
     ref_flops = 16 * A800["peak"] * 16 * 3600
     print(f"\ntotal per step before (packed vision -> chunked sampling, judge buckets {OLD_JUDGE_BUCKETS}, "
-          f"padded update): "
-          f"{total_before:.0f} s = {hours(total_before):.1f} h for the run, {hours(total_before) * chips:.0f} chip-hours")
+          f"padded update): {total_before:.0f} s = {hours(total_before):.1f} h for the run, "
+          f"{hours(total_before) * chips:.0f} chip-hours")
     print(f"total per step now (per-row vision, one sampler call, the config's judge buckets, packed update): "
-          f"{total:.0f} s = "
-          f"{hours(total):.1f} h, {hours(total) * chips:.0f} chip-hours")
+          f"{total:.0f} s = {hours(total):.1f} h, {hours(total) * chips:.0f} chip-hours")
     print(f"reference: 16 A800 x 16 h = 256 GPU-hours, {ref_flops / 1e18:.0f} EFLOP of bf16 peak; this run's "
           f"{flops_run / 1e18:.0f} EFLOP would be {flops_run / ref_flops:.0%} of it")
 

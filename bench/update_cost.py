@@ -30,10 +30,8 @@ Models: the 1.5B-class Qwen2.5-VL of `bench/common.py` and the Qwen2.5-VL-7B sha
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -107,15 +105,15 @@ def abstract_batch(cfg, packing: str, prompts: int, n: int, prompt: int, patches
 
 
 def update_cost(name: str, lengths_spec: str, packing: str, a) -> dict:
+    import flax.linen as nn
     import jax
 
     from decode_cost import HloCosts
     from models import config_from_dict
+    from models.pretrained import abstract_params
     from pr1_jax.learner import Learner, LearnerConfig, init_state
     from pr1_jax.rollout import response_bucket
     from pr1_jax.sharding import make_mesh
-    from models.pretrained import abstract_params
-    import flax.linen as nn
 
     config = CONFIGS[name]
     cfg = config_from_dict(config)

@@ -49,7 +49,6 @@ vision             VisionInputs | None              the per-sequence batch's G v
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import flax.struct
@@ -231,13 +230,3 @@ def unpack(packed: PackedBatch, values, shape: tuple[int, int]) -> np.ndarray:
         out[i, index[i]] = values[r, c]
         index[i] += 1
     return out
-
-
-def packed_tokens(packed: PackedBatch) -> int:
-    """Real tokens of the packed batch (what its forward computes, padding aside)."""
-    return int(np.asarray(packed.attention_mask).sum())
-
-
-def fill(packed: PackedBatch) -> float:
-    """Real tokens / row slots: how full the rows are."""
-    return packed_tokens(packed) / max(math.prod(np.shape(packed.input_ids)), 1)

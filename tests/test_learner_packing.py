@@ -100,8 +100,8 @@ def test_packed_step_on_the_mesh(hf_checkpoint, shape):
                               max_tokens_per_micro_batch=ROW)
     learner = Learner(model.config, cfg, make_mesh(shape), 10, temperature=TEMP)
     shards = learner.mesh.shape["data"] * learner.mesh.shape["fsdp"]
-    reference = Learner(model.config, dataclasses.replace(cfg, packing="off"), make_mesh((1, 1, 1), devices=jax.devices()[:1]),
-                        10, temperature=TEMP)
+    one = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    reference = Learner(model.config, dataclasses.replace(cfg, packing="off"), one, 10, temperature=TEMP)
     ref_state, ref = reference.step(reference.init_state(model.params), global_batch(reference.mesh, batch))
     packed = pack(model.config, batch, N, "groups", ROW, shards=shards)
     assert packed.num_rows % shards == 0
