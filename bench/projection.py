@@ -27,22 +27,34 @@ Per step:
   judge   one prefill per response of [system + response + K annotations], rounded up to the
           judge's length bucket (now: the paper config's buckets; before: 1024 / 2048 / 4096 /
           8192), dense [T, T] attention.
-  update  forward + backward + remat forward (8 x params x tokens) and dense attention, the
-          vision tower run once per *sample* (the learner's per-sequence layout).
+  update  forward + backward + remat forward (8 x params x tokens) and attention, the vision
+          tower once per prompt. "before": every sequence padded to the prompt plus the response
+          bucket of the step's longest response (`learner.packing: off`), dense [T, T] attention;
+          "now": the paper config's packed rows (`learner.packing: groups`, rows of
+          `max_tokens_per_micro_batch` holding whole groups, `pr1_jax.packing.place`), the XLA
+          path's causal query blocks (`models.attention.CAUSAL_BLOCK`). With `--lengths` the
+          responses' lengths are drawn (`bench/update_cost.py`), e.g. the long-tailed
+          `lognormal:median=600,sigma=0.9`; the response mean of the other phases is then theirs.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from common import table
-from memory import JUDGE, POLICY
-from rollout_cost import response_lengths
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import response_lengths, table  # noqa: E402
+from memory import JUDGE, POLICY  # noqa: E402
+from models.attention import CAUSAL_BLOCK  # noqa: E402
+from pr1_jax.learner import LearnerConfig  # noqa: E402
+from pr1_jax.packing import micro_bucket, place  # noqa: E402
+from pr1_jax.rollout import response_bucket  # noqa: E402
 
 LOGNORMAL = "lognormal:median=600,sigma=0.9,cap=4096"
 # bytes accessed / bytes needed of a rollout's decode, (whole-cache sampler, live sampler):
@@ -98,6 +110,9 @@ def main():
                    help="prompts per sampler call that fit before the per-row vision fix "
                         "(bench/memory.py --sampler-vision packed: 320-336 rows on v5p)")
     a = p.parse_args()
+    rows_per_step = a.prompts_per_step * a.n
+    lengths = response_lengths(a.lengths, rows_per_step, a.response_max, a.seed)
+    learner = yaml.safe_load(CONFIG.read_text())["learner"]
 
     t, v, jt = POLICY["text_config"], POLICY["vision_config"], JUDGE
     dec, head = text_params(t)
@@ -108,8 +123,6 @@ def main():
     chips, peak = a.chips, V5P["peak"]
     flops_s = chips * peak * a.mfu
     steps = math.ceil(a.records * a.epochs / a.prompts_per_step)
-    rows_per_step = a.prompts_per_step * a.n
-    lengths = response_lengths(a.lengths, a.prompts_per_step * a.n, a.response_max, a.seed)
     whole_ratio, live_ratio = a.decode_ratios or MEASURED_RATIOS[a.lengths]
     b, r, tp, pp = a.prompts_per_step, int(round(lengths.mean())), a.prompt, a.patches
     vw, vd = v["hidden_size"], v["depth"]
@@ -158,9 +171,21 @@ def main():
     jlen_old, jlen = bucket(jrow, OLD_JUDGE_BUCKETS), bucket(jrow, buckets)
     judge_old, judge = judge_flops(jlen_old), judge_flops(jlen)
     # -- update (remat: forward twice + backward = 4 forward-equivalents)
-    seq = tp + a.response_max  # the learner pads responses to max_new_tokens
-    update = 4 * rows_per_step * (2 * dec * seq + 2 * head * a.response_max + 2 * vis * pp + 4 * L * seq * seq * d
-                                  + 4 * vd * pp * pp * vw)
+    def update_flops(rows: int, length: int, responses: int, pairs: float) -> float:
+        """rows of `length` tokens, the LM head at `responses` tokens (all for packed rows), `pairs`
+        query-key pairs per row and layer; the vision tower once per prompt."""
+        return 4 * (rows * (2 * dec * length + 2 * head * responses + 4 * L * pairs * d)
+                    + b * (2 * vis * pp + 4 * vd * pp * pp * vw))
+
+    bucket_len = response_bucket(int(lengths.max()), LearnerConfig.response_buckets, a.response_max)
+    seq = tp + bucket_len
+    update_old = update_flops(rows_per_step, seq, bucket_len, seq * seq)
+    row = learner["max_tokens_per_micro_batch"]
+    shards = chips // a.tensor
+    packed_rows = micro_bucket(-(-len(place([tp] * b, lengths, a.n, learner["packing"], row)) // shards)) * shards
+    blocks = row // CAUSAL_BLOCK if row % CAUSAL_BLOCK == 0 and row >= 2 * CAUSAL_BLOCK else 0
+    pairs = CAUSAL_BLOCK ** 2 * blocks * (blocks + 1) / 2 if blocks else row * row
+    update = update_flops(packed_rows, row, row, pairs)
 
     hours = lambda sec: sec * steps / 3600  # noqa: E731
     rows = [
@@ -181,11 +206,14 @@ def main():
              s_per_step=judge_old / flops_s),
         dict(phase=f"judge: rows of {jrow} -> bucket {jlen} (now, {CONFIG.name})", pflop=judge / 1e15,
              s_per_step=judge / flops_s),
-        dict(phase=f"update: {rows_per_step} x {seq} tokens, remat", pflop=update / 1e15, s_per_step=update / flops_s),
+        dict(phase=f"update: {rows_per_step} x {seq} tokens, remat (before)", pflop=update_old / 1e15,
+             s_per_step=update_old / flops_s),
+        dict(phase=f"update: {packed_rows} packed rows x {row} tokens, remat (now)", pflop=update / 1e15,
+             s_per_step=update / flops_s),
     ]
     for row in rows:
         row["run_hours"] = hours(row["s_per_step"])
-    total_before = (prefill + vis_packed_attn) / flops_s + decode_chunked_t + judge_old / flops_s + update / flops_s
+    total_before = (prefill + vis_packed_attn) / flops_s + decode_chunked_t + judge_old / flops_s + update_old / flops_s
     total = (prefill + vis_per_image_attn) / flops_s + decode_t + judge / flops_s + update / flops_s
     total_whole = total - decode_t + whole_t
     print(f"v5p x {chips} chips ({chips * peak / 1e15:.1f} PFLOP/s bf16 peak, mfu {a.mfu}), {steps} steps of "
@@ -194,11 +222,11 @@ def main():
     print(table(rows))
     flops_run = (prefill + vis_per_image_attn + decode_f + judge + update) * steps
     ref_flops = 16 * A800["peak"] * 16 * 3600
-    print(f"\ntotal per step before (packed vision -> chunked sampling, judge buckets {OLD_JUDGE_BUCKETS}): "
+    print(f"\ntotal per step before (packed vision -> chunked sampling, judge buckets {OLD_JUDGE_BUCKETS}, padded update): "
           f"{total_before:.0f} s = {hours(total_before):.1f} h for the run, {hours(total_before) * chips:.0f} chip-hours")
     print(f"total per step with the whole-cache sampler (per-row vision, one sampler call, the config's judge "
           f"buckets): {total_whole:.0f} s = {hours(total_whole):.1f} h, {hours(total_whole) * chips:.0f} chip-hours")
-    print(f"total per step now (the live sampler): {total:.0f} s = {hours(total):.1f} h, "
+    print(f"total per step now (the live sampler, packed update): {total:.0f} s = {hours(total):.1f} h, "
           f"{hours(total) * chips:.0f} chip-hours; decode {hours(whole_t):.2f} h -> {hours(decode_t):.2f} h (weights "
           f"gathered once per call: {hours(whole_once_t):.2f} h -> {hours(decode_once_t):.2f} h)")
     print(f"reference: 16 A800 x 16 h = 256 GPU-hours, {ref_flops / 1e18:.0f} EFLOP of bf16 peak; this run's "

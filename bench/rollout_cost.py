@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -49,31 +48,12 @@ import numpy as np
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import QWEN25VL_1_5B  # noqa: E402
+from common import QWEN25VL_1_5B, response_lengths  # noqa: E402
 from decode_cost import HloCosts  # noqa: E402
 from memory import POLICY  # noqa: E402  (the paper's 7B policy)
 
 CONFIGS = {"1.5b": QWEN25VL_1_5B, "7b": POLICY}
 EOS, PAD = (151645,), 151643
-
-
-def response_lengths(spec: str, rows: int, cap: int, seed: int = 0) -> np.ndarray:
-    """[rows] int lengths in [1, cap] (see the module docstring)."""
-    rng = np.random.default_rng(seed)
-    if spec == "cap":
-        return np.full(rows, cap)
-    kind, _, args = spec.partition(":")
-    if kind == "lognormal":
-        kw = dict(a.split("=") for a in args.split(","))
-        cap = int(kw.get("cap", cap))
-        drawn = rng.lognormal(math.log(float(kw["median"])), float(kw["sigma"]), rows)
-        return np.clip(np.ceil(drawn), 1, cap).astype(int)
-    if kind == "file":
-        text = Path(args).read_text()
-        values = np.asarray(json.loads(text) if text.lstrip().startswith("[") else text.split(), dtype=int)
-        values = values if len(values) == rows else rng.choice(values, rows)
-        return np.clip(values, 1, cap)
-    raise ValueError(f"--lengths {spec!r}: cap | lognormal:median=M,sigma=S[,cap=C] | file:PATH")
 
 
 def _config(config: dict, layers: int) -> dict:

@@ -9,10 +9,12 @@ decode step reads the cache where it lies. Scores are scaled by 1/sqrt(D).
 
 `AttentionMask` says which keys each query sees with per-token vectors rather than a dense
 [T, S] tensor: query t (cache slot `q_offset + t`) sees key s when their segment ids are equal
-or the key is `kv_shared`, and, if `causal`, when s <= q_offset + t. Every mask the models use is
-of this form: left / right padding (segment 0 = padding, 1 = tokens; a padding query sees padding,
-so no row is empty), the judge's prefix-sharing branches (segment = branch, the shared prefix
-visible to all), Qwen2-VL frames and Qwen2.5-VL windows (segment = frame or window), the filled
+or the key is `kv_shared` (and, with `q_group` / `kv_group`, of the query's group), and, if
+`causal`, when s <= q_offset + t. Every mask the models use is of this form: left / right padding
+(segment 0 = padding, 1 = tokens; a padding query sees padding, so no row is empty), the judge's
+prefix-sharing branches (segment = branch, the shared prefix visible to all), the learner's packed
+rows (several GRPO groups in a row: segment = (group, branch), a group's prompt visible to its own
+samples only), Qwen2-VL frames and Qwen2.5-VL windows (segment = frame or window), the filled
 slots of a KV cache.
 
 The sampler's decode (`attend_shared_prefix`, `SharedPrefixMask`) reads a group's prompt keys once
@@ -22,7 +24,11 @@ log-sum-exp (`attend_part`, `merge_parts`); it is "xla" whatever the setting, as
 Implementations:
 - "xla": fp32 scores [B, K, G, T, S] and softmax, the way transformers' eager path computes them
   (the parity path on CPU; decode steps always take it: at T = 1 its scores are a sliver next to
-  the cache it reads). The mask is compared from the vectors inside the softmax fusion.
+  the cache it reads). The mask is compared from the vectors inside the softmax fusion. A causal
+  self-attention over a long row (the learner's packed rows) runs in query blocks of
+  `CAUSAL_BLOCK`, each over the keys up to its own end: the keys above the diagonal are never
+  scored (about half the FLOPs and score memory of the square at 8 blocks), and since their
+  softmax weight is exactly 0 the result is the same.
 - "cudnn": cuDNN's fused flash attention (GPU, bf16 / fp16), the kernel behind
   `jax.nn.dot_product_attention(implementation="cudnn")`: no [T, S] scores in memory; causality
   in the kernel. Padding at the end of each row (`AttentionMask.lengths`, what the decoder makes
@@ -61,6 +67,7 @@ _SPLASH_BLOCK = 128  # splash's default block sizes; sequences and head dims are
 # The additive mask value of JAX's cuDNN path (`get_large_negative_number` there): cuDNN gets the
 # difference of two dtype minima wrong, so the masked value stays far above them.
 _CUDNN_MASKED = {jnp.dtype(jnp.bfloat16): -2.0 ** 41, jnp.dtype(jnp.float16): -2.0 ** 15}
+CAUSAL_BLOCK = 1024  # query block of the "xla" path's causal rows of at least 2 blocks
 
 
 def resolve(setting: str, dtype) -> str:
@@ -91,7 +98,9 @@ class AttentionMask:
     """Which keys each query sees (see the module docstring).
 
     q_segment: [B, T] int32; kv_segment: [B, S] int32; kv_shared: [B, S] bool or None;
-    q_offset: [] int32, the cache slot of query 0; causal: static. lengths: [B] int32 or None,
+    q_group: [B, T] / kv_group: [B, S] int32 or None: a shared key is seen only by the queries of
+    its group (None: by every query); q_offset: [] int32, the cache slot of query 0; causal:
+    static. lengths: [B] int32 or None,
     set (by `right_padded`) where the segments are padding at the end of each row, the form
     cuDNN takes without a bias. bias: [B, 1, T, S] in the compute dtype (0 or the masked value),
     only when `prepare` made it for "cudnn".
@@ -100,6 +109,8 @@ class AttentionMask:
     q_segment: jax.Array
     kv_segment: jax.Array
     kv_shared: jax.Array | None = None
+    q_group: jax.Array | None = None
+    kv_group: jax.Array | None = None
     q_offset: jax.Array | int = 0
     causal: bool = flax.struct.field(pytree_node=False, default=False)
     lengths: jax.Array | None = None
@@ -115,7 +126,10 @@ class AttentionMask:
         """[B, T, S] bool."""
         allowed = self.q_segment[:, :, None] == self.kv_segment[:, None, :]
         if self.kv_shared is not None:
-            allowed |= self.kv_shared[:, None, :]
+            shared = self.kv_shared[:, None, :]
+            if self.q_group is not None:
+                shared &= self.q_group[:, :, None] == self.kv_group[:, None, :]
+            allowed |= shared
         if self.causal:
             t, s = self.q_segment.shape[1], self.kv_segment.shape[1]
             allowed &= jnp.arange(s)[None, None, :] <= (self.q_offset + jnp.arange(t))[None, :, None]
@@ -149,7 +163,20 @@ def attend(q, k, v, mask: AttentionMask, implementation: str, dtype):
 
 
 def _xla(q, k, v, mask: AttentionMask, dtype):
-    return attend_part(q, k, v, mask.dense()[:, None, None], dtype)[0]
+    t, s = q.shape[2], k.shape[2]
+    if not (mask.causal and t == s and t % CAUSAL_BLOCK == 0 and t >= 2 * CAUSAL_BLOCK
+            and isinstance(mask.q_offset, int) and mask.q_offset == 0):
+        return attend_part(q, k, v, mask.dense()[:, None, None], dtype)[0]
+    outs = []
+    for start in range(0, t, CAUSAL_BLOCK):
+        end = start + CAUSAL_BLOCK
+        part = mask.replace(q_segment=mask.q_segment[:, start:end], kv_segment=mask.kv_segment[:, :end],
+                            kv_shared=None if mask.kv_shared is None else mask.kv_shared[:, :end],
+                            q_group=None if mask.q_group is None else mask.q_group[:, start:end],
+                            kv_group=None if mask.kv_group is None else mask.kv_group[:, :end], q_offset=start)
+        outs.append(attend_part(q[:, :, start:end], k[:, :, :end], v[:, :, :end], part.dense()[:, None, None],
+                                dtype)[0])
+    return jnp.concatenate(outs, axis=2)
 
 
 def attend_part(q, k, v, allowed, dtype):

@@ -67,9 +67,9 @@ class QwenCausalLM(nn.Module):
         return self.visual(jax.tree.map(lambda a: a[None], vision))[0]
 
     def hidden_states(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None,
-                      cache_len: int | None = None, branches=None, image_mask=None, features=None):
+                      cache_len: int | None = None, branches=None, image_mask=None, features=None, groups=None):
         """input_ids: [B, T] int; positions: [3, B, T] (VLM) or [B, T]; attention_mask: [B, T];
-        branches: see `Qwen2Decoder`. vision: the batch's packed patches (`pixel_values`
+        branches, groups: see `Qwen2Decoder`. vision: the batch's packed patches (`pixel_values`
         [P, patch_dim]) or per-row patches (every field with a leading B axis). Returns final
         hidden states [B, T, E] and, with cache_len, a KVCache of that many slots holding these
         tokens (a sampler's prefill; else None).
@@ -88,7 +88,7 @@ class QwenCausalLM(nn.Module):
             if image_mask is None:
                 image_mask = input_ids == self.cfg.image_token_id
             x = scatter_image_features(x, image_mask, features)
-        return self.decoder(x, positions, attention_mask, branches, cache_len)
+        return self.decoder(x, positions, attention_mask, branches, cache_len, groups)
 
     def decode(self, input_ids, positions, attention_mask, cache: KVCache | SharedPrefixCache):
         """t new text tokens (input_ids [B, t], positions [3, B, t] or [B, t], attention_mask

@@ -154,24 +154,29 @@ class Qwen2Decoder(nn.Module):
     attention: str = "auto"  # see models.attention
 
     @nn.compact
-    def __call__(self, x, positions, attention_mask, branches=None, cache_len: int | None = None):
+    def __call__(self, x, positions, attention_mask, branches=None, cache_len: int | None = None, groups=None):
         """x: [B, T, E]; positions: [3, B, T] or [B, T]; attention_mask: [B, T] (0 = padding).
 
         branches: optional [B, T] int for prefix sharing in one pass: a token of branch k > 0 sees
         the shared prefix (branch 0) and earlier tokens of branch k only, so several continuations
         of one prefix are scored as if each were its own sequence (give them the positions they
         would have there).
+        groups: optional [B, T] int, several independent sequences (or prefixes with their
+        branches) packed in one row: a token sees tokens of its own group only.
         cache_len: also return a KVCache of cache_len >= T slots holding these tokens (a prefill);
         else the cache returned is None.
         """
         valid = attention_mask.astype(bool)
-        segment = valid.astype(jnp.int32)
-        shared = None
+        group = valid.astype(jnp.int32) if groups is None else jnp.where(valid, groups, 0)
+        segment, shared, shared_group = group, None, None
         if branches is not None:
-            segment = jnp.where(valid, branches + 1, 0)
+            # One segment per (group, branch): branch ids are below the row length.
+            segment = jnp.where(valid, group * (x.shape[1] + 1) + branches + 1, 0)
             shared = valid & (branches == 0)
+            shared_group = None if groups is None else group
         implementation = resolve(self.attention, self.dtype)
-        mask = AttentionMask(q_segment=segment, kv_segment=segment, kv_shared=shared, causal=True)
+        mask = AttentionMask(q_segment=segment, kv_segment=segment, kv_shared=shared, q_group=shared_group,
+                             kv_group=shared_group, causal=True)
         cos, sin = rope_cos_sin(self.cfg, positions)
         order = None
         if implementation == "cudnn" and branches is None:
