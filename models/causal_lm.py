@@ -96,9 +96,9 @@ class QwenCausalLM(nn.Module):
         if features is not None:
             if image_mask is None:
                 image_mask = input_ids == self.cfg.image_token_id
-            # Laid out as the rows that take them (per row: split with the rows; packed: any row
-            # may read any token, whole everywhere), and whole along E as the embeddings: the
-            # merger leaves them split along E, which the lookup cannot turn into rows.
+            # Laid out as the rows that read them (per row: split with the rows; packed: any row
+            # may read any token, so whole everywhere) and whole along E as the embeddings: left
+            # split along E (the merger's last kernel), the lookup would replicate them.
             names = ("batch", None, None) if features.ndim == 3 else (None, None)
             x = scatter_image_features(x, image_mask, constrain(features, names))
         return self.decoder(x, positions, attention_mask, branches, cache_len)
