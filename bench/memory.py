@@ -11,7 +11,8 @@ Nothing is materialised: params, optimizer state and batches are `jax.ShapeDtype
 the shardings of `pr1_jax.sharding.param_shardings(models.abstract_params(module), mesh)` (the
 trainer's placement; mesh `[data=1, fsdp=N/4, tensor=4]` as `configs/paper_qwen25vl7b_v5p.yaml`).
 Each program is jitted exactly as the trainer does it (`Learner.step`'s `train_step` with its
-in/out shardings and donation; `Sampler`; `Judge.forward`), lowered and compiled for the N
+in/out shardings and donation; `Sampler`; `Judge.forward`, and with `--programs judge_paper` the
+paper configs' constrained-decode judge), lowered and compiled for the N
 virtual CPU devices; `compiled.memory_analysis()` gives the per-device bytes: arguments (params,
 optimizer state, inputs), outputs, temporaries (activations, KV cache, gradients) and aliased
 (donated) bytes. peak = arguments + outputs + temporaries - aliased.
