@@ -1,10 +1,13 @@
 """Vision towers of Qwen2-VL and Qwen2.5-VL, one module with the differences as config.
 
-Patches of all images of a batch are packed in one sequence `[P, C*T*ph*pw]` (the HF layout), padded
-to a static P. Which patch may attend to which is given by integer segment ids computed on the
-host (`models/positions.py:vision_inputs`): the frame a patch belongs to (full attention) and,
-for Qwen2.5-VL, its window. Qwen2.5-VL works in window order: patches are permuted by merge unit
-before the blocks and the merged tokens are put back in image order before the merger's MLP.
+Patches are packed in sequences `[G, P, C*T*ph*pw]` (the HF layout per group), padded to a static
+P: one group holds a whole batch's patches, or one row's or prompt's. The group axis is the
+tower's batch axis (the attention's B), not a `vmap`: JAX's batching rule for cuDNN attention
+breaks on a mask bias (`models.attention`). Which patch may attend to which is given by integer
+segment ids computed on the host (`models/positions.py:vision_inputs`): the frame a patch belongs
+to (full attention) and, for Qwen2.5-VL, its window. Qwen2.5-VL works in window order: patches
+are permuted by merge unit before the blocks and the merged tokens are put back in image order
+before the merger's MLP.
 
 Differences (transformers 5.24 is the reference):
 - Qwen2-VL: LayerNorm blocks, quick_gelu MLP (fc1/fc2), full attention everywhere, LayerNorm merger.
@@ -34,6 +37,8 @@ class VisionInputs:
     seg_full:     [P] frame id for full attention, working order; padding rows share one id
     seg_window:   [P] window id (= seg_full for Qwen2-VL), working order
     unperm:       [P // merge**2] merged-token index in working order for each token in image order
+
+    Packed (the shapes above) or per group (every field with a leading G axis).
     """
 
     pixel_values: jax.Array
@@ -61,19 +66,19 @@ class VisionBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, is_full, cos, sin, seg_full, seg_window):
-        """x: [P, W]; is_full: [] bool, this block attends over whole frames (segment ids seg_full
-        [P]) rather than windows (seg_window [P])."""
+        """x: [G, P, W]; is_full: [] bool, this block attends over whole frames (segment ids
+        seg_full [G, P]) rather than windows (seg_window [G, P])."""
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        p = x.shape[0]
+        g, p = x.shape[:2]
         h = self._norm("norm1")(x)
         qkv = dense(3 * cfg.width, ("v_embed", "v_heads"), name="qkv", **kw)(h)
-        q, k, v = jnp.moveaxis(qkv.reshape(p, 3, cfg.num_heads, cfg.head_dim), 1, 0)
+        q, k, v = jnp.moveaxis(qkv.reshape(g, p, 3, cfg.num_heads, cfg.head_dim), 2, 0)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        segment = jnp.where(is_full, seg_full, seg_window)[None]
-        heads = lambda a: a.swapaxes(0, 1)[None]  # noqa: E731  [P, N, D] -> [1, N, P, D]
+        segment = jnp.where(is_full, seg_full, seg_window)
+        heads = lambda a: a.swapaxes(1, 2)  # noqa: E731  [G, P, N, D] -> [G, N, P, D]
         attn = attend(heads(q), heads(k), heads(v), AttentionMask(q_segment=segment, kv_segment=segment),
                       self.attention, self.dtype)
-        attn = attn[0].swapaxes(0, 1).reshape(p, -1)
+        attn = attn.swapaxes(1, 2).reshape(g, p, -1)
         x = x + dense(cfg.width, ("v_heads", "v_embed"), name="proj", **kw)(attn)
         h = self._norm("norm2")(x)
         if cfg.kind == "qwen2_vl":
@@ -87,7 +92,7 @@ class VisionBlock(nn.Module):
 
 
 class VisionTower(nn.Module):
-    """Packed patches -> merged visual tokens `[P // merge**2, out_dim]` in image order."""
+    """Packed patches `[G, P, ...]` -> merged visual tokens `[G, P // merge**2, out_dim]` in image order."""
 
     cfg: VisionConfig
     dtype: Dtype = jnp.float32
@@ -102,9 +107,9 @@ class VisionTower(nn.Module):
         x = dense(cfg.width, ("v_patch", "v_embed"), use_bias=False, name="patch_embed", **kw)(
             vi.pixel_values.astype(self.dtype)
         )
-        x = x[vi.perm]
+        x = jnp.take_along_axis(x, vi.perm[..., None], axis=1)
         inv = rope_inv_freq(cfg.head_dim // 2, 10000.0)
-        freqs = (vi.rot_pos[..., None].astype(jnp.float32) * inv).reshape(x.shape[0], -1)
+        freqs = (vi.rot_pos[..., None].astype(jnp.float32) * inv).reshape(*x.shape[:2], -1)
         emb = jnp.concatenate([freqs, freqs], axis=-1)
         cos, sin = jnp.cos(emb), jnp.sin(emb)
         is_full = jnp.array(
@@ -123,7 +128,8 @@ class VisionTower(nn.Module):
         # as after it): gathered after it, the tokens would be split along the decoder's width
         # (the last kernel's `embed`, over the model axis) while the groups are split over the
         # data axes, and XLA would replicate them to take the gather.
-        x = x.reshape(-1, cfg.width * cfg.spatial_merge_size**2)[vi.unperm]
+        x = x.reshape(x.shape[0], -1, cfg.width * cfg.spatial_merge_size**2)
+        x = jnp.take_along_axis(x, vi.unperm[..., None], axis=1)
         merged = cfg.width * cfg.spatial_merge_size**2
         x = dense(merged, ("v_merge", "v_merge_out"), name="merger_mlp_0", **kw)(x)
         return dense(cfg.out_dim, ("v_merge_out", "embed"), name="merger_mlp_2", **kw)(nn.gelu(x, approximate=False))

@@ -12,7 +12,8 @@ Per response: ``overall = 0.9*accuracy + 0.1*format + 0.7*visual + 1.0*ngram_pen
   has no visual annotations, which scores 0 and is left out of the logged visual mean.
 
 Reward terms are plain functions ``fn(response, ground_truth, *, option_or_field=...) -> float``
-registered by name; ``RewardConfig.weights`` names the ones to use. A term receives the record
+registered by name, or a user's own in a file of theirs (``RewardConfig.functions``, loaded by
+``pr1_jax.reward_plugins``); ``RewardConfig.weights`` names the ones to use. A term receives the record
 fields and the options it declares by keyword, nothing else: an option or field that no
 configured term declares is an error, not silently dropped (``RewardConfig.reward_kwargs``).
 ``score`` runs them
@@ -48,6 +49,8 @@ from multiprocessing.connection import wait
 
 from math_verify import parse, verify
 
+from pr1_jax.reward_plugins import PluginReward, check_call
+
 logger = logging.getLogger(__name__)
 
 RewardFn = Callable[..., float]
@@ -57,6 +60,9 @@ VISUAL = "visual"
 
 NGRAM = "ngram_penalty"
 """Left out of the reference run's logged ``overall`` (it adds the penalty to the reward only)."""
+
+OVERLONG = "overlong"
+"""DAPO's soft overlong punishment; takes the response's token count from the trainer."""
 
 ACCURACY_MODES = ("paper", "reference")
 
@@ -110,7 +116,9 @@ class RewardConfig:
     ``overall``. ``options`` holds per-reward keyword arguments, e.g. the n-gram size; each
     must be a parameter of that reward. ``accuracy_mode`` is the accuracy reward's mode
     (``paper`` or ``reference``, see ``accuracy_reward``). ``timeout_s`` bounds each reward
-    call in a worker; ``num_workers`` is the pool size.
+    call in a worker; ``num_workers`` is the pool size. ``functions`` maps further reward names
+    to the user's functions, ``"path/to/file.py:function"`` (``pr1_jax.reward_plugins``); each
+    needs a weight (0: logged, not trained on), and the paths are kept absolute.
     """
 
     weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
@@ -120,31 +128,62 @@ class RewardConfig:
     accuracy_mode: str = "paper"
     timeout_s: float = 5.0
     num_workers: int = 4
+    functions: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.timeout_s <= 0 or self.num_workers < 1:
             raise ValueError("timeout_s must be > 0 and num_workers >= 1")
         if self.accuracy_mode not in ACCURACY_MODES:
             raise ValueError(f"accuracy_mode must be one of {ACCURACY_MODES}, got {self.accuracy_mode!r}")
+        resolved = {}
+        for name, spec in self.functions.items():
+            if name == VISUAL or name in _REGISTRY:
+                raise ValueError(f"functions.{name}: {name!r} is a built-in reward's name; choose another")
+            if name not in self.weights:
+                raise ValueError(f"functions.{name} has no weight: set weights.{name} (0 logs it without training on it)")
+            try:
+                resolved[name] = str(_plugin(spec))
+            except ValueError as exc:
+                raise ValueError(f"functions.{name}: {exc}") from None
+        object.__setattr__(self, "functions", resolved)  # absolute paths: a resumed run finds them from anywhere
         for name in [*self.reward_names, *self.options]:
-            if name not in _REGISTRY:
-                raise ValueError(f"unknown reward {name!r}; registered: {sorted(_REGISTRY)}")
+            if name not in _REGISTRY and name not in self.functions:
+                raise ValueError(f"unknown reward {name!r}; registered: {sorted(_REGISTRY)}; "
+                                 f"from functions: {sorted(self.functions)}")
         for name, opts in self.options.items():
-            takes = _keywords(_REGISTRY[name])
+            takes = _keywords(self.reward_fn(name))
             if name == "accuracy" and "mode" in opts:
                 raise ValueError("set the accuracy mode as accuracy_mode, not options.accuracy.mode")
             unknown = sorted(set(opts) - takes) if takes is not None else []
             if unknown:
                 raise ValueError(f"options.{name}: unknown option(s) {unknown}; {name} takes {sorted(takes)}")
+        for name in self.functions:
+            try:
+                check_call(self.reward_fn(name), _keywords(self.reward_fn(name)), self.options.get(name, {}))
+            except ValueError as exc:
+                raise ValueError(f"functions.{name}: {exc}") from None
+
+    def reward_fn(self, name: str) -> RewardFn:
+        """The function of reward ``name``: a registered one, or the user's from ``functions``."""
+        if name in self.functions:
+            return _plugin(self.functions[name])
+        return get_reward(name)
 
     @property
     def reward_names(self) -> list[str]:
-        """The registered rewards to compute (every weighted name but ``"visual"``)."""
+        """The rewards to compute, registered or ``functions`` (every weighted name but ``"visual"``)."""
         return [name for name in self.weights if name != VISUAL]
 
     def _options(self, name: str) -> dict:
         mode = {"mode": self.accuracy_mode} if name == "accuracy" else {}
         return {**self.options.get(name, {}), **mode}
+
+    def declared_fields(self, fields: Mapping[str, object]) -> dict:
+        """The part of ``fields`` that some configured reward declares: a caller offers what it
+        knows of a sample (its record's fields, its token count) and passes only what a term
+        takes, since ``reward_kwargs`` rejects a field no term takes."""
+        takes = [_keywords(self.reward_fn(name)) for name in self.reward_names]
+        return {k: v for k, v in fields.items() if any(t is None or k in t for t in takes)}
 
     def reward_kwargs(self, fields: Mapping[str, object] | None = None) -> dict[str, dict]:
         """Keyword arguments of each configured reward for one record: the record ``fields``
@@ -153,7 +192,7 @@ class RewardConfig:
         fields = fields or {}
         out, used = {}, set()
         for name in self.reward_names:
-            takes = _keywords(_REGISTRY[name])
+            takes = _keywords(self.reward_fn(name))
             mine = {k: v for k, v in fields.items() if takes is None or k in takes}
             options = self._options(name)
             if set(mine) & set(options):
@@ -166,15 +205,31 @@ class RewardConfig:
         return out
 
 
+@functools.cache
+def _plugin(spec: str) -> PluginReward:
+    """One loaded plug-in per spec, so that ``_keywords`` reads its signature once."""
+    return PluginReward.parse(spec)
+
+
 # --- built-in rewards ------------------------------------------------------------------
 
-# "paper" has DOTALL on purpose; the reference code omits it, so its multi-line answer blocks
-# (the very format it rewards) never match and it verifies the whole response, think block
-# included: math-verify then reads the last \boxed{} of the text.
-_ANSWER_RE = {
-    "paper": re.compile(r"<answer>(.*?)</answer>", re.DOTALL),
-    "reference": re.compile(r"<answer>(.*?)</answer>"),
-}
+def first_block(text: str, open_tag: str, close_tag: str, *, one_line: bool = False, min_len: int = 0) -> str | None:
+    """What `re.search(open_tag + "(.{min_len,}?)" + close_tag, text, DOTALL unless one_line)`
+    captures, in linear time. The regex retries from every `open_tag` and scans to the end of the
+    text each time: minutes on a response of 40000 repeated tags. The leftmost match starts at the
+    first `open_tag` (of the first line that has one, for `one_line`) and ends at the first
+    `close_tag` far enough after it; when that one has none, no later `open_tag` has one either."""
+    for part in text.split("\n") if one_line else (text,):
+        start = part.find(open_tag)
+        if start < 0:
+            continue
+        start += len(open_tag)
+        end = part.find(close_tag, start + min_len)
+        if end >= 0:
+            return part[start:end]
+    return None
+
+
 
 # The reference pattern verbatim. It is applied with fullmatch to the raw decoded text, as
 # the reference does: a trailing newline or any text after </answer> fails the format.
@@ -193,8 +248,11 @@ def extract_answer(response: str, mode: str = "paper") -> str:
     """The first ``<answer>`` block's contents (``reference``: one on a single line), or the
     whole response; stripped."""
     _check_mode(mode)
-    match = _ANSWER_RE[mode].search(response)
-    return (match.group(1) if match else response).strip()
+    # "paper" spans lines on purpose; the reference's regex has no DOTALL, so its multi-line answer
+    # blocks (the very format it rewards) never match and it verifies the whole response, think
+    # block included: math-verify then reads the last \boxed{} of the text.
+    block = first_block(response, "<answer>", "</answer>", one_line=mode == "reference")
+    return (block if block is not None else response).strip()
 
 
 def gold_text(ground_truth: str, mode: str = "paper") -> str:
@@ -246,6 +304,22 @@ def ngram_penalty(response: str, ground_truth: str = "", *, n: int = 20, max_pen
         return 0.0
     ngrams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return (1.0 - len(set(ngrams)) / len(ngrams)) * max_penalty
+
+
+@register_reward(OVERLONG)
+def overlong_penalty(response: str, ground_truth: str = "", *, response_length: int, max_length: int,
+                     buffer: int = 256) -> float:
+    """DAPO's soft overlong punishment (arXiv 2503.14476, section 3.4): 0 up to ``max_length - buffer``
+    tokens, then linear down to -1 at ``max_length`` (the sampler's cap): a response cut by the
+    cap scores -1, one that ends just in time barely less than 0, so the policy learns to stop
+    without the noise of punishing every long but finished answer as hard as a truncated one.
+
+    response_length / max_length: the response's tokens and the cap, given by the trainer
+    (record fields); buffer: the option, ``0 < buffer <= max_length``. Off unless weighted.
+    """
+    if not 0 < buffer <= max_length:
+        raise ValueError(f"overlong buffer must be in (0, max_length={max_length}], got {buffer}")
+    return max(min((max_length - buffer - response_length) / buffer, 0.0), -1.0)
 
 
 # --- combining -------------------------------------------------------------------------
@@ -306,7 +380,7 @@ def score(
     if accuracy_mode is not None:
         config = dataclasses.replace(config, accuracy_mode=accuracy_mode)
     kwargs = config.reward_kwargs(fields)
-    terms = {name: _call(get_reward(name), response, ground_truth, kwargs[name]) for name in config.reward_names}
+    terms = {name: _call(config.reward_fn(name), response, ground_truth, kwargs[name]) for name in config.reward_names}
     return combine(terms, visual, config.weights)
 
 
@@ -343,11 +417,16 @@ def mean_metrics(scores: Sequence[Mapping], split: str | None = None) -> dict[st
 _READY = "ready"
 
 
-def _worker_loop(conn) -> None:
+def _worker_loop(conn, plugins: Sequence[PluginReward] = ()) -> None:
     """Worker process: evaluate pickled ``(fn, response, ground_truth, kwargs)`` calls until EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the trainer, which closes us
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled": we bound it
     accuracy_reward("\\boxed{1}", "1")  # warm up, so start-up never eats a task's deadline
+    for plugin in plugins:  # imported now for the same reason
+        try:
+            plugin.load()
+        except ValueError:
+            pass  # the trainer loaded it at start-up; if it fails now, each call fails and is counted
     try:
         conn.send(_READY)
         while True:
@@ -364,9 +443,9 @@ def _worker_loop(conn) -> None:
 class _Worker:
     """Parent-side handle of one worker process and the task it is running."""
 
-    def __init__(self, ctx):
+    def __init__(self, ctx, plugins: Sequence[PluginReward] = ()):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_loop, args=(child,), daemon=True)
+        self.proc = ctx.Process(target=_worker_loop, args=(child, tuple(plugins)), daemon=True)
         self.proc.start()
         child.close()  # so that the worker's death reads as EOF here
         self.ready = False
@@ -418,7 +497,8 @@ class RewardScorer:
 
     def __init__(self, config: RewardConfig = RewardConfig()):
         self.config = config
-        self._fns = {name: get_reward(name) for name in config.reward_names}
+        self._fns = {name: config.reward_fn(name) for name in config.reward_names}
+        self._plugins = [fn for fn in self._fns.values() if isinstance(fn, PluginReward)]
         for name, fn in self._fns.items():
             try:
                 pickle.dumps(fn)
@@ -426,7 +506,7 @@ class RewardScorer:
                 raise ValueError(f"reward {name!r} must be a module-level function") from exc
         self._ctx = multiprocessing.get_context("spawn")
         # Started now, so that they boot while the caller compiles; the dispatcher owns them.
-        self._workers = [_Worker(self._ctx) for _ in range(config.num_workers)]
+        self._workers = [_Worker(self._ctx, self._plugins) for _ in range(config.num_workers)]
         self._jobs: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._closed = False
@@ -501,7 +581,7 @@ class RewardScorer:
 
         def replace(worker: _Worker) -> None:
             worker.stop(kill=True)
-            workers[workers.index(worker)] = _Worker(self._ctx)
+            workers[workers.index(worker)] = _Worker(self._ctx, self._plugins)
 
         while pending or any(w.task is not None for w in workers):
             for worker in workers:

@@ -41,18 +41,18 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(LONG_MODULES)))  # stable: order within a module kept
 
 
-_RELIABILITY = {}
+_RELIABILITY = {}  # {test module: its latest running counts}
 
 
 def pytest_runtest_logreport(report):
     for name, counts in report.user_properties:
         if name == "reliability_counts":
-            _RELIABILITY.update(counts)
+            _RELIABILITY[report.nodeid.split("::")[0]] = counts
 
 
 def pytest_terminal_summary(terminalreporter):
     if _RELIABILITY:
-        c = collections.Counter(_RELIABILITY)
+        c = sum((collections.Counter(v) for v in _RELIABILITY.values()), collections.Counter())
         terminalreporter.write_line(
             f"reliability: faults injected {c['faults_injected']}, survived {c['faults_survived']}; "
             f"bad inputs tried {c['bad_inputs']}; training steps lost {c['steps_lost']}")
@@ -89,3 +89,16 @@ def hf_checkpoint(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """Trackers that send nothing anywhere: wandb offline, its settings and caches in tmp_path; the
+    URI of an MLflow file store in tmp_path (returned), which MLflow 3 uses only when allowed."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")  # no crash reports (Sentry) either
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    return f"file://{tmp_path / 'mlruns'}"
