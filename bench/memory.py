@@ -11,7 +11,8 @@ Nothing is materialised: params, optimizer state and batches are `jax.ShapeDtype
 the shardings of `pr1_jax.sharding.param_shardings(models.abstract_params(module), mesh)` (the
 trainer's placement; mesh `[data=1, fsdp=N/4, tensor=4]` as `configs/paper_qwen25vl7b_v5p.yaml`).
 Each program is jitted exactly as the trainer does it (`Learner.step`'s `train_step` with its
-in/out shardings and donation; `Sampler`; `Judge.forward`), lowered and compiled for the N
+in/out shardings and donation; `Sampler`; `Judge.forward`, and with `--programs judge_paper` the
+paper configs' constrained-decode judge), lowered and compiled for the N
 virtual CPU devices; `compiled.memory_analysis()` gives the per-device bytes: arguments (params,
 optimizer state, inputs), outputs, temporaries (activations, KV cache, gradients) and aliased
 (donated) bytes. peak = arguments + outputs + temporaries - aliased.
@@ -291,7 +292,40 @@ def judge_stats(mesh, judge_cfg, rows: int, a) -> dict:
     return _compile(forward, params, batch)
 
 
-PROGRAMS = {"train_step": train_step_stats, "sampler": sampler_stats, "judge": judge_stats}
+def judge_paper_stats(mesh, judge_cfg, rows: int, a) -> dict:
+    """The paper configs' judge (`pr1_jax.judge.paper`, jitted as `Judge` does): the shared system
+    turn prefilled once, rows of `--judge-length` tokens, the constrained decode of
+    `--annotations` digits. Its prompt is a stand-in of the reference's lengths (a system turn of
+    1,300 tokens, 6-token tag segments): no tokenizer here."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from models import abstract_params
+    from models.causal_lm import QwenCausalLM
+    from pr1_jax.judge.paper import PaperBatch, PaperPrompt, paper_forward
+    from pr1_jax.sharding import batch_sharding, param_shardings
+
+    module = QwenCausalLM(judge_cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention=a.attention)
+    boxed = abstract_params(module)
+    params = _abstract(nn.unbox(boxed), param_shardings(boxed, mesh))
+
+    def sds(shape, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, shape))
+
+    k, length = a.annotations, a.judge_length
+    prompt = PaperPrompt(system_ids=(1,) * 1300, user_parts=("", "", ""), tail_ids=(), segments=((2,) * 6,) * k,
+                         digit_ids=(15, 16))
+    batch = PaperBatch(input_ids=sds((rows, length)), attention_mask=sds((rows, length)), last=sds((rows,)),
+                       valid=sds((rows, k), jnp.bool_))
+    forward = jax.jit(lambda p, b: paper_forward(module, p, b, prompt, "hard", mesh),
+                      out_shardings=NamedSharding(mesh, P()))
+    return _compile(forward, params, batch)
+
+
+PROGRAMS = {"train_step": train_step_stats, "sampler": sampler_stats, "judge": judge_stats,
+            "judge_paper": judge_paper_stats}
 
 
 def worker(a) -> None:
@@ -422,7 +456,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--devices", type=int, nargs="+", default=[8, 16, 32])
-    p.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=list(PROGRAMS))
+    p.add_argument("--programs", nargs="+", default=["train_step", "sampler", "judge"], choices=list(PROGRAMS))
     p.add_argument("--tensor", type=int, default=4, help="tensor axis of the mesh [1, N/tensor, tensor]")
     p.add_argument("--layers", type=int, default=0, help="decoder layers of both models; 0 = the real depth")
     p.add_argument("--search", type=int, default=4, help="compiles per capacity in the batch search")

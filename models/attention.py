@@ -54,13 +54,14 @@ kernel runs per shard (batch over the rules' `batch` axes, heads over `q_heads` 
 from __future__ import annotations
 
 import functools
-import math
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha
+
+from models.layers import logical_spec
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 _SPLASH_BLOCK = 128  # splash's default block sizes; sequences and head dims are padded to it
@@ -300,7 +301,7 @@ def _splash(q, k, v, mask: AttentionMask):
     rules = nn.get_logical_axis_rules()
     if mesh.empty or not rules:
         return _splash_local(q, k, v, mask.q_segment, mask.kv_segment, mask.causal)
-    spec = functools.partial(_local_spec, mesh=mesh, rules=rules)
+    spec = functools.partial(logical_spec, mesh=mesh, rules=rules)
     q_spec = spec(("batch", "q_heads", None, None), q.shape)
     kv_spec = spec(("batch", "kv_heads", None, None), k.shape)
     # GQA groups must stay whole on a shard: heads split only where both head counts divide.
@@ -310,15 +311,6 @@ def _splash(q, k, v, mask: AttentionMask):
     fn = functools.partial(_splash_local, causal=mask.causal)
     return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec), out_specs=q_spec,
                          check_vma=False)(q, k, v, mask.q_segment, mask.kv_segment)
-
-
-def _local_spec(names, shape, mesh, rules) -> jax.sharding.PartitionSpec:
-    """Mesh axes of `names` under `rules`; a dimension they do not divide stays whole."""
-    axes = []
-    for dim, ax in zip(shape, nn.logical_to_mesh_axes(names, rules)):
-        size = math.prod(mesh.shape[a] for a in ((ax,) if isinstance(ax, str) else ax or ()))
-        axes.append(ax if ax is not None and dim % size == 0 else None)
-    return jax.sharding.PartitionSpec(*axes)
 
 
 def _splash_local(q, k, v, q_segment, kv_segment, causal: bool):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from models.attention import AttentionMask, SharedPrefixMask, attend, attend_shared_prefix, padding_last, resolve
 from models.config import TextConfig
-from models.layers import Dtype, RMSNorm, apply_rope, dense, layer_stack, rope_inv_freq
+from models.layers import Dtype, RMSNorm, apply_rope, constrain, dense, layer_stack, rope_inv_freq
 
 
 @flax.struct.dataclass
@@ -106,16 +106,21 @@ class DecoderLayer(nn.Module):
         `mask.index` and the query attends to its group's prompt and its own response so far."""
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, t, _ = x.shape
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = constrain(x, ("batch", "length", "embed"))
         h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
         q = dense(cfg.num_heads * cfg.head_dim, ("embed", "q_heads"), name="q_proj", **kw)(h)
         k = dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), name="k_proj", **kw)(h)
         v = dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), name="v_proj", **kw)(h)
-        q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), cos, sin).swapaxes(1, 2)
-        k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), cos, sin).swapaxes(1, 2)
-        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim).swapaxes(1, 2)
-        q = nn.with_logical_constraint(q, ("batch", "q_heads", "length", None))
-        k, v = (nn.with_logical_constraint(a, ("batch", "kv_heads", "length", None)) for a in (k, v))
+
+        def heads(a, n, name):
+            # Split by whole heads right at the reshape: the projection's columns (heads x
+            # head_dim) may divide where the head count does not, and a layout split inside the
+            # head dim cannot become a split over heads without a full copy.
+            return constrain(a.reshape(b, t, n, cfg.head_dim), ("batch", "length", name, None))
+
+        q = apply_rope(heads(q, cfg.num_heads, "q_heads"), cos, sin).swapaxes(1, 2)
+        k = apply_rope(heads(k, cfg.num_kv_heads, "kv_heads"), cos, sin).swapaxes(1, 2)
+        v = heads(v, cfg.num_kv_heads, "kv_heads").swapaxes(1, 2)
         implementation = self.attention
         if isinstance(mask, SharedPrefixMask):  # kv: (prompt k, prompt v, response k, response v)
             pk, pv, rk, rv = kv
@@ -132,15 +137,15 @@ class DecoderLayer(nn.Module):
                 kv = (k, v)
             attn = attend(q, k, v, mask, implementation, self.dtype)
         attn = attn.swapaxes(1, 2).reshape(b, t, -1)
-        attn = nn.with_logical_constraint(attn, ("batch", "length", "q_heads"))
+        attn = constrain(attn, ("batch", "length", "q_heads"))
         x = x + dense(cfg.hidden_size, ("q_heads", "embed"), use_bias=False, name="o_proj", **kw)(attn)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = constrain(x, ("batch", "length", "embed"))
         h = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         gate = dense(cfg.intermediate_size, ("embed", "mlp"), use_bias=False, name="gate_proj", **kw)(h)
         up = dense(cfg.intermediate_size, ("embed", "mlp"), use_bias=False, name="up_proj", **kw)(h)
-        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        hidden = constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
         x = x + dense(cfg.hidden_size, ("mlp", "embed"), use_bias=False, name="down_proj", **kw)(hidden)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed")), kv
+        return constrain(x, ("batch", "length", "embed")), kv
 
 
 class Qwen2Decoder(nn.Module):

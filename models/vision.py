@@ -7,7 +7,7 @@ breaks on a mask bias (`models.attention`). Which patch may attend to which is g
 segment ids computed on the host (`models/positions.py:vision_inputs`): the frame a patch belongs
 to (full attention) and, for Qwen2.5-VL, its window. Qwen2.5-VL works in window order: patches
 are permuted by merge unit before the blocks and the merged tokens are put back in image order
-after the merger.
+before the merger's MLP.
 
 Differences (transformers 5.24 is the reference):
 - Qwen2-VL: LayerNorm blocks, quick_gelu MLP (fc1/fc2), full attention everywhere, LayerNorm merger.
@@ -124,8 +124,12 @@ class VisionTower(nn.Module):
             x = layer_norm(1e-6, self.dtype, self.param_dtype, "merger_ln_q")(x)
         else:
             x = RMSNorm(1e-6, name="merger_ln_q", **kw)(x)
+        # Back in image order before the merger's MLP, which works token by token (the same result
+        # as after it): gathered after it, the tokens would be split along the decoder's width
+        # (the last kernel's `embed`, over the model axis) while the groups are split over the
+        # data axes, and XLA would replicate them to take the gather.
         x = x.reshape(x.shape[0], -1, cfg.width * cfg.spatial_merge_size**2)
+        x = jnp.take_along_axis(x, vi.unperm[..., None], axis=1)
         merged = cfg.width * cfg.spatial_merge_size**2
         x = dense(merged, ("v_merge", "v_merge_out"), name="merger_mlp_0", **kw)(x)
-        x = dense(cfg.out_dim, ("v_merge_out", "embed"), name="merger_mlp_2", **kw)(nn.gelu(x, approximate=False))
-        return jnp.take_along_axis(x, vi.unperm[..., None], axis=1)
+        return dense(cfg.out_dim, ("v_merge_out", "embed"), name="merger_mlp_2", **kw)(nn.gelu(x, approximate=False))
