@@ -72,12 +72,13 @@ def resolve(checkpoint: str | Path) -> tuple[Path, int]:
 def load_run_policy(checkpoint: str | Path, mesh: Mesh | None = None):
     """(the run's TrainConfig, the step read, the trained policy as a `Model` computing in the
     run's `learner.dtype`). With a mesh, every param is restored straight to its shards."""
-    run, step = resolve(checkpoint)
+    run = locate(checkpoint)[0]
     cfg = configlib.load(TrainConfig, run / "config.yaml")
     if not cfg.model.policy or not Path(cfg.model.policy).is_dir():
         raise configlib.ConfigError(f"{run / 'config.yaml'}: model.policy {cfg.model.policy} is not a directory "
                                     "(moved?); the run's base model gives the architecture")
     model_cfg = load_config(cfg.model.policy)
+    step = resolve(checkpoint)[1]
     boxed = abstract_params(QwenCausalLM(model_cfg, param_dtype=as_dtype(cfg.learner.param_dtype)))
     abstract = nn.unbox(boxed)
     if mesh is not None:
