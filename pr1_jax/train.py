@@ -85,6 +85,9 @@ class Trainer:
             cfg = prepare_run(cfg)
         elif not cfg.model.policy:
             raise configlib.ConfigError("model.policy is required (or tiny.enabled=true)")
+        # seq-mean-token-sum-norm's constant defaults to the sampler's response cap.
+        cfg = dataclasses.replace(cfg, learner=dataclasses.replace(
+            cfg.learner, loss=cfg.learner.loss.with_norm_length(cfg.sampling.max_new_tokens)))
         self.cfg = cfg
         metric = cfg.data.dynamic_sampling.metric
         if cfg.data.dynamic_sampling.enabled and metric not in {"overall", "overall_reference", *cfg.reward.weights}:
@@ -111,10 +114,7 @@ class Trainer:
             raise configlib.ConfigError(
                 f"learner.max_tokens_per_micro_batch={cfg.learner.max_tokens_per_micro_batch} cannot hold a prompt of "
                 f"data.max_prompt_length + sampling.max_new_tokens = {longest} tokens")
-        # seq-mean-token-sum-norm's constant defaults to the sampler's response cap.
-        learner_cfg = dataclasses.replace(cfg.learner, loss=cfg.learner.loss.with_norm_length(
-            self.sample_cfg.max_new_tokens))
-        self.learner = Learner(model_cfg, learner_cfg, self.mesh, self.total_steps,
+        self.learner = Learner(model_cfg, cfg.learner, self.mesh, self.total_steps,
                                temperature=self.sample_cfg.score_temperature, attention=cfg.model.attention)
         self.policy = load_model(cfg.model.policy, self.mesh, dtype=cfg.learner.dtype,
                                  param_dtype=cfg.learner.param_dtype, attention=cfg.model.attention)
@@ -196,6 +196,16 @@ class Trainer:
 
     # -- one step --
 
+    def _produce(self, batch: dict) -> tuple[Rollout, list[dict], dict]:
+        """One rollout of a data batch and its scores: (rollout, score dicts, extra metrics)."""
+        self.key, sample_key = jax.random.split(self.key)
+        t0 = time.perf_counter()
+        ro = rollout(self.policy, self.state.params, self.sampler, self.tokenizer, batch, sample_key, self.mesh,
+                     self.cfg.data.patch_limit_per_record)
+        t_sample = time.perf_counter() - t0
+        scores, extra = self._score(ro, batch)
+        return ro, scores, dict(extra, sec_sample=t_sample)
+
     def _score(self, ro: Rollout, batch: dict) -> tuple[list[dict], dict]:
         """Host rewards in worker processes while the judge runs on the device, combined by the
         one reward path; the score dicts (row-aligned with the samples) and timing/diagnostic
@@ -257,16 +267,6 @@ class Trainer:
                       first_group=jax.process_index() * groups)
         tokens = sum(allgather_json(int(np.asarray(packed.attention_mask).sum())))
         return packed, tokens / (packed.input_ids.size * jax.process_count())
-
-    def _produce(self, batch: dict) -> tuple[Rollout, list[dict], dict]:
-        """One rollout of a data batch and its scores: (rollout, score dicts, extra metrics)."""
-        self.key, sample_key = jax.random.split(self.key)
-        t0 = time.perf_counter()
-        ro = rollout(self.policy, self.state.params, self.sampler, self.tokenizer, batch, sample_key, self.mesh,
-                     self.cfg.data.patch_limit_per_record)
-        t_sample = time.perf_counter() - t0
-        scores, extra = self._score(ro, batch)
-        return ro, scores, dict(extra, sec_sample=t_sample)
 
     def train_step(self, step: int, batch: dict) -> dict:
         t0 = time.perf_counter()
