@@ -160,8 +160,8 @@ def test_update_lowers(arch, attention, mesh):
 @pytest.mark.parametrize("attention", list(PATHS))
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
 def test_sampler_lowers(arch, attention, mesh):
-    """Prefill (2 left-padded prompts of 11 tokens, per-row vision of 16 patches) and the decode
-    loop (2 samples each, 5 new tokens; decode steps take the XLA path)."""
+    """Prefill (2 left-padded prompts of 11 tokens, per-row vision of 16 patches) and a decode
+    segment (2 samples each, 5 new tokens; decode steps take the XLA path whatever the setting)."""
     cfg = config_from_dict(tiny_config(arch).to_dict())
     b, t = 2, 11
     module = QwenCausalLM(cfg, dtype=jnp.bfloat16, attention=attention)
@@ -171,8 +171,11 @@ def test_sampler_lowers(arch, attention, mesh):
     sampler = Sampler(module, scfg, mesh)
     key = S((), jax.eval_shape(lambda: jax.random.key(0)).dtype)
     args = (params, S((b, t), I32), S((3, b, t), I32), S((b, t), I32), _vision(cfg.vision, b, 16), S((b,), I32),
-            key, S((b,), I32), scfg)
-    _check(_lower_paths(sampler._fn, args, attention), attention, backward=False)
+            key, S((b,), I32), scfg, 1)
+    _check(_lower_paths(sampler._prefill, args, attention), attention, backward=False)
+    with as_platform(PATHS[attention][0]):
+        decode_params, state = sampler._prefill.eval_shape(*args)
+    _check(_lower_paths(sampler._segment, (decode_params, state, scfg), attention), "xla", backward=False)
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,7 @@ def test_no_recompilation_after_the_first_step(assets, tmp_path, packing):
             counter.label = None
 
     trainer.train_step = counted
-    trainer.save = lambda step: None  # checkpointing is tested elsewhere; it only costs time here
+    trainer.save = lambda step, data_state=None: None  # checkpointing is tested elsewhere; it only costs time here
     monitoring.register_event_duration_secs_listener(counter)
     try:
         trainer.fit()
