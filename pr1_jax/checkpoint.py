@@ -13,6 +13,7 @@ and `close()` wait for it. A crash before the rename leaves the temporary direct
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,18 @@ import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
+
+
+def _drop_closed_loop_reports(unraisable, report=sys.unraisablehook) -> None:
+    """After a failed restore, a callback of Orbax's storage layer can still be scheduled on the
+    asyncio loop Orbax has closed; Python reports it at exit as an ignored RuntimeError with a
+    traceback, after our one-line error. Only that report is dropped; every other goes on."""
+    exc = unraisable.exc_value
+    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+        report(unraisable)
+
+
+sys.unraisablehook = _drop_closed_loop_reports
 
 
 class CheckpointRestoreError(RuntimeError):

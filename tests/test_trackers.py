@@ -4,6 +4,7 @@ going on in the same tracker run; and the start-up errors. Nothing is sent anywh
 
 import json
 import math
+import time
 
 import pytest
 
@@ -36,6 +37,9 @@ def test_every_backend_offline_and_resumed(offline, tmp_path):
                         mlflow_tracking_uri=offline)
     _run(cfg, run, [1, 2])
     ids = json.loads((run / "trackers.json").read_text())
+    # wandb names an offline session's directory by the second it starts: two sessions of one run
+    # started within a second would share it.
+    time.sleep(1.1)
     _run(cfg, run, [3])  # a resumed run: the same run directory
     assert json.loads((run / "trackers.json").read_text()) == ids
 
