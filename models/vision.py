@@ -1,4 +1,4 @@
-"""Vision towers of Qwen2-VL and Qwen2.5-VL, one module with the differences as config.
+"""Vision towers of Qwen2-VL, Qwen2.5-VL and Qwen3-VL, one module with the differences as config.
 
 Patches of all images of a batch are packed in one sequence `[P, C*T*ph*pw]` (the HF layout), padded
 to a static P. Which patch may attend to which is given by integer segment ids computed on the
@@ -10,6 +10,12 @@ Differences (transformers 5.24 is the reference):
 - Qwen2-VL: LayerNorm blocks, quick_gelu MLP (fc1/fc2), full attention everywhere, LayerNorm merger.
 - Qwen2.5-VL: RMSNorm blocks, gated SiLU MLP with biases, window attention except in
   `fullatt_block_indexes`, RMSNorm merger.
+- Qwen3-VL: 16-pixel patches with a bias, plus a learned square grid of position embeddings
+  bilinearly resampled to each image's grid (taps and weights from the host, `pos_index` /
+  `pos_weight`); LayerNorm blocks, tanh-GELU MLP (linear_fc1/fc2), full attention everywhere,
+  LayerNorm merger; DeepStack: the outputs of `deepstack_visual_indexes` blocks go through their
+  own mergers (LayerNorm after the 2x2 shuffle) and ride beside the visual tokens, concatenated on
+  the feature axis: `[M, (1 + k) * out_dim]`, so the learner and sampler move one array.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ class VisionInputs:
     seg_full:     [P] frame id for full attention, working order; padding rows share one id
     seg_window:   [P] window id (= seg_full for Qwen2-VL), working order
     unperm:       [P // merge**2] merged-token index in working order for each token in image order
+    pos_index, pos_weight: [P, 4] Qwen3-VL only (else None): the learned position grid's bilinear
+                  taps (flat index) and weights for each patch, working order
     """
 
     pixel_values: jax.Array
@@ -42,6 +50,8 @@ class VisionInputs:
     seg_full: jax.Array
     seg_window: jax.Array
     unperm: jax.Array
+    pos_index: jax.Array | None = None
+    pos_weight: jax.Array | None = None
 
 
 def _quick_gelu(x):
@@ -55,7 +65,7 @@ class VisionBlock(nn.Module):
     attention: str = "xla"  # resolved (see models.attention)
 
     def _norm(self, name):
-        if self.cfg.kind == "qwen2_vl":
+        if self.cfg.kind in ("qwen2_vl", "qwen3_vl"):
             return layer_norm(1e-6, self.dtype, self.param_dtype, name)
         return RMSNorm(1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
@@ -79,15 +89,22 @@ class VisionBlock(nn.Module):
         if cfg.kind == "qwen2_vl":
             h = _quick_gelu(dense(cfg.mlp_dim, ("v_embed", "v_mlp"), name="fc1", **kw)(h))
             h = dense(cfg.width, ("v_mlp", "v_embed"), name="fc2", **kw)(h)
+        elif cfg.kind == "qwen3_vl":
+            h = dense(cfg.mlp_dim, ("v_embed", "v_mlp"), name="linear_fc1", **kw)(h)
+            h = nn.gelu(h, approximate=cfg.hidden_act == "gelu_pytorch_tanh")
+            h = dense(cfg.width, ("v_mlp", "v_embed"), name="linear_fc2", **kw)(h)
         else:
             gate = dense(cfg.mlp_dim, ("v_embed", "v_mlp"), name="gate_proj", **kw)(h)
             up = dense(cfg.mlp_dim, ("v_embed", "v_mlp"), name="up_proj", **kw)(h)
             h = dense(cfg.width, ("v_mlp", "v_embed"), name="down_proj", **kw)(nn.silu(gate) * up)
-        return x + h, None
+        x = x + h
+        # DeepStack reads intermediate blocks: every block's output leaves the scan (depth x [P, W]).
+        return x, (x if cfg.deepstack_visual_indexes else None)
 
 
 class VisionTower(nn.Module):
-    """Packed patches -> merged visual tokens `[P // merge**2, out_dim]` in image order."""
+    """Packed patches -> merged visual tokens `[P // merge**2, out_dim]` in image order
+    (Qwen3-VL with DeepStack: `[P // merge**2, (1 + k) * out_dim]`, see the module docstring)."""
 
     cfg: VisionConfig
     dtype: Dtype = jnp.float32
@@ -95,32 +112,47 @@ class VisionTower(nn.Module):
     remat: bool = False
     attention: str = "auto"  # see models.attention
 
+    def _merger(self, x, prefix: str, postshuffle: bool = False):
+        """2x2 patch groups -> one token: norm (per patch, or over the group with `postshuffle`),
+        then Linear-GELU-Linear."""
+        cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        merged = cfg.width * cfg.spatial_merge_size**2
+        if postshuffle:
+            x = x.reshape(-1, merged)
+        if cfg.kind == "qwen2_5_vl":
+            x = RMSNorm(1e-6, name=f"{prefix}_ln_q", **kw)(x)
+        else:
+            x = layer_norm(1e-6, self.dtype, self.param_dtype, f"{prefix}_ln_q")(x)
+        x = x.reshape(-1, merged)
+        x = dense(merged, ("v_merge", "v_merge_out"), name=f"{prefix}_mlp_0", **kw)(x)
+        return dense(cfg.out_dim, ("v_merge_out", "embed"), name=f"{prefix}_mlp_2", **kw)(nn.gelu(x, approximate=False))
+
     @nn.compact
     def __call__(self, vi: VisionInputs):
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        qwen3 = cfg.kind == "qwen3_vl"
         # Conv3d with kernel = stride = patch is a Dense over the flattened patch.
-        x = dense(cfg.width, ("v_patch", "v_embed"), use_bias=False, name="patch_embed", **kw)(
+        x = dense(cfg.width, ("v_patch", "v_embed"), use_bias=qwen3, name="patch_embed", **kw)(
             vi.pixel_values.astype(self.dtype)
         )
         x = x[vi.perm]
-        inv = rope_inv_freq(cfg.head_dim // 2, 10000.0)
+        if qwen3:
+            table = self.param("pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("v_patch", "v_embed")),
+                               (cfg.num_position_embeddings, cfg.width), self.param_dtype)
+            taps = table[vi.pos_index].astype(jnp.float32) * vi.pos_weight[..., None].astype(jnp.float32)
+            x = x + taps.sum(1).astype(x.dtype)
+        inv = rope_inv_freq(cfg.head_dim // 2, cfg.rope_theta)
         freqs = (vi.rot_pos[..., None].astype(jnp.float32) * inv).reshape(x.shape[0], -1)
         emb = jnp.concatenate([freqs, freqs], axis=-1)
         cos, sin = jnp.cos(emb), jnp.sin(emb)
         is_full = jnp.array(
-            [cfg.kind == "qwen2_vl" or i in cfg.fullatt_block_indexes for i in range(cfg.depth)]
+            [cfg.kind != "qwen2_5_vl" or i in cfg.fullatt_block_indexes for i in range(cfg.depth)]
         )
 
         stack = layer_stack(VisionBlock, cfg.depth, self.remat, num_broadcast=4)
         blocks = stack(cfg, self.dtype, self.param_dtype, resolve(self.attention, self.dtype), name="blocks")
-        x, _ = blocks(x, is_full, cos, sin, vi.seg_full, vi.seg_window)
-
-        if cfg.kind == "qwen2_vl":
-            x = layer_norm(1e-6, self.dtype, self.param_dtype, "merger_ln_q")(x)
-        else:
-            x = RMSNorm(1e-6, name="merger_ln_q", **kw)(x)
-        x = x.reshape(-1, cfg.width * cfg.spatial_merge_size**2)
-        merged = cfg.width * cfg.spatial_merge_size**2
-        x = dense(merged, ("v_merge", "v_merge_out"), name="merger_mlp_0", **kw)(x)
-        x = dense(cfg.out_dim, ("v_merge_out", "embed"), name="merger_mlp_2", **kw)(nn.gelu(x, approximate=False))
-        return x[vi.unperm]
+        x, taps = blocks(x, is_full, cos, sin, vi.seg_full, vi.seg_window)
+        out = [self._merger(x, "merger")]
+        out += [self._merger(taps[i], f"deepstack_{j}", postshuffle=True)
+                for j, i in enumerate(cfg.deepstack_visual_indexes)]
+        return jnp.concatenate(out, axis=-1)[vi.unperm]
