@@ -146,7 +146,8 @@ def vision_layout(image_grid_thw, num_patches: int, cfg: VisionConfig) -> dict[s
     extra = {}
     if cfg.kind == "qwen3_vl":
         pad = num_patches - real
-        extra["pos_index"] = np.concatenate([t[0] for t in taps] + [np.zeros((pad, 4), np.int64)])[perm].astype(np.int32)
+        index = np.concatenate([t[0] for t in taps] + [np.zeros((pad, 4), np.int64)])
+        extra["pos_index"] = index[perm].astype(np.int32)
         extra["pos_weight"] = np.concatenate([t[1] for t in taps] + [np.zeros((pad, 4), np.float32)])[perm]
     return dict(
         **extra,

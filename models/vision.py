@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from models.config import VisionConfig
 from models.attention import AttentionMask, attend, resolve
-from models.layers import Dtype, RMSNorm, apply_rope, dense, layer_norm, layer_stack, rope_inv_freq
+from models.layers import Dtype, RMSNorm, apply_rope, dense, layer_norm, layer_stack, param_init, rope_inv_freq
 
 
 @flax.struct.dataclass
@@ -137,8 +137,8 @@ class VisionTower(nn.Module):
         )
         x = x[vi.perm]
         if qwen3:
-            table = self.param("pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("v_patch", "v_embed")),
-                               (cfg.num_position_embeddings, cfg.width), self.param_dtype)
+            table = self.param("pos_embed", param_init(("v_patch", "v_embed")), (cfg.num_position_embeddings, cfg.width),
+                               self.param_dtype)
             taps = table[vi.pos_index].astype(jnp.float32) * vi.pos_weight[..., None].astype(jnp.float32)
             x = x + taps.sum(1).astype(x.dtype)
         inv = rope_inv_freq(cfg.head_dim // 2, cfg.rope_theta)

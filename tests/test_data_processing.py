@@ -408,8 +408,8 @@ def test_qwen3vl_images_match_its_hf_processor(tokenizer, pixels):
     size = {"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]}
     hf = _NoVideo(image_processor=Qwen2VLImageProcessorPil(**{**QWEN3VL_PREPROCESSOR, "size": size}),
                   tokenizer=tokenizer, video_processor=None, chat_template=tokenizer.chat_template)
-    config = DataConfig(tokenizer_path=str(TOKENIZER_DIR), image_processor="qwen3_vl", max_prompt_length=1 << 16, max_images_per_record=4,
-                        **pixels)
+    config = DataConfig(tokenizer_path=str(TOKENIZER_DIR), image_processor="qwen3_vl", max_prompt_length=1 << 16,
+                        max_images_per_record=4, **pixels)
     names = ["plain_150x100", "over_max_2000x1500", "tall_30x900", "rgba_geometry3k"]
     images = [Image.open(io.BytesIO(CASES[n][0])) for n in names]
     record = Record(id="q3", problem="Compare the figures.", answer="5",

@@ -309,7 +309,8 @@ def test_qwen3_judge_answers_without_thinking(hf_checkpoint, tok):
     tok3.chat_template = QWEN3_STYLE_TEMPLATE
     model, path = hf_checkpoint("qwen3", vocab_size=VOCAB)
     judge = Judge.from_model(tok3, load_pretrained(path), CFG)
-    assert render_prompt(tok3, CFG, RESPONSES[0], ANNOTATIONS[0][0]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    no_thinking = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert render_prompt(tok3, CFG, RESPONSES[0], ANNOTATIONS[0][0]).endswith(no_thinking)
     assert tok3.decode(judge.pieces.tail_ids).endswith("<think>\n\n</think>\n\n")
     yes, no = answer_ids(tok3)
     out = judge(RESPONSES[:2], ANNOTATIONS[:2])
