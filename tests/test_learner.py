@@ -278,8 +278,9 @@ def test_recomputed_old_logprobs(setup):
     assert float(metrics["loss"]) == pytest.approx(float(ref["loss"]), abs=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2"])
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2", "qwen3_vl"])
 def test_logprobs_equal_sampler_other_archs(hf_checkpoint, arch):
+    """Qwen3-VL: the learner's per-prompt features carry DeepStack's levels beside the visual tokens."""
     model = load_pretrained(hf_checkpoint(arch)[1])
     rng = np.random.default_rng(5)
     if arch == "qwen2":
@@ -288,7 +289,8 @@ def test_logprobs_equal_sampler_other_archs(hf_checkpoint, arch):
         mask[1, :3] = 0
         pv = thw = None
     else:  # window attention: a 8x8-patch image spans several windows
-        ids, mask, _, pv, thw = vlm_batch([[(1, 8, 8)], [(1, 4, 4), (1, 4, 8)]], [(2, 1), (1, 2)], rng)
+        ids, mask, _, pv, thw = vlm_batch([[(1, 8, 8)], [(1, 4, 4), (1, 4, 8)]], [(2, 1), (1, 2)], rng,
+                                          patch=16 if arch == "qwen3_vl" else 14)
     inputs = model.prepare_inputs(ids, mask, pv, thw)
     out = Sampler(model.module, SamplingConfig(max_new_tokens=5, eos_ids=EOS, pad_id=PAD, temperature=1.0, n=2))(
         model.params, inputs, jax.random.key(2))
