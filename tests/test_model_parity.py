@@ -246,3 +246,16 @@ def test_unsupported_rope_scaling_is_refused(hf_checkpoint, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="rope type 'yarn' is not supported"):
         load_pretrained(tmp_path)
+
+
+def test_video_tokens_are_refused(hf_checkpoint):
+    """No video path: a video token among the real tokens is an error, not a text token."""
+    from reference import VIDEO
+
+    model = load_pretrained(hf_checkpoint("qwen3_vl")[1])
+    ids, mask, _, pv, thw = vlm_batch([[(1, 4, 4)]], [(2, 2)], np.random.default_rng(0), patch=16)
+    ids[0, 0] = VIDEO
+    with pytest.raises(ValueError, match="video inputs are not supported"):
+        model.prepare_inputs(ids, mask, pv, thw)
+    mask[0, 0] = 0  # padding may hold any id
+    model.prepare_inputs(ids, mask, pv, thw)
