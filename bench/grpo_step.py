@@ -107,7 +107,8 @@ def split_step(trainer, batch, timed: Timed) -> dict:
     annotations = [a for a in batch["annotations"] for _ in range(n)]
     judged = trainer.judge.submit(ro.texts, annotations).result()
     t2 = time.perf_counter()
-    host = trainer.scorer.submit(train.reward_records(trainer.cfg.reward, ro.texts, batch, n)).result()
+    host = trainer.scorer.submit(train.reward_records(trainer.cfg.reward, ro.texts, batch, n, ro.samples.lengths,
+                                                      trainer.sample_cfg.max_new_tokens)).result()
     scores = combine_batch(host.terms, judged, trainer.cfg.reward.weights)
     adv = np.asarray(group_advantages(np.array([s["overall"] for s in scores], np.float32), n))
     t3 = time.perf_counter()

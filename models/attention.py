@@ -19,16 +19,23 @@ Implementations:
 - "xla": fp32 scores [B, K, G, T, S] and softmax, the way transformers' eager path computes them
   (the parity path on CPU; decode steps always take it: at T = 1 its scores are a sliver next to
   the cache it reads). The mask is compared from the vectors inside the softmax fusion.
-- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused flash attention
-  (GPU, bf16 / fp16): no [T, S] scores in memory; `is_causal` for causal masks; segments and
-  shared keys enter as one additive bias [B, 1, T, S] in the compute dtype (`AttentionMask.prepare`
-  builds it once per forward, outside the layer loop, the same for every layer and head).
+- "cudnn": cuDNN's fused flash attention (GPU, bf16 / fp16), the kernel behind
+  `jax.nn.dot_product_attention(implementation="cudnn")`: no [T, S] scores in memory; causality
+  in the kernel. Padding at the end of each row (`AttentionMask.lengths`, what the decoder makes
+  of its padding: `padding_last`) enters as per-row lengths, nothing O(T x S); other masks
+  (frames and windows of the vision towers, the judge's branches) as one additive bias
+  [B, 1, T, S] in the compute dtype. The bias takes no gradient, odd lengths are padded to even
+  ones (cuDNN's backward takes no other), and the masked value is JAX's own for cuDNN (-2^41 in
+  bf16: cuDNN mis-subtracts two dtype minima).
 - "pallas": splash attention (TPU, `jax.experimental.pallas.ops.tpu.splash_attention`): causal
   masks and segment ids in the kernel, no O(T x S) tensor at all. Masks with shared keys (the
-  judge's prefix) are not segment masks: they take "xla". On other backends the kernel runs in
-  Pallas' interpreter (tests).
+  judge's prefix) are not segment masks: they take "xla". On CPU the kernel runs in Pallas'
+  interpreter (tests); on a GPU it is refused.
 - "auto": "cudnn" on GPUs for bf16 / fp16 compute, "pallas" on TPUs (on one chip, or on several
-  inside `models.layers.activation_sharding`), "xla" otherwise.
+  inside `models.layers.activation_sharding`), "xla" otherwise: never an interpreter.
+
+An explicit setting the backend or the compute dtype cannot run ("cudnn" off a GPU or in fp32,
+"pallas" on a GPU) is an error when the model is first traced (at start-up), naming it.
 
 Under a mesh context with logical axis rules (`models.layers.activation_sharding`), the splash
 kernel runs per shard (batch over the rules' `batch` axes, heads over `q_heads` / `kv_heads`).
@@ -43,19 +50,30 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 _SPLASH_BLOCK = 128  # splash's default block sizes; sequences and head dims are padded to it
+# The additive mask value of JAX's cuDNN path (`get_large_negative_number` there): cuDNN gets the
+# difference of two dtype minima wrong, so the masked value stays far above them.
+_CUDNN_MASKED = {jnp.dtype(jnp.bfloat16): -2.0 ** 41, jnp.dtype(jnp.float16): -2.0 ** 15}
 
 
 def resolve(setting: str, dtype) -> str:
-    """The implementation `setting` stands for on the default backend, for compute `dtype`."""
+    """The implementation `setting` stands for on the default backend, for compute `dtype`;
+    a setting that cannot run there is a ValueError naming it."""
     if setting not in IMPLEMENTATIONS:
         raise ValueError(f"attention {setting!r}: expected one of {IMPLEMENTATIONS}")
+    backend, half = jax.default_backend(), jnp.dtype(dtype) in _CUDNN_MASKED
+    if setting == "cudnn" and (backend != "gpu" or not half):
+        raise ValueError(f"model.attention 'cudnn' runs on GPUs with bfloat16 / float16 compute, not with "
+                         f"{jnp.dtype(dtype).name} on {backend}: use 'auto' or 'xla'")
+    if setting == "pallas" and backend == "gpu":
+        raise ValueError("model.attention 'pallas' is TPU splash attention (on a GPU it would run in Pallas' "
+                         "interpreter): use 'auto', 'cudnn' or 'xla'")
     if setting != "auto":
         return setting
-    backend = jax.default_backend()
-    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    if backend == "gpu" and half:
         return "cudnn"
     # GSPMD cannot split a Pallas kernel: on several chips it runs per shard, which needs the mesh
     # of `activation_sharding`; without it the XLA path is the safe choice.
@@ -69,8 +87,10 @@ class AttentionMask:
     """Which keys each query sees (see the module docstring).
 
     q_segment: [B, T] int32; kv_segment: [B, S] int32; kv_shared: [B, S] bool or None;
-    q_offset: [] int32, the cache slot of query 0; causal: static. bias: [B, 1, T, S] in the
-    compute dtype (0 or a large negative), only when `prepare` made it for "cudnn".
+    q_offset: [] int32, the cache slot of query 0; causal: static. lengths: [B] int32 or None,
+    set (by `right_padded`) where the segments are padding at the end of each row, the form
+    cuDNN takes without a bias. bias: [B, 1, T, S] in the compute dtype (0 or the masked value),
+    only when `prepare` made it for "cudnn".
     """
 
     q_segment: jax.Array
@@ -78,7 +98,14 @@ class AttentionMask:
     kv_shared: jax.Array | None = None
     q_offset: jax.Array | int = 0
     causal: bool = flax.struct.field(pytree_node=False, default=False)
+    lengths: jax.Array | None = None
     bias: jax.Array | None = None
+
+    @classmethod
+    def right_padded(cls, lengths, t: int, causal: bool) -> "AttentionMask":
+        """Row b's first lengths[b] of t slots are tokens (segment 1), the rest padding (0)."""
+        segment = (jnp.arange(t)[None] < lengths[:, None]).astype(jnp.int32)
+        return cls(q_segment=segment, kv_segment=segment, causal=causal, lengths=lengths.astype(jnp.int32))
 
     def dense(self) -> jax.Array:
         """[B, T, S] bool."""
@@ -92,10 +119,19 @@ class AttentionMask:
 
     def prepare(self, implementation: str, dtype) -> "AttentionMask":
         """The mask with what `implementation` needs computed once (call it outside a layer loop)."""
-        if implementation != "cudnn":
+        if implementation != "cudnn" or self.lengths is not None:
             return self
-        bias = jnp.where(self.dense(), 0.0, jnp.finfo(dtype).min).astype(dtype)[:, None]
+        bias = jnp.where(self.dense(), 0.0, _CUDNN_MASKED[jnp.dtype(dtype)]).astype(dtype)[:, None]
         return self.replace(bias=bias)
+
+
+def padding_last(valid):
+    """valid: [B, T] bool -> order [B, T] int32, a stable permutation of each row putting its tokens
+    first and its padding last. Every layer but attention acts per token, and a causal mask over
+    padding is, on the tokens, the causal mask of the tokens alone, so a decoder may run on rows
+    taken in this order with `AttentionMask.right_padded(valid.sum(1), ...)` and put the outputs
+    back (`jnp.argsort(order)`): exact for the tokens, any padding pattern."""
+    return jnp.argsort(~valid, axis=1, stable=True).astype(jnp.int32)
 
 
 def attend(q, k, v, mask: AttentionMask, implementation: str, dtype):
@@ -146,14 +182,41 @@ def merge_parts(parts, dtype):
 
 
 def _cudnn(q, k, v, mask: AttentionMask, dtype):
-    if mask.bias is None:
-        mask = mask.prepare("cudnn", dtype)
-    # jax.nn.dot_product_attention takes [B, T, N, D]; cuDNN is told about causality so that it
-    # skips the blocks above the diagonal (the bias repeats it, harmlessly).
-    out = jax.nn.dot_product_attention(
-        q.swapaxes(1, 2).astype(dtype), k.swapaxes(1, 2).astype(dtype), v.swapaxes(1, 2).astype(dtype),
-        bias=mask.bias, is_causal=mask.causal, implementation="cudnn")
-    return out.swapaxes(1, 2)
+    mask = mask.prepare("cudnn", dtype) if mask.bias is None else mask
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    t, s = q.shape[2], k.shape[2]
+    bias = mask.bias
+    if t % 2 or s % 2:
+        # cuDNN's backward takes even lengths only: one more query (its row is dropped) and one
+        # more key, masked by the bias for every query, or outside every row's length.
+        q = jnp.pad(q, ((0, 0), (0, 0), (0, t % 2), (0, 0)))
+        k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, s % 2), (0, 0))) for x in (k, v))
+        if bias is not None:
+            bias = jnp.pad(bias, ((0, 0), (0, 0), (0, t % 2), (0, 0)))
+            bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 0), (0, s % 2)), constant_values=_CUDNN_MASKED[jnp.dtype(dtype)])
+    return _cudnn_fused(q, k, v, bias, mask.lengths, mask.causal)[:, :, :t]
+
+
+def _cudnn_fused(q, k, v, bias, lengths, causal: bool):
+    """cuDNN flash attention on q [B, H, T, D], k / v [B, K, S, D] (its BNTH layout: no transposes).
+
+    Called below `jax.nn.dot_product_attention` (JAX's internal `_dot_product_attention`, checked
+    by the lowering tests in tests/test_accelerator_lowering.py) for one reason: the public
+    function always asks the backward for the bias's gradient, a [B, 1, T, S] tensor per layer
+    that nothing reads (and that older JAX refuses for B > 1); here the bias is a constant.
+    Lengths (per row, queries and keys alike) and causality are cuDNN mask types."""
+    kinds = cudnn_fmha.MaskType
+    padded = lengths is not None
+    mask_type = {(False, False): kinds.NO_MASK, (True, False): kinds.CAUSAL,
+                 (False, True): kinds.PADDING, (True, True): kinds.PADDING_CAUSAL}[(causal, padded)]
+    unused = jnp.zeros(0, q.dtype)
+    return cudnn_fmha._dot_product_attention(
+        q, k, v, unused if bias is None else bias, lengths if padded else unused, lengths if padded else unused,
+        unused, unused, unused, unused,  # segment offsets and page tables: not used
+        # scale, dropout seed and rate, (has a bias, returns its gradient), mask type, layout,
+        # sliding window, cuDNN version, return the softmax residual
+        q.shape[-1] ** -0.5, 0, 0.0, (bias is not None, False), mask_type, cudnn_fmha.AttentionLayout.BNTH.value,
+        None, cudnn_fmha.check_cudnn_version(), False)
 
 
 def _splash(q, k, v, mask: AttentionMask):

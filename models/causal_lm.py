@@ -56,10 +56,9 @@ class QwenCausalLM(nn.Module):
                 text.vocab_size, use_bias=False, kernel_init=param_init(("embed", "vocab")), **kw
             )
         if self.cfg.vision is not None:
-            # Vectorised over a leading group axis with shared params: one group holds a whole
-            # batch's packed patches, or one row's or prompt's (sharded with the rows / prompts).
-            tower = nn.vmap(VisionTower, variable_axes={"params": None}, split_rngs={"params": False})
-            self.visual = tower(self.cfg.vision, remat=self.remat, attention=self.attention, **kw)
+            # Over a leading group axis: one group holds a whole batch's packed patches, or one
+            # row's or prompt's (sharded with the rows / prompts).
+            self.visual = VisionTower(self.cfg.vision, remat=self.remat, attention=self.attention, **kw)
 
     def image_features(self, vision: VisionInputs):
         """Visual tokens of the images, in order of appearance: vision packed (`pixel_values`

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.attention import resolve
 from models.causal_lm import QwenCausalLM
 from models.config import ModelConfig, config_from_dict, load_config
 from models.positions import rope_index, row_vision_arrays, text_positions, vision_layout
@@ -56,6 +57,8 @@ class Model:
 
     def __init__(self, config: ModelConfig, params: dict, *, dtype=jnp.float32, remat: bool = False,
                  attention: str = "auto"):
+        # Here, not at the first call: a setting this backend or dtype cannot run stops a run at start-up.
+        resolve(attention, as_dtype(dtype))
         self.config = config
         self.params = params
         self.module = QwenCausalLM(

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.attention import AttentionMask, attend, resolve
+from models.attention import AttentionMask, attend, padding_last, resolve
 from models.config import TextConfig
 from models.layers import Dtype, RMSNorm, apply_rope, dense, layer_stack, rope_inv_freq
 
@@ -166,11 +166,26 @@ class Qwen2Decoder(nn.Module):
             shared = valid & (branches == 0)
         implementation = resolve(self.attention, self.dtype)
         mask = AttentionMask(q_segment=segment, kv_segment=segment, kv_shared=shared, causal=True)
-        mask = mask.prepare(implementation, self.dtype)
         cos, sin = rope_cos_sin(self.cfg, positions)
+        order = None
+        if implementation == "cudnn" and branches is None:
+            # cuDNN takes padding at the end of rows as lengths, with no [B, T, S] bias: the rows
+            # run with their tokens first (exact, see `padding_last`) and are put back after.
+            order = padding_last(valid)
+            x, cos, sin = (jnp.take_along_axis(a, order[..., None], axis=1) for a in (x, cos, sin))
+            if deepstack is not None:  # [k, B, T, E]
+                deepstack = jnp.take_along_axis(deepstack, order[None, ..., None], axis=2)
+            # A row of padding only keeps one slot (no row without keys, as in the segment mask).
+            mask = AttentionMask.right_padded(jnp.maximum(valid.sum(axis=1), 1), valid.shape[1], causal=True)
+        mask = mask.prepare(implementation, self.dtype)
         stack = layer_stack(DecoderLayer, self.cfg.num_layers, self.remat, num_broadcast=5)
         layers = stack(self.cfg, self.dtype, self.param_dtype, implementation, emit_kv=bool(cache_len), name="layers")
         x, kv = layers(x, jnp.arange(self.cfg.num_layers), None, cos, sin, mask, deepstack)
+        if order is not None:
+            back = jnp.argsort(order, axis=1)
+            x = jnp.take_along_axis(x, back[..., None], axis=1)
+            if kv is not None:  # [L, B, K, T, D]
+                kv = tuple(jnp.take_along_axis(a, back[None, :, None, :, None], axis=3) for a in kv)
         x = RMSNorm(self.cfg.rms_norm_eps, name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
         return x, (KVCache.from_prefill(*kv, valid, cache_len) if cache_len else None)
 

@@ -1,10 +1,13 @@
 """Vision towers of Qwen2-VL, Qwen2.5-VL and Qwen3-VL, one module with the differences as config.
 
-Patches of all images of a batch are packed in one sequence `[P, C*T*ph*pw]` (the HF layout), padded
-to a static P. Which patch may attend to which is given by integer segment ids computed on the
-host (`models/positions.py:vision_inputs`): the frame a patch belongs to (full attention) and,
-for Qwen2.5-VL, its window. Qwen2.5-VL works in window order: patches are permuted by merge unit
-before the blocks and the merged tokens are put back in image order after the merger.
+Patches are packed in sequences `[G, P, C*T*ph*pw]` (the HF layout per group), padded to a static
+P: one group holds a whole batch's patches, or one row's or prompt's. The group axis is the
+tower's batch axis (the attention's B), not a `vmap`: JAX's batching rule for cuDNN attention
+breaks on a mask bias (`models.attention`). Which patch may attend to which is given by integer
+segment ids computed on the host (`models/positions.py:vision_inputs`): the frame a patch belongs
+to (full attention) and, for Qwen2.5-VL, its window. Qwen2.5-VL works in window order: patches
+are permuted by merge unit before the blocks and the merged tokens are put back in image order
+after the merger.
 
 Differences (transformers 5.24 is the reference):
 - Qwen2-VL: LayerNorm blocks, quick_gelu MLP (fc1/fc2), full attention everywhere, LayerNorm merger.
@@ -15,7 +18,7 @@ Differences (transformers 5.24 is the reference):
   `pos_weight`); LayerNorm blocks, tanh-GELU MLP (linear_fc1/fc2), full attention everywhere,
   LayerNorm merger; DeepStack: the outputs of `deepstack_visual_indexes` blocks go through their
   own mergers (LayerNorm after the 2x2 shuffle) and ride beside the visual tokens, concatenated on
-  the feature axis: `[M, (1 + k) * out_dim]`, so the learner and sampler move one array.
+  the feature axis: `[G, M, (1 + k) * out_dim]`, so the learner and sampler move one array.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ class VisionInputs:
     unperm:       [P // merge**2] merged-token index in working order for each token in image order
     pos_index, pos_weight: [P, 4] Qwen3-VL only (else None): the learned position grid's bilinear
                   taps (flat index) and weights for each patch, working order
+
+    Packed (the shapes above) or per group (every field with a leading G axis).
     """
 
     pixel_values: jax.Array
@@ -71,19 +76,19 @@ class VisionBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, is_full, cos, sin, seg_full, seg_window):
-        """x: [P, W]; is_full: [] bool, this block attends over whole frames (segment ids seg_full
-        [P]) rather than windows (seg_window [P])."""
+        """x: [G, P, W]; is_full: [] bool, this block attends over whole frames (segment ids
+        seg_full [G, P]) rather than windows (seg_window [G, P])."""
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        p = x.shape[0]
+        g, p = x.shape[:2]
         h = self._norm("norm1")(x)
         qkv = dense(3 * cfg.width, ("v_embed", "v_heads"), name="qkv", **kw)(h)
-        q, k, v = jnp.moveaxis(qkv.reshape(p, 3, cfg.num_heads, cfg.head_dim), 1, 0)
+        q, k, v = jnp.moveaxis(qkv.reshape(g, p, 3, cfg.num_heads, cfg.head_dim), 2, 0)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        segment = jnp.where(is_full, seg_full, seg_window)[None]
-        heads = lambda a: a.swapaxes(0, 1)[None]  # noqa: E731  [P, N, D] -> [1, N, P, D]
+        segment = jnp.where(is_full, seg_full, seg_window)
+        heads = lambda a: a.swapaxes(1, 2)  # noqa: E731  [G, P, N, D] -> [G, N, P, D]
         attn = attend(heads(q), heads(k), heads(v), AttentionMask(q_segment=segment, kv_segment=segment),
                       self.attention, self.dtype)
-        attn = attn[0].swapaxes(0, 1).reshape(p, -1)
+        attn = attn.swapaxes(1, 2).reshape(g, p, -1)
         x = x + dense(cfg.width, ("v_heads", "v_embed"), name="proj", **kw)(attn)
         h = self._norm("norm2")(x)
         if cfg.kind == "qwen2_vl":
@@ -98,13 +103,13 @@ class VisionBlock(nn.Module):
             up = dense(cfg.mlp_dim, ("v_embed", "v_mlp"), name="up_proj", **kw)(h)
             h = dense(cfg.width, ("v_mlp", "v_embed"), name="down_proj", **kw)(nn.silu(gate) * up)
         x = x + h
-        # DeepStack reads intermediate blocks: every block's output leaves the scan (depth x [P, W]).
+        # DeepStack reads intermediate blocks: every block's output leaves the scan (depth x [G, P, W]).
         return x, (x if cfg.deepstack_visual_indexes else None)
 
 
 class VisionTower(nn.Module):
-    """Packed patches -> merged visual tokens `[P // merge**2, out_dim]` in image order
-    (Qwen3-VL with DeepStack: `[P // merge**2, (1 + k) * out_dim]`, see the module docstring)."""
+    """Packed patches `[G, P, ...]` -> merged visual tokens `[G, P // merge**2, out_dim]` in image order
+    (Qwen3-VL with DeepStack: `[G, P // merge**2, (1 + k) * out_dim]`, see the module docstring)."""
 
     cfg: VisionConfig
     dtype: Dtype = jnp.float32
@@ -113,17 +118,17 @@ class VisionTower(nn.Module):
     attention: str = "auto"  # see models.attention
 
     def _merger(self, x, prefix: str, postshuffle: bool = False):
-        """2x2 patch groups -> one token: norm (per patch, or over the group with `postshuffle`),
-        then Linear-GELU-Linear."""
+        """[G, P, W] -> [G, P // merge**2, out_dim]: 2x2 patch groups -> one token: norm (per patch,
+        or over the group with `postshuffle`), then Linear-GELU-Linear."""
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         merged = cfg.width * cfg.spatial_merge_size**2
         if postshuffle:
-            x = x.reshape(-1, merged)
+            x = x.reshape(x.shape[0], -1, merged)
         if cfg.kind == "qwen2_5_vl":
             x = RMSNorm(1e-6, name=f"{prefix}_ln_q", **kw)(x)
         else:
             x = layer_norm(1e-6, self.dtype, self.param_dtype, f"{prefix}_ln_q")(x)
-        x = x.reshape(-1, merged)
+        x = x.reshape(x.shape[0], -1, merged)
         x = dense(merged, ("v_merge", "v_merge_out"), name=f"{prefix}_mlp_0", **kw)(x)
         return dense(cfg.out_dim, ("v_merge_out", "embed"), name=f"{prefix}_mlp_2", **kw)(nn.gelu(x, approximate=False))
 
@@ -135,14 +140,14 @@ class VisionTower(nn.Module):
         x = dense(cfg.width, ("v_patch", "v_embed"), use_bias=qwen3, name="patch_embed", **kw)(
             vi.pixel_values.astype(self.dtype)
         )
-        x = x[vi.perm]
+        x = jnp.take_along_axis(x, vi.perm[..., None], axis=1)
         if qwen3:
             table = self.param("pos_embed", param_init(("v_patch", "v_embed")), (cfg.num_position_embeddings, cfg.width),
                                self.param_dtype)
             taps = table[vi.pos_index].astype(jnp.float32) * vi.pos_weight[..., None].astype(jnp.float32)
-            x = x + taps.sum(1).astype(x.dtype)
+            x = x + taps.sum(-2).astype(x.dtype)
         inv = rope_inv_freq(cfg.head_dim // 2, cfg.rope_theta)
-        freqs = (vi.rot_pos[..., None].astype(jnp.float32) * inv).reshape(x.shape[0], -1)
+        freqs = (vi.rot_pos[..., None].astype(jnp.float32) * inv).reshape(*x.shape[:2], -1)
         emb = jnp.concatenate([freqs, freqs], axis=-1)
         cos, sin = jnp.cos(emb), jnp.sin(emb)
         is_full = jnp.array(
@@ -155,4 +160,4 @@ class VisionTower(nn.Module):
         out = [self._merger(x, "merger")]
         out += [self._merger(taps[i], f"deepstack_{j}", postshuffle=True)
                 for j, i in enumerate(cfg.deepstack_visual_indexes)]
-        return jnp.concatenate(out, axis=-1)[vi.unperm]
+        return jnp.take_along_axis(jnp.concatenate(out, axis=-1), vi.unperm[..., None], axis=1)

@@ -270,9 +270,9 @@ def _qwen3_vision_keys(v) -> list[str]:
 
 
 def save_params(params: dict, cfg: ModelConfig, out: Path, max_shard_bytes: int = 4 << 30) -> None:
-    """Writes `model*.safetensors` (+ index when sharded). Shards are written one at a time, each
-    first to a temporary name then renamed, so an interrupted save never leaves a half shard under
-    a final name."""
+    """Writes `model*.safetensors` (+ index when sharded) and removes any other `*.safetensors` and
+    index in `out`. Shards are written one at a time, each first to a temporary name then renamed,
+    so an interrupted save never leaves a half shard under a final name."""
     out.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -295,17 +295,26 @@ def save_params(params: dict, cfg: ModelConfig, out: Path, max_shard_bytes: int 
         size += value.nbytes
         total += value.nbytes
     flush()
+    index_path = out / "model.safetensors.index.json"
     if len(written) == 1:
         (out / written[0][0]).rename(out / "model.safetensors")
-        return
-    n = len(written)
-    weight_map = {}
-    for j, (name, keys) in enumerate(written):
-        final = f"model-{j + 1:05d}-of-{n:05d}.safetensors"
-        (out / name).rename(out / final)
-        weight_map.update({k: final for k in keys})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        finals = {"model.safetensors"}
+        index_path.unlink(missing_ok=True)
+    else:
+        n = len(written)
+        weight_map = {}
+        for j, (name, keys) in enumerate(written):
+            final = f"model-{j + 1:05d}-of-{n:05d}.safetensors"
+            (out / name).rename(out / final)
+            weight_map.update({k: final for k in keys})
+        finals = set(weight_map.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        index_path.write_text(json.dumps(index, indent=2))
+    # Weights of an earlier save into `out` would be read with these (`checkpoint_files` reads the
+    # index, or else every *.safetensors): only what this save wrote stays.
+    for f in out.glob("*.safetensors"):
+        if f.name not in finals:
+            f.unlink()
 
 
 # What a Qwen2 / Qwen3 (VL) checkpoint directory carries besides weights and config.json:

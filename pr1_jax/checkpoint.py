@@ -26,6 +26,12 @@ class CheckpointRestoreError(RuntimeError):
     """A step that cannot be restored; the message names it and the other steps on disk."""
 
 
+def _first_line(e: Exception) -> str:
+    """Orbax's errors can run to pages (a tree of every array): the first line says what failed."""
+    text = str(e).strip()
+    return text.splitlines()[0][:500] if text else ""
+
+
 class Checkpointer:
     def __init__(self, directory: str | Path, keep: int = 3):
         self.directory = Path(directory).absolute()
@@ -74,12 +80,16 @@ class Checkpointer:
             # Reading is lazy in places; touch every array so corruption surfaces here, not mid-step.
             jax.block_until_ready(state)
         except Exception as e:  # noqa: BLE001 - any failure to read a step is reported the same way
-            earlier = [s for s in steps if s < step]
-            hint = f"; earlier complete steps: {earlier} (resume one with resume_step=<step>)" if earlier else ""
             raise CheckpointRestoreError(
-                f"{self.directory}: step {step} cannot be restored: {type(e).__name__}: {e}{hint}"
-            ) from e
+                f"{self.directory}: step {step} cannot be restored: {type(e).__name__}: {_first_line(e)}"
+                f"{self._earlier(step)}") from e
         return state, dict(out["meta"])
+
+    def _earlier(self, step: int) -> str:
+        """A hint naming the complete steps before `step` (one of them is likely intact)."""
+        earlier = [s for s in self.steps() if s < step]
+        return (f"; earlier complete steps: {earlier} (resume one with resume_step=<step>, export one as "
+                f"RUN_DIR/<step>)" if earlier else "")
 
     def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
         """Only the `params` of a train state (e.g. to export): the optimizer state stays on disk."""
@@ -99,8 +109,16 @@ class Checkpointer:
                 partial_restore=True)))
         except Exception as e:  # noqa: BLE001
             raise CheckpointRestoreError(f"{self.directory}: params of step {step} cannot be restored: "
-                                         f"{type(e).__name__}: {e}") from e
+                                         f"{type(e).__name__}: {_first_line(e)}{self._earlier(step)}") from e
         return out["state"]["params"]
 
     def close(self) -> None:
+        """Waits for a save in flight and stops Orbax's threads (left running, they print
+        tracebacks when the interpreter exits)."""
         self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from pr1_jax import configlib
 from pr1_jax.data.config import DataConfig
 from pr1_jax.judge import JudgeConfig
 from pr1_jax.learner import LearnerConfig
@@ -61,8 +62,8 @@ class TrainConfig:
     model: ModelSection = ModelSection()
     data: DataConfig = DataConfig()
     val_paths: tuple[str, ...] = ()  # validation records (same columns as data); empty = none
-    val_batch_size: int = 32
-    val_max_batches: int | None = None
+    val_batch_size: int = configlib.bounded(32, ge=1)
+    val_max_batches: int | None = configlib.bounded(None, ge=0)
     # The learner scores the samples at this section's temperature (one setting for both).
     sampling: SamplingConfig = SamplingConfig(n=8)
     reward: RewardConfig = RewardConfig()
@@ -71,17 +72,24 @@ class TrainConfig:
     tiny: TinySection = TinySection()
     logging: TrackerConfig = TrackerConfig()  # where metrics go: console, jsonl, tensorboard, wandb, mlflow
     mesh: tuple[int, ...] = (1, -1, 1)  # (data, fsdp, tensor); one -1 = the remaining devices
-    max_steps: int | None = None  # default: data.num_epochs passes over the training records
-    val_freq: int = 10
+    # default: data.num_epochs passes over the training records
+    max_steps: int | None = configlib.bounded(None, ge=0)
+    val_freq: int = configlib.bounded(10, ge=0)
     val_before_train: bool = True
-    save_freq: int = 20
-    keep_checkpoints: int = 3
+    save_freq: int = configlib.bounded(20, ge=1)
+    keep_checkpoints: int = configlib.bounded(3, ge=1)
     resume: bool = True
-    resume_step: int | None = None
-    max_consecutive_bad_steps: int = 3
+    resume_step: int | None = configlib.bounded(None, ge=0)
+    max_consecutive_bad_steps: int = configlib.bounded(3, ge=1)
     distributed: bool = False  # jax.distributed.initialize() (multi-host pods)
     # Where no cluster is auto-detected (TPU pods, SLURM, Open MPI are): host:port of process 0, the
     # process count and this process's id. None = auto-detect.
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+
+    def __post_init__(self):
+        if not self.run_dir.strip():
+            # An empty run_dir would write checkpoints and metrics into the working directory.
+            raise ValueError("run_dir is empty; give the run's directory")
+

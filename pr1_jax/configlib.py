@@ -1,12 +1,16 @@
 """Typed configs from YAML (`yaml.safe_load`) and `key.sub=value` overrides.
 
-Configs are nested frozen dataclasses. Loading checks every key against the dataclass fields and
-every value against the field's type, so a typo or a wrong type fails at start-up with the dotted
-path of the key, not an hour into a run.
+Configs are nested frozen dataclasses. Loading checks every key against the dataclass fields,
+every value against the field's type (list items included) and range (`bounded` fields), and
+refuses a key given twice in one YAML mapping, so a typo, a wrong type or a value out of range
+fails at start-up with the dotted path of the key, not an hour into a run. Unreadable YAML (a
+syntax error, a tab, bytes that are not UTF-8, a broken override) is a `ConfigError` of one line
+naming the file or the override.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import types
 import typing
@@ -18,6 +22,22 @@ import yaml
 
 class ConfigError(ValueError):
     pass
+
+
+def bounded(default: Any, *, gt: float | None = None, ge: float | None = None, le: float | None = None):
+    """A dataclass field whose value (when not None) must be > gt, >= ge and <= le; `from_dict`
+    checks it under the key's dotted path."""
+    return dataclasses.field(default=default, metadata={"bounds": (gt, ge, le)})
+
+
+def _check_bounds(value: Any, bounds: tuple, where: str) -> None:
+    gt, ge, le = bounds
+    if value is None:
+        return
+    for ok, rule in ((gt is None or value > gt, f"> {gt}"), (ge is None or value >= ge, f">= {ge}"),
+                     (le is None or value <= le, f"<= {le}")):
+        if not ok:
+            raise ConfigError(f"{where}: {value!r} is out of range (must be {rule})")
 
 
 def _type_name(tp) -> str:
@@ -52,7 +72,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
         return from_dict(tp, value, where)
-    if origin in (tuple, list, Sequence, typing.Sequence) or tp in (tuple, list):
+    # typing.Sequence[int] has the origin collections.abc.Sequence (likewise Mapping).
+    if origin in (tuple, list, collections.abc.Sequence) or tp in (tuple, list):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
@@ -65,7 +86,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             item = args[0] if args else Any
         out = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple or tp is tuple else out
-    if origin in (dict, Mapping, typing.Mapping) or tp is dict:
+    if origin in (dict, collections.abc.Mapping) or tp is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         kt, vt = args if args else (Any, Any)
@@ -100,6 +121,9 @@ def from_dict(cls, d: Mapping[str, Any], where: str = "config"):
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in d.items()}
+    for k, v in kwargs.items():
+        if "bounds" in fields[k].metadata:
+            _check_bounds(v, fields[k].metadata["bounds"], f"{where}.{k}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
@@ -136,16 +160,44 @@ def apply_overrides(d: dict, overrides: Sequence[str]) -> dict:
             elif not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {p} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        node[parts[-1]] = _parse_yaml(raw, f"override {item!r}") if raw.strip() else ""
     return d
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, collections.abc.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """Safe YAML; any syntax error a ConfigError of one line naming `where`, line and column."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML{at}: {problem}") from None
 
 
 def load(cls, path: str | Path | None = None, overrides: Sequence[str] = (), base: Any = None):
     """`cls` from `base` (a dataclass instance, default `cls()`), then the YAML file, then overrides."""
     d = to_dict(base if base is not None else cls())
     if path is not None:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        loaded = _parse_yaml(text, str(path)) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         d = _merge(d, loaded)

@@ -10,6 +10,9 @@ Modes
   (default)          responses from our sampler (greedy, length buckets, `--max-new-tokens`,
                      `--batch-size`), scored as they come and appended to --out; a rerun resumes
                      (problems already in --out are not generated again; `--no-resume` starts over)
+                     when R.source.json beside --out says the same evaluation produced them
+                     (benchmark and files, checkpoint and step or model, decoding and prompt
+                     settings), and refuses rows of anything else
   --prompts-only     with `--tokenizer DIR`: one line per problem {"id", "prompt", "images"} (the
                      rendered chat, the image paths), no model
   --score RESP.jsonl scores a response file (lines {"id", "response"}), no policy
@@ -37,6 +40,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from models.config import ConfigError as ModelConfigError
+from models.weights import CheckpointError
 from pr1_jax import configlib
 from pr1_jax.checkpoint import CheckpointRestoreError
 from pr1_jax.data.config import DataConfig
@@ -44,7 +49,7 @@ from pr1_jax.data.processing import ExampleProcessor, load_tokenizer
 from pr1_jax.data.records import BadRecordError
 from pr1_jax.evaluation import scoring
 from pr1_jax.evaluation.benchmarks import BENCHMARKS, Problem, eval_data_config, read_problems
-from pr1_jax.evaluation.report import build_report, format_table, read_rows
+from pr1_jax.evaluation.report import build_report, check_resumable, format_table, read_rows, source_path
 from pr1_jax.export import quiet_logging
 from pr1_jax.rewards import RewardConfig, RewardScorer
 
@@ -109,7 +114,8 @@ def prompts_only(problems: Sequence[Problem], data: DataConfig, tokenizer_dir: s
 
 
 def read_responses(path: str, problems: Sequence[Problem]) -> tuple[list[Problem], list[str]]:
-    """The problems a response file answers (in benchmark order) and their responses."""
+    """The problems a response file answers (in benchmark order) and their responses (an id twice
+    is an error: `read_rows`)."""
     responses = {}
     for row in read_rows(path):
         if not isinstance(row.get("response"), str):
@@ -195,6 +201,9 @@ def parse_args(argv):
     p.add_argument("--judge-dtype", default="bfloat16")
     p.add_argument("overrides", nargs="*", help="DataConfig field=value")
     args = p.parse_intermixed_args(argv)
+    for flag in ("max_new_tokens", "batch_size", "workers"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if not (args.checkpoint or args.model or args.prompts_only or args.score):
         p.error("give --checkpoint or --model (generate), --prompts-only, or --score")
     if args.prompts_only and not args.tokenizer:
@@ -223,7 +232,43 @@ def data_config(args) -> DataConfig:
     return configlib.load(DataConfig, None, args.overrides, base=base)
 
 
+# DataConfig fields that change no prompt (how records are read, batched, checked).
+_NOT_PROMPT = ("batch_size", "read_threads", "worker_count", "worker_buffer_size", "strict", "paths")
+
+
+def evaluation_source(args, data: DataConfig) -> dict:
+    """What the lines of --out depend on, recorded beside it (`report.source_path`) and compared on
+    resume: the benchmark's files, the policy (run and step, or model and dtype) or the response
+    file, the answer judge, the decoding and the prompt settings."""
+    src = dict(benchmark=args.benchmark, data=[str(Path(d).resolve()) for d in args.data],
+               image_root=args.image_root and str(Path(args.image_root).resolve()))
+    if args.checkpoint:
+        from pr1_jax.export import locate
+
+        run_dir, step = locate(args.checkpoint)  # RUN_DIR/checkpoints/STEP: `run` resolved it
+        src.update(checkpoint=str(run_dir.resolve()), step=step, max_new_tokens=args.max_new_tokens)
+    elif args.model:
+        src.update(model=str(Path(args.model).resolve()), dtype=args.dtype, max_new_tokens=args.max_new_tokens)
+    elif args.score:
+        src.update(score=str(Path(args.score).resolve()))
+    else:
+        src.update(prompts_only=True)
+    if args.answer_judge:
+        src.update(answer_judge=str(Path(args.answer_judge).resolve()), judge_dtype=args.judge_dtype)
+    src["prompt"] = {k: v for k, v in configlib.to_dict(data).items() if k not in _NOT_PROMPT}
+    return src
+
+
 def run(args) -> dict | None:
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a directory; give the result file (JSONL)")
+    if args.checkpoint:
+        from pr1_jax.export import resolve
+
+        run_dir, step = resolve(args.checkpoint)
+        # This step throughout: a step the run saves while the evaluation runs is not mixed in.
+        args.checkpoint = str(run_dir / "checkpoints" / str(step))
     data = data_config(args)
     problems, bad = read_problems(args.benchmark, args.data, image_root=args.image_root, data=data,
                                   strict=data.strict)
@@ -233,20 +278,23 @@ def run(args) -> dict | None:
     if not problems:
         raise ValueError(f"no {args.benchmark} problems read from {args.data}")
     log.info("%s: %d problems%s", args.benchmark, len(problems), f", {len(bad)} rows left out" if bad else "")
-    out, skips = Path(args.out), collections.Counter()
+    skips, source = collections.Counter(), evaluation_source(args, data)
     if args.prompts_only:
         prompts_only(problems, data, args.tokenizer, out, unreadable)
+        _write_source(out, source)
         return None
     if args.score:
         answered, responses = read_responses(args.score, problems)
         with RewardScorer(scorer_config(args.workers)) as scorer:
             rows = result_rows(answered, responses, submit_scores(scorer, answered, responses))
     else:
-        if args.no_resume or not out.exists():
-            write_rows(out, [])
-        done = {str(r["id"]) for r in read_rows(out)}
+        done = set() if args.no_resume or not out.exists() else {str(r["id"]) for r in read_rows(out)}
         if done:
+            check_resumable(out, source)
             log.info("resuming %s: %d problems already answered", out, len(done))
+        else:
+            write_rows(out, [])
+            _write_source(out, source)
         todo = [p for p in problems if p.id not in done]
         if todo:
             generate_and_score(args, todo, data, out, skips)
@@ -255,11 +303,17 @@ def run(args) -> dict | None:
     if args.answer_judge:
         judge_answers(args, problems, rows)
     write_rows(out, rows)
+    _write_source(out, source)
     report = build_report(args.benchmark, rows, problems=len(problems), unreadable=unreadable, skipped=skips)
+    report["source"] = source
     report_path = Path(args.report) if args.report else out.with_suffix(".report.json")
     report_path.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     print(format_table(report))
     return report
+
+
+def _write_source(out: Path, source: dict) -> None:
+    source_path(out).write_text(json.dumps(source, indent=1, ensure_ascii=False) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (CheckpointRestoreError, configlib.ConfigError, FileNotFoundError, ValueError, BadRecordError) as e:
+    except (CheckpointRestoreError, configlib.ConfigError, ModelConfigError, CheckpointError, OSError, ValueError,
+            BadRecordError) as e:
         log.error("%s", e)
         return 2
     return 0

@@ -1,4 +1,4 @@
-"""`python -m pr1_jax.export --checkpoint RUN_DIR[/STEP] --out HF_DIR`
+"""`python -m pr1_jax.export --checkpoint RUN_DIR[/STEP] --out HF_DIR [--overwrite]`
 
 Writes the trained policy as a Hugging Face checkpoint that `transformers` loads unchanged with
 `AutoModelForImageTextToText` and `AutoProcessor`: safetensors (hub key layout) and the base
@@ -23,6 +23,7 @@ import argparse
 import logging
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import flax.linen as nn
@@ -30,9 +31,10 @@ import jax
 from jax.sharding import Mesh
 
 from models.causal_lm import QwenCausalLM
+from models.config import ConfigError as ModelConfigError
 from models.config import load_config
 from models.pretrained import Model, abstract_params, as_dtype
-from models.weights import copy_side_files
+from models.weights import CheckpointError, copy_side_files
 from pr1_jax import configlib
 from pr1_jax.checkpoint import Checkpointer, CheckpointRestoreError
 from pr1_jax.config import TrainConfig
@@ -56,35 +58,83 @@ def locate(checkpoint: str | Path) -> tuple[Path, int | None]:
     raise CheckpointRestoreError(f"{path}: not a run directory (no checkpoints/ inside) or RUN_DIR/STEP")
 
 
-def load_run_policy(checkpoint: str | Path, mesh: Mesh | None = None):
-    """(the run's TrainConfig, step or None for latest, the trained policy as a `Model` computing in
-    the run's `learner.dtype`). With a mesh, every param is restored straight to its shards."""
+def resolve(checkpoint: str | Path) -> tuple[Path, int]:
+    """`locate` with the latest step looked up: (RUN_DIR, the step that will be read)."""
     run, step = locate(checkpoint)
+    if step is None:
+        with Checkpointer(run / "checkpoints") as ck:
+            step = ck.latest_step()
+        if step is None:
+            raise CheckpointRestoreError(f"{run / 'checkpoints'}: no complete checkpoint")
+    return run, step
+
+
+def load_run_policy(checkpoint: str | Path, mesh: Mesh | None = None):
+    """(the run's TrainConfig, the step read, the trained policy as a `Model` computing in the
+    run's `learner.dtype`). With a mesh, every param is restored straight to its shards."""
+    run, step = resolve(checkpoint)
     cfg = configlib.load(TrainConfig, run / "config.yaml")
+    if not cfg.model.policy or not Path(cfg.model.policy).is_dir():
+        raise configlib.ConfigError(f"{run / 'config.yaml'}: model.policy {cfg.model.policy} is not a directory "
+                                    "(moved?); the run's base model gives the architecture")
     model_cfg = load_config(cfg.model.policy)
     boxed = abstract_params(QwenCausalLM(model_cfg, param_dtype=as_dtype(cfg.learner.param_dtype)))
     abstract = nn.unbox(boxed)
     if mesh is not None:
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                                 param_shardings(boxed, mesh))
-    params = Checkpointer(run / "checkpoints").restore_params(abstract, step)
+    with Checkpointer(run / "checkpoints") as ck:
+        params = ck.restore_params(abstract, step)
     return cfg, step, Model(model_cfg, params, dtype=as_dtype(cfg.learner.dtype))
 
 
-def export(checkpoint: str | Path, out: str | Path) -> Path:
+class ExportError(ValueError):
+    """An export that cannot be written as asked; the message names the path."""
+
+
+def export(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Writes the export into a fresh directory beside `out` and swaps it in when complete, so
+    `out` never mixes files of two exports (an earlier sharded export's index and shards would
+    otherwise be read by `load_pretrained` in place of the new weights) and an interrupted export
+    leaves `out` as it was. A non-empty `out` is replaced only with `overwrite`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"--out {out}: not empty; give --overwrite to replace it, or another directory")
     cfg, step, model = load_run_policy(checkpoint)
     sources = list(dict.fromkeys([Path(cfg.model.policy), Path(cfg.model.tokenizer or cfg.model.policy)]))
-    out = Path(out)
-    model.save_pretrained(out)
-    copy_side_files(sources, out)  # in this order: the tokenizer directory's files win
-    if cfg.data.chat_template_path:
-        shutil.copyfile(cfg.data.chat_template_path, out / "chat_template.jinja")
-    if not any((d / PROCESSOR_CONFIG).is_file() for d in sources):
-        make_image_processor(cfg.data).save_pretrained(out)
-        log.info("wrote %s from the run's pixel bounds [%d, %d]", PROCESSOR_CONFIG, cfg.data.min_pixels,
-                 cfg.data.max_pixels)
-    log.info("exported %s (step %s) to %s", checkpoint, step if step is not None else "latest", out)
+    missing = [str(d) for d in sources if not d.is_dir()]
+    if missing:
+        raise ExportError(f"{locate(checkpoint)[0] / 'config.yaml'}: model.tokenizer {missing[0]} is not a "
+                          "directory (moved?); its tokenizer and processor files go into the export")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fresh = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        model.save_pretrained(fresh)
+        copy_side_files(sources, fresh)  # in this order: the tokenizer directory's files win
+        if cfg.data.chat_template_path:
+            shutil.copyfile(cfg.data.chat_template_path, fresh / "chat_template.jinja")
+        if not any((d / PROCESSOR_CONFIG).is_file() for d in sources):
+            make_image_processor(cfg.data).save_pretrained(fresh)
+            log.info("wrote %s from the run's pixel bounds [%d, %d]", PROCESSOR_CONFIG, cfg.data.min_pixels,
+                     cfg.data.max_pixels)
+        _swap_in(fresh, out)
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)  # gone already when swapped in
+    log.info("exported %s (step %d) to %s", checkpoint, step, out)
     return out
+
+
+def _swap_in(fresh: Path, out: Path) -> None:
+    """`fresh` renamed to `out`; what `out` held is deleted once the new directory is in place."""
+    if not out.exists():
+        fresh.rename(out)
+        return
+    old = out.with_name(f".{out.name}.replaced-{fresh.name.rsplit('-', 1)[-1]}")
+    out.rename(old)
+    fresh.rename(out)
+    shutil.rmtree(old)
 
 
 def quiet_logging() -> None:
@@ -97,11 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     quiet_logging()
     p = argparse.ArgumentParser(prog="python -m pr1_jax.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="RUN_DIR (latest step) or RUN_DIR/STEP")
-    p.add_argument("--out", required=True, help="output Hugging Face directory")
+    p.add_argument("--out", required=True, help="output Hugging Face directory (empty or new)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out as a whole")
     args = p.parse_args(argv)
     try:
-        export(args.checkpoint, args.out)
-    except (CheckpointRestoreError, configlib.ConfigError, FileNotFoundError) as e:
+        export(args.checkpoint, args.out, overwrite=args.overwrite)
+    except (CheckpointRestoreError, configlib.ConfigError, ModelConfigError, CheckpointError, ExportError,
+            OSError) as e:
         log.error("%s", e)
         return 2
     return 0

@@ -1,9 +1,11 @@
-"""GRPO math in pure JAX: advantages, log-probs, PPO-clip surrogate, KL / entropy terms.
+"""GRPO math in pure JAX: advantages (GRPO, Dr.GRPO), log-probs, the policy surrogates (PPO clip,
+GSPO, CISPO), loss aggregation, KL / entropy terms. docs/ALGORITHMS.md gives each formula's source.
 
 Everything here is model-agnostic: the learner computes ``logits`` with whatever model it
 has, then calls :func:`token_logprobs` / :func:`entropy_from_logits` and :func:`grpo_loss`.
 All functions are jit-friendly; arguments documented as *static* (``group_size``,
-``loss_agg``, ``kind``, the :class:`GRPOLossConfig`) must be Python values, not tracers.
+``loss_agg``, ``policy``, ``norm_length``, ``kind``, the :class:`GRPOLossConfig`) must be Python
+values, not tracers.
 
 Conventions
 -----------
@@ -22,6 +24,7 @@ Conventions
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Literal
 
 import jax
@@ -29,7 +32,10 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-LossAgg = Literal["token-mean", "seq-mean-token-mean"]
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+LOSS_AGGS = typing.get_args(LossAgg)
+PolicyLoss = Literal["ppo", "gspo", "cispo"]
+POLICY_LOSSES = typing.get_args(PolicyLoss)
 KLKind = Literal["k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl"]
 
 # verl clamps log(ratio) before exp() (core_algos.compute_policy_loss) and the k3
@@ -37,6 +43,8 @@ KLKind = Literal["k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl"]
 LOG_RATIO_CLAMP = 20.0
 K3_LOG_RATIO_CLAMP = 20.0
 K3_VALUE_CLAMP = 10.0
+# verl's GSPO clamps the per-token log sequence ratio from above only (compute_policy_loss_gspo).
+GSPO_LOG_RATIO_MAX = 10.0
 
 __all__ = [
     "GRPOLossConfig",
@@ -95,33 +103,47 @@ def agg_loss(
     *,
     num_tokens: Array | float | None = None,
     num_seqs: Array | float | None = None,
+    norm_length: int | None = None,
 ) -> Array:
-    """Aggregate a per-token loss ``loss_mat [B, T]`` into a scalar.
+    """Aggregate a per-token loss ``loss_mat [B, T]`` into a scalar (``l`` the loss, ``m`` the mask,
+    ``N = num_tokens``, ``S = num_seqs``, ``|o_i|`` the valid tokens of sequence ``i``):
 
-    * ``"token-mean"``: ``sum(loss * mask) / num_tokens`` where ``num_tokens`` defaults to
-      ``mask.sum()`` of this batch (clamped >= 1). Every response token of the mini-batch
-      weighs the same (DAPO / verl default).
-    * ``"seq-mean-token-mean"``: mean over tokens within each sequence, then
-      ``sum over sequences / num_seqs``; ``num_seqs`` defaults to the number of sequences
-      in this batch with at least one valid token. Every sequence weighs the same.
+    * ``"token-mean"``: ``sum_i sum_t m l / N``. Every response token of the step weighs the
+      same (DAPO; verl's default).
+    * ``"seq-mean-token-mean"``: ``sum_i (sum_t m l / |o_i|) / S``. Every sequence weighs the
+      same (the GRPO paper's 1/G sum_i 1/|o_i| sum_t; GSPO).
+    * ``"seq-mean-token-sum"``: ``sum_i sum_t m l / S``. A sequence weighs its length.
+    * ``"seq-mean-token-sum-norm"``: ``sum_i sum_t m l / (S * norm_length)`` (Dr.GRPO: the
+      per-sequence 1/|o_i| replaced by one constant, the response cap, so that neither length
+      nor batch composition rescales a token's gradient). verl's mode of this name divides by
+      ``norm_length`` only (no ``1/S``): a constant factor of the batch size away.
 
-    Gradient accumulation: when a mini-batch is split into micro-batches, pass the
-    *global* ``num_tokens`` (total ``mask.sum()`` of the whole mini-batch) resp. the global
-    ``num_seqs``; then the micro-batch losses (and their gradients) **sum** exactly to the
-    full-batch loss. ``num_tokens`` is ignored for ``seq-mean-token-mean`` and ``num_seqs``
-    for ``token-mean``.
+    ``num_tokens`` defaults to this batch's ``mask.sum()``, ``num_seqs`` to its number of
+    sequences with at least one valid token (both clamped >= 1); ``norm_length`` is required by
+    ``seq-mean-token-sum-norm`` only.
+
+    Gradient accumulation: when a step is split into micro-batches (or rows over devices), pass
+    the *whole step's* ``num_tokens`` / ``num_seqs``; every mode is then a sum of per-row terms
+    over fixed normalisers, so the micro-batch losses (and their gradients) **sum** exactly to
+    the one-pass loss.
     """
     mask = _bool_mask(mask)
+    if loss_agg not in LOSS_AGGS:
+        raise ValueError(f"unknown loss_agg {loss_agg!r}; expected one of {LOSS_AGGS}")
     if loss_agg == "token-mean":
         if num_tokens is None:
             num_tokens = jnp.sum(mask.astype(jnp.float32))
         return masked_sum(loss_mat, mask) / jnp.maximum(_f32(num_tokens), 1.0)
+    if num_seqs is None:
+        num_seqs = jnp.sum(jnp.any(mask, axis=-1).astype(jnp.float32))
+    seqs = jnp.maximum(_f32(num_seqs), 1.0)
     if loss_agg == "seq-mean-token-mean":
-        seq_loss = masked_mean(loss_mat, mask, axis=-1)  # [B]
-        if num_seqs is None:
-            num_seqs = jnp.sum(jnp.any(mask, axis=-1).astype(jnp.float32))
-        return jnp.sum(seq_loss) / jnp.maximum(_f32(num_seqs), 1.0)
-    raise ValueError(f"unknown loss_agg {loss_agg!r}; expected 'token-mean' or 'seq-mean-token-mean'")
+        return jnp.sum(masked_mean(loss_mat, mask, axis=-1)) / seqs
+    if loss_agg == "seq-mean-token-sum":
+        return masked_sum(loss_mat, mask) / seqs
+    if norm_length is None or norm_length < 1:
+        raise ValueError(f"seq-mean-token-sum-norm needs norm_length >= 1 (the response cap), got {norm_length}")
+    return masked_sum(loss_mat, mask) / (seqs * float(norm_length))
 
 
 # --------------------------------------------------------------------------- advantages
@@ -270,47 +292,70 @@ def _sanitize(x: Array, mask: Array) -> Array:
     return jnp.where(mask, _f32(x), 0.0)
 
 
+def _check_policy(policy, dual_clip) -> None:
+    if policy not in POLICY_LOSSES:
+        raise ValueError(f"unknown policy loss {policy!r}; expected one of {POLICY_LOSSES}")
+    # The dual clip bounds PPO's surrogate; GSPO and CISPO define no such bound, and silently
+    # ignoring a configured one would misreport the objective that runs.
+    if policy != "ppo" and dual_clip:
+        raise ValueError(f"dual_clip is a PPO clip; set it to None (or 0) for policy {policy!r}")
+
+
 def policy_loss(
     logp: Array,
     old_logp: Array,
     advantages: Array,
     mask: Array,
     *,
+    policy: PolicyLoss = "ppo",
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     dual_clip: float | None = None,
     loss_agg: LossAgg = "token-mean",
     num_tokens: Array | float | None = None,
     num_seqs: Array | float | None = None,
+    norm_length: int | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-    """PPO clipped surrogate (GRPO / DAPO clip-higher, optional dual clip).
+    """The policy-gradient term: PPO clip (GRPO / DAPO clip-higher, optional dual clip), GSPO or
+    CISPO.
 
     logp: ``[B, T]`` current-policy log-probs of the sampled tokens (differentiable).
     old_logp: ``[B, T]`` behaviour-policy log-probs (treated as constants: wrapped in
       ``stop_gradient``).
     advantages: ``[B]`` per-sequence (broadcast over ``T``) or ``[B, T]`` per-token.
     mask: ``[B, T]`` valid response tokens.
-    clip_low / clip_high: ratio clipped to ``[1 - clip_low, 1 + clip_high]`` (asymmetric
+    policy: ``"ppo"``, ``"gspo"`` or ``"cispo"`` (below).
+    clip_low / clip_high: the policy's clip range ``[1 - clip_low, 1 + clip_high]`` (asymmetric
       "clip-higher" when ``clip_high > clip_low``).
     dual_clip: ``c > 1`` bounds the loss of a negative-advantage token by ``-A * c`` (dual-clip
       PPO, arXiv 1912.09729): a token whose ratio has grown far past 1 while A < 0 no longer
-      pushes an unbounded gradient. ``None`` or 0 disables it.
-    loss_agg, num_tokens, num_seqs: see :func:`agg_loss`. For gradient accumulation pass the
-      global ``num_tokens`` (token-mean) / ``num_seqs`` (seq-mean-token-mean) of the whole
-      mini-batch and *sum* the micro-batch losses.
+      pushes an unbounded gradient. ``None`` or 0 disables it. PPO only.
+    loss_agg, num_tokens, num_seqs, norm_length: see :func:`agg_loss`. For gradient
+      accumulation pass the whole step's ``num_tokens`` / ``num_seqs`` and *sum* the
+      micro-batch losses (every policy's per-token term depends on its own row only).
 
-    Per token: ``log_ratio = clip(logp - old_logp, -20, 20)`` (as verl, so ``exp`` cannot
-    overflow), ``ratio = exp(log_ratio)``,
-    ``pg = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))``
-    (= ``-min(ratio*A, clip(ratio)*A)``); with ``dual_clip = c``, where ``A < 0``:
-    ``pg = min(pg, -A * c)``.
+    Per token, ``lr = logp - old_logp``:
+
+    * ``ppo``: ``r = exp(clip(lr, -20, 20))`` (the clamp as verl, so ``exp`` cannot
+      overflow), ``pg = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))``; with
+      ``dual_clip = c``, where ``A < 0``: ``pg = min(pg, -A c)``.
+    * ``gspo`` (arXiv 2507.18071): the sequence ratio ``s_i = exp(mean_t lr)`` (the length-
+      normalised likelihood ratio), applied per token as ``s_it = sg(s_i) * pi / sg(pi)``, i.e.
+      ``exp(min(logp - sg(logp) + sg(log s_i), 10))`` (verl's clamp): its value is ``s_i``, its
+      gradient that of ``s_i * logp``, so a whole sequence is clipped or not; then PPO's
+      ``max(-A s, -A clip(s))`` with GSPO's own (much tighter) range.
+    * ``cispo`` (MiniMax-M1, arXiv 2506.13585): ``pg = -A * sg(clip(r, 1 - clip_low,
+      1 + clip_high)) * logp``: the importance weight is clipped and detached instead of the
+      update, so every token keeps a gradient ``-A * w`` (PPO zeroes a clipped token's).
 
     Returns ``(loss, metrics)``; metrics (all stop-gradient, float32 scalars):
-      ``pg_loss`` (== loss), ``clip_frac`` (fraction of valid tokens where the clipped term
-      is active: no gradient), ``clip_frac_low`` (``ratio < 1-clip_low`` and ``A < 0``),
-      ``clip_frac_high`` (``ratio > 1+clip_high`` and ``A > 0``), ``clip_frac_dual`` (the dual
-      clip is active: ``A < 0`` and ``max(-A r, -A clip(r)) > -A c``; no gradient either; 0 when
-      off), ``approx_kl`` (mean of ``old_logp - logp``), ``ratio_mean``; and the reference
+      ``pg_loss`` (== loss), ``clip_frac`` (fraction of valid tokens where the clip is active:
+      ppo / gspo: the clipped term is taken, no gradient; cispo: the weight is clipped),
+      ``clip_frac_low`` (ppo / gspo: ``r < 1-clip_low`` and ``A < 0``; cispo: ``r < 1-clip_low``),
+      ``clip_frac_high`` (``r > 1+clip_high``, and ``A > 0`` for ppo / gspo), ``clip_frac_dual``
+      (the dual clip is active: ``A < 0`` and ``max(-A r, -A clip(r)) > -A c``; no gradient
+      either; 0 when off), ``approx_kl`` (mean of ``old_logp - logp``), ``ratio_mean`` (of the
+      ratio the policy uses: gspo's is the sequence ratio on each token); and the reference
       run's names (verl ``core_algos.compute_policy_loss``) for two of them:
       ``pg_clipfrac_higher`` (== clip_frac: its "clipped to a higher loss") and
       ``pg_clipfrac_lower`` (== clip_frac_dual).
@@ -318,6 +363,7 @@ def policy_loss(
       count), so with the global ``num_tokens`` they also sum across micro-batches.
     """
     _check_dual_clip(dual_clip)
+    _check_policy(policy, dual_clip)
     mask = _bool_mask(mask)
     logp = _sanitize(logp, mask)
     old_logp = _sanitize(jax.lax.stop_gradient(old_logp), mask)
@@ -326,18 +372,31 @@ def policy_loss(
         adv = adv[:, None]
     adv = jnp.where(mask, jnp.broadcast_to(adv, mask.shape), 0.0)
 
-    log_ratio = jnp.clip(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    if policy == "gspo":
+        seq_log_ratio = jax.lax.stop_gradient(masked_mean(logp - old_logp, mask, axis=-1))
+        log_ratio = jnp.minimum(logp - jax.lax.stop_gradient(logp) + seq_log_ratio[:, None], GSPO_LOG_RATIO_MAX)
+    else:
+        log_ratio = jnp.clip(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = jnp.exp(log_ratio)
-    pg_unclipped = -adv * ratio
-    pg_clipped = -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    pg = jnp.maximum(pg_unclipped, pg_clipped)
+    clipped_ratio = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
     dual_active = jnp.zeros(mask.shape, bool)
-    if dual_clip:
-        pg_dual = -adv * dual_clip
-        dual_active = (adv < 0) & (pg > pg_dual)
-        pg = jnp.where(dual_active, pg_dual, pg)
+    if policy == "cispo":
+        pg = -adv * jax.lax.stop_gradient(clipped_ratio) * logp
+        below, above = ratio < 1.0 - clip_low, ratio > 1.0 + clip_high
+        clip_active = below | above
+    else:
+        pg_unclipped = -adv * ratio
+        pg_clipped = -adv * clipped_ratio
+        pg = jnp.maximum(pg_unclipped, pg_clipped)
+        clip_active = pg_clipped > pg_unclipped
+        below = (ratio < 1.0 - clip_low) & (adv < 0)
+        above = (ratio > 1.0 + clip_high) & (adv > 0)
+        if dual_clip:
+            pg_dual = -adv * dual_clip
+            dual_active = (adv < 0) & (pg > pg_dual)
+            pg = jnp.where(dual_active, pg_dual, pg)
 
-    loss = agg_loss(pg, mask, loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
+    loss = agg_loss(pg, mask, loss_agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
 
     if num_tokens is None:
         tok_den = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
@@ -345,17 +404,15 @@ def policy_loss(
         tok_den = jnp.maximum(_f32(num_tokens), 1.0)
 
     def tok_mean(x):
-        return jax.lax.stop_gradient(masked_sum(x, mask) / tok_den)
+        return jax.lax.stop_gradient(masked_sum(_f32(x), mask) / tok_den)
 
-    clipped_high = (ratio > 1.0 + clip_high) & (adv > 0)
-    clipped_low = (ratio < 1.0 - clip_low) & (adv < 0)
-    clip_frac = tok_mean((pg_clipped > pg_unclipped).astype(jnp.float32))
-    clip_frac_dual = tok_mean(dual_active.astype(jnp.float32))
+    clip_frac = tok_mean(clip_active)
+    clip_frac_dual = tok_mean(dual_active)
     metrics = {
         "pg_loss": jax.lax.stop_gradient(loss),
         "clip_frac": clip_frac,
-        "clip_frac_low": tok_mean(clipped_low.astype(jnp.float32)),
-        "clip_frac_high": tok_mean(clipped_high.astype(jnp.float32)),
+        "clip_frac_low": tok_mean(below),
+        "clip_frac_high": tok_mean(above),
         "clip_frac_dual": clip_frac_dual,
         "pg_clipfrac_higher": clip_frac,
         "pg_clipfrac_lower": clip_frac_dual,
@@ -369,26 +426,57 @@ def policy_loss(
 class GRPOLossConfig:
     """Static (hashable) configuration of :func:`grpo_loss`.
 
+    policy: ``"ppo"`` (GRPO / DAPO), ``"gspo"`` or ``"cispo"`` (see :func:`policy_loss`).
     clip_low / clip_high: PPO ratio clip ``[1 - clip_low, 1 + clip_high]``.
     dual_clip: ``c > 1`` caps a negative-advantage token's loss at ``-A * c``; None or 0: off
-      (see :func:`policy_loss`). The reference run: 0.2 / 0.3 / 3.0.
-    loss_agg: ``"token-mean"`` or ``"seq-mean-token-mean"`` (used for pg, KL and entropy).
+      (see :func:`policy_loss`). The reference run: 0.2 / 0.3 / 3.0. PPO only.
+    gspo_clip_low / gspo_clip_high: GSPO's sequence-ratio clip range (the paper's 3e-4 / 4e-4:
+      a length-normalised ratio moves far less than a token's).
+    cispo_clip_low / cispo_clip_high: CISPO's importance-weight clip range. MiniMax-M1 tunes the
+      upper bound only and leaves no lower one (1.0: the weight is clipped at 0, i.e. never);
+      0.28 is DAPO's clip-higher value, a starting point.
+    loss_agg: see :func:`agg_loss` (used for pg, KL and entropy).
+    norm_length: ``seq-mean-token-sum-norm``'s constant (Dr.GRPO's generation budget); None:
+      the sampler's ``max_new_tokens`` (the trainer fills it in, :meth:`with_norm_length`).
     kl_coef: weight of the KL-to-reference loss term (0 disables it; then ``ref_logp`` may
       be ``None``).
     kl_kind: estimator for :func:`kl_penalty`.
     entropy_coef: weight of the entropy *bonus* (loss -= entropy_coef * entropy).
     """
 
+    policy: PolicyLoss = "ppo"
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip: float | None = None
+    gspo_clip_low: float = 3e-4
+    gspo_clip_high: float = 4e-4
+    cispo_clip_low: float = 1.0
+    cispo_clip_high: float = 0.28
     loss_agg: LossAgg = "token-mean"
+    norm_length: int | None = None
     kl_coef: float = 0.0
     kl_kind: KLKind = "low_var_kl"
     entropy_coef: float = 0.0
 
     def __post_init__(self):
         _check_dual_clip(self.dual_clip)
+        _check_policy(self.policy, self.dual_clip)
+        if self.loss_agg not in LOSS_AGGS:
+            raise ValueError(f"unknown loss_agg {self.loss_agg!r}; expected one of {LOSS_AGGS}")
+        if self.norm_length is not None and self.norm_length < 1:
+            raise ValueError(f"norm_length must be None or >= 1, got {self.norm_length}")
+
+    @property
+    def clip_range(self) -> tuple[float, float]:
+        """(low, high) of the configured policy's clip."""
+        return {"ppo": (self.clip_low, self.clip_high), "gspo": (self.gspo_clip_low, self.gspo_clip_high),
+                "cispo": (self.cispo_clip_low, self.cispo_clip_high)}[self.policy]
+
+    def with_norm_length(self, max_new_tokens: int) -> GRPOLossConfig:
+        """This config with ``norm_length`` defaulted to the sampler's response cap."""
+        if self.norm_length is not None:
+            return self
+        return dataclasses.replace(self, norm_length=int(max_new_tokens))
 
 
 def grpo_loss(
@@ -402,7 +490,8 @@ def grpo_loss(
     num_tokens: Array | float | None = None,
     num_seqs: Array | float | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-    """Full GRPO objective: ``pg + kl_coef * kl - entropy_coef * entropy``.
+    """Full GRPO objective: ``pg + kl_coef * kl - entropy_coef * entropy`` (``pg`` of
+    ``cfg.policy``, every term aggregated by ``cfg.loss_agg``).
 
     logp, old_logp, ref_logp: ``[B, T]`` (``ref_logp`` may be ``None`` when
       ``cfg.kl_coef == 0``; ``ref_logp`` is treated as constant).
@@ -423,17 +512,19 @@ def grpo_loss(
         old_logp,
         advantages,
         mask,
-        clip_low=cfg.clip_low,
-        clip_high=cfg.clip_high,
+        policy=cfg.policy,
+        clip_low=cfg.clip_range[0],
+        clip_high=cfg.clip_range[1],
         dual_clip=cfg.dual_clip,
         loss_agg=cfg.loss_agg,
         num_tokens=num_tokens,
         num_seqs=num_seqs,
+        norm_length=cfg.norm_length,
     )
     loss = pg
 
     def agg(x):
-        return agg_loss(x, mask, cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
+        return agg_loss(x, mask, cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=cfg.norm_length)
 
     if cfg.kl_coef != 0.0 and ref_logp is None:
         raise ValueError("cfg.kl_coef != 0 requires ref_logp")

@@ -38,6 +38,7 @@ from models.causal_lm import QwenCausalLM
 from models.config import ModelConfig
 from models.pretrained import abstract_params, as_dtype
 from models.vision import VisionInputs
+from pr1_jax import configlib
 from pr1_jax.grpo import GRPOLossConfig, entropy_from_logits, grpo_loss, token_logprobs
 from pr1_jax.rollout import LearnerBatch
 from pr1_jax.sharding import activation_sharding, batch_sharding, batch_shardings, map_batch, param_shardings
@@ -53,21 +54,24 @@ class LearnerConfig:
     PPO clip 0.2 with the sampler's log-probs; the paper configs set the reference's clip-higher
     0.3, dual clip 3.0 and recomputed old log-probs (docs/FIDELITY.md)."""
 
-    lr: float = 1e-6
-    weight_decay: float = 1e-3
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    warmup_ratio: float = 0.05
+    lr: float = configlib.bounded(1e-6, gt=0)
+    weight_decay: float = configlib.bounded(1e-3, ge=0)
+    b1: float = configlib.bounded(0.9, ge=0, le=1)
+    b2: float = configlib.bounded(0.999, ge=0, le=1)
+    eps: float = configlib.bounded(1e-8, gt=0)
+    warmup_ratio: float = configlib.bounded(0.05, ge=0, le=1)
     schedule: Literal["constant", "cosine"] = "constant"
-    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
-    max_grad_norm: float = 1.0
-    micro_batch_size: int | None = None  # sequences per micro-batch; None = the whole mini-batch
+    min_lr_ratio: float = configlib.bounded(0.0, ge=0, le=1)  # cosine floor, as a fraction of lr
+    max_grad_norm: float = configlib.bounded(1.0, gt=0)
+    micro_batch_size: int | None = configlib.bounded(None, ge=1)  # sequences per micro-batch; None = the whole mini-batch
     # The response lengths the update compiles for: each step pads its responses to the smallest
     # that holds the longest one (over all processes), or to the sampler's max_new_tokens; those
     # at or above it are ignored (`pr1_jax.rollout.response_bucket`).
     response_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 3072)
     loss: GRPOLossConfig = GRPOLossConfig()
+    # Group advantages: grpo = (r - mean) / (std + eps); drgrpo = r - mean (Dr.GRPO, no std
+    # division, which up-weights groups of near-equal rewards). `grpo.group_advantages`.
+    advantage: Literal["grpo", "drgrpo"] = "grpo"
     freeze_vision: bool = False
     remat: bool = False
     dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators)

@@ -35,6 +35,10 @@ RECORD_FIELDS = ("problem", "record_id", "annotations")
 """The record fields a reward may declare besides the response and the gold answer: the prompt's
 problem text, the record's id and its visual annotations (a list of statements)."""
 
+SAMPLE_FIELDS = ("response_length", "max_length")
+"""What the run knows of each sample beyond its text: its token count and the response cap (the
+overlong term declares them)."""
+
 
 class PluginError(ValueError):
     """A reward plug-in that cannot be used; the message names the file and function."""
@@ -104,7 +108,7 @@ class PluginReward:
 
 
 def check_call(plugin: PluginReward, takes: frozenset[str] | None, options: Mapping[str, object],
-               fields: Iterable[str] = RECORD_FIELDS) -> None:
+               fields: Iterable[str] = RECORD_FIELDS + SAMPLE_FIELDS) -> None:
     """That ``plugin`` can take the call the rewards make: ``(response, ground_truth)``, the
     record ``fields`` it declares (``takes``; None: every one) and its ``options``. Raises a
     PluginError showing the signature."""

@@ -61,6 +61,9 @@ VISUAL = "visual"
 NGRAM = "ngram_penalty"
 """Left out of the reference run's logged ``overall`` (it adds the penalty to the reward only)."""
 
+OVERLONG = "overlong"
+"""DAPO's soft overlong punishment; takes the response's token count from the trainer."""
+
 ACCURACY_MODES = ("paper", "reference")
 
 DEFAULT_WEIGHTS = {"accuracy": 0.9, "format": 0.1, "ngram_penalty": 1.0, VISUAL: 0.7}
@@ -177,7 +180,7 @@ class RewardConfig:
 
     def declared_fields(self, fields: Mapping[str, object]) -> dict:
         """The part of ``fields`` that some configured reward declares: a caller offers what it
-        knows of a sample (e.g. its record's ``RECORD_FIELDS``) and passes only what a term
+        knows of a sample (its record's fields, its token count) and passes only what a term
         takes, since ``reward_kwargs`` rejects a field no term takes."""
         takes = [_keywords(self.reward_fn(name)) for name in self.reward_names]
         return {k: v for k, v in fields.items() if any(t is None or k in t for t in takes)}
@@ -210,13 +213,23 @@ def _plugin(spec: str) -> PluginReward:
 
 # --- built-in rewards ------------------------------------------------------------------
 
-# "paper" has DOTALL on purpose; the reference code omits it, so its multi-line answer blocks
-# (the very format it rewards) never match and it verifies the whole response, think block
-# included: math-verify then reads the last \boxed{} of the text.
-_ANSWER_RE = {
-    "paper": re.compile(r"<answer>(.*?)</answer>", re.DOTALL),
-    "reference": re.compile(r"<answer>(.*?)</answer>"),
-}
+def first_block(text: str, open_tag: str, close_tag: str, *, one_line: bool = False, min_len: int = 0) -> str | None:
+    """What `re.search(open_tag + "(.{min_len,}?)" + close_tag, text, DOTALL unless one_line)`
+    captures, in linear time. The regex retries from every `open_tag` and scans to the end of the
+    text each time: minutes on a response of 40000 repeated tags. The leftmost match starts at the
+    first `open_tag` (of the first line that has one, for `one_line`) and ends at the first
+    `close_tag` far enough after it; when that one has none, no later `open_tag` has one either."""
+    for part in text.split("\n") if one_line else (text,):
+        start = part.find(open_tag)
+        if start < 0:
+            continue
+        start += len(open_tag)
+        end = part.find(close_tag, start + min_len)
+        if end >= 0:
+            return part[start:end]
+    return None
+
+
 
 # The reference pattern verbatim. It is applied with fullmatch to the raw decoded text, as
 # the reference does: a trailing newline or any text after </answer> fails the format.
@@ -235,8 +248,11 @@ def extract_answer(response: str, mode: str = "paper") -> str:
     """The first ``<answer>`` block's contents (``reference``: one on a single line), or the
     whole response; stripped."""
     _check_mode(mode)
-    match = _ANSWER_RE[mode].search(response)
-    return (match.group(1) if match else response).strip()
+    # "paper" spans lines on purpose; the reference's regex has no DOTALL, so its multi-line answer
+    # blocks (the very format it rewards) never match and it verifies the whole response, think
+    # block included: math-verify then reads the last \boxed{} of the text.
+    block = first_block(response, "<answer>", "</answer>", one_line=mode == "reference")
+    return (block if block is not None else response).strip()
 
 
 def gold_text(ground_truth: str, mode: str = "paper") -> str:
@@ -288,6 +304,22 @@ def ngram_penalty(response: str, ground_truth: str = "", *, n: int = 20, max_pen
         return 0.0
     ngrams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return (1.0 - len(set(ngrams)) / len(ngrams)) * max_penalty
+
+
+@register_reward(OVERLONG)
+def overlong_penalty(response: str, ground_truth: str = "", *, response_length: int, max_length: int,
+                     buffer: int = 256) -> float:
+    """DAPO's soft overlong punishment (arXiv 2503.14476, section 3.4): 0 up to ``max_length - buffer``
+    tokens, then linear down to -1 at ``max_length`` (the sampler's cap): a response cut by the
+    cap scores -1, one that ends just in time barely less than 0, so the policy learns to stop
+    without the noise of punishing every long but finished answer as hard as a truncated one.
+
+    response_length / max_length: the response's tokens and the cap, given by the trainer
+    (record fields); buffer: the option, ``0 < buffer <= max_length``. Off unless weighted.
+    """
+    if not 0 < buffer <= max_length:
+        raise ValueError(f"overlong buffer must be in (0, max_length={max_length}], got {buffer}")
+    return max(min((max_length - buffer - response_length) / buffer, 0.0), -1.0)
 
 
 # --- combining -------------------------------------------------------------------------

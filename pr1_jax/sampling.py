@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from models.causal_lm import QwenCausalLM
 from models.qwen2 import KVCache
 from models.vision import VisionInputs
+from pr1_jax import configlib
 from pr1_jax.sharding import activation_sharding, sharding_for
 
 
@@ -36,13 +37,13 @@ class SamplingConfig:
     `pad_id` (None = the tokenizer's pad token); code that has ids sets `eos_ids` directly.
     The learner scores responses at this temperature (1.0 for greedy samples)."""
 
-    max_new_tokens: int = 4096
+    max_new_tokens: int = configlib.bounded(4096, ge=1)
     eos_ids: tuple[int, ...] = ()
     pad_id: int | None = None
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    n: int = 1  # samples per prompt, sharing one prefill
+    temperature: float = configlib.bounded(1.0, ge=0)  # 0 = greedy
+    top_p: float = configlib.bounded(1.0, gt=0, le=1)
+    top_k: int = configlib.bounded(0, ge=0)  # 0 = off
+    n: int = configlib.bounded(1, ge=1)  # samples per prompt, sharing one prefill
     eos_tokens: tuple[str, ...] = ("<|im_end|>",)
 
     @property

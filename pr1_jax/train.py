@@ -30,9 +30,10 @@ from pr1_jax import configlib
 from pr1_jax.checkpoint import Checkpointer, CheckpointRestoreError
 from pr1_jax.config import TrainConfig
 from pr1_jax.data.order import DataStateError, state_for_process, steps_per_epoch
-from pr1_jax.data.pipeline import make_iterator
+from pr1_jax.data.pipeline import NoValidRecordError, make_iterator
 from pr1_jax.data.processing import load_tokenizer
 from pr1_jax.data.records import BadRecordError, RecordSource
+from pr1_jax.dynamic_sampling import fill_step
 from pr1_jax.grpo import group_advantages
 from pr1_jax.judge import Judge
 from pr1_jax.learner import Learner, TrainState
@@ -65,12 +66,14 @@ def _all_processes(scores: list[dict]) -> list[dict]:
     return [x for part in allgather_json(plain) for x in part]
 
 
-def reward_records(reward: RewardConfig, texts: list[str], batch: dict, n: int) -> list[dict]:
+def reward_records(reward: RewardConfig, texts: list[str], batch: dict, n: int, lengths, cap: int) -> list[dict]:
     """The reward scorer's records of a batch's n samples per prompt: response, gold answer and
-    the record's fields that the configured rewards declare (a plug-in's `problem`, ...)."""
+    what the configured rewards declare of the record's fields (a plug-in's `problem`, ...) and of
+    the sample (its token count ``lengths[i]`` and the response cap, for the overlong term)."""
     return [dict(response=text, ground_truth=batch["answer"][i // n],
-                 **reward.declared_fields({f: batch[f][i // n] for f in RECORD_FIELDS}))
-            for i, text in enumerate(texts)]
+                 **reward.declared_fields({**{f: batch[f][i // n] for f in RECORD_FIELDS},
+                                           "response_length": int(k), "max_length": cap}))
+            for i, (text, k) in enumerate(zip(texts, np.asarray(lengths)))]
 
 
 class Trainer:
@@ -82,9 +85,11 @@ class Trainer:
         elif not cfg.model.policy:
             raise configlib.ConfigError("model.policy is required (or tiny.enabled=true)")
         self.cfg = cfg
+        metric = cfg.data.dynamic_sampling.metric
+        if cfg.data.dynamic_sampling.enabled and metric not in {"overall", "overall_reference", *cfg.reward.weights}:
+            raise configlib.ConfigError(f"data.dynamic_sampling.metric={metric!r} is not a score: use overall, "
+                                        f"overall_reference or a reward.weights name {sorted(cfg.reward.weights)}")
         self.run_dir = Path(cfg.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(_yaml(configlib.to_dict(cfg)))
         self.mesh = make_mesh(cfg.mesh)
         divisor = batch_axis_size(self.mesh)
         rows = cfg.data.batch_size * jax.process_count() * cfg.sampling.n
@@ -104,7 +109,10 @@ class Trainer:
             self.sample_cfg = cfg.sampling.with_tokenizer(self.tokenizer)
         except ValueError as e:
             raise configlib.ConfigError(str(e)) from None
-        self.learner = Learner(model_cfg, cfg.learner, self.mesh, self.total_steps,
+        # seq-mean-token-sum-norm's constant defaults to the sampler's response cap.
+        learner_cfg = dataclasses.replace(cfg.learner, loss=cfg.learner.loss.with_norm_length(
+            self.sample_cfg.max_new_tokens))
+        self.learner = Learner(model_cfg, learner_cfg, self.mesh, self.total_steps,
                                temperature=self.sample_cfg.score_temperature, attention=cfg.model.attention)
         self.policy = load_model(cfg.model.policy, self.mesh, dtype=cfg.learner.dtype,
                                  param_dtype=cfg.learner.param_dtype, attention=cfg.model.attention)
@@ -119,8 +127,8 @@ class Trainer:
                                     tokenizer_path=cfg.model.judge_tokenizer or cfg.model.judge, dtype=cfg.model.judge_dtype,
                                     attention=cfg.model.attention)
         self.scorer = RewardScorer(cfg.reward)
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.keep_checkpoints)
-        self.metrics = MetricsLogger(self.run_dir, self.total_steps, cfg.logging, configlib.to_dict(cfg))
+        ckpt_dir = self.run_dir / "checkpoints"
+        self.checkpointer = Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints) if ckpt_dir.is_dir() else None
         # The KL term's reference is the starting policy; it is reloaded from its checkpoint on
         # resume, so it is not part of the train state.
         self.ref_params = None
@@ -133,9 +141,23 @@ class Trainer:
         self.consecutive_bad = 0
         self._dropped_warned: set[str] = set()  # records the judge dropped annotations of, already named
         self._stop_requested = False
-        if cfg.resume or cfg.resume_step is not None:
-            self._restore()
-        self.data = make_iterator(cfg.data, self.tokenizer, self.data_state)
+        try:
+            if cfg.resume or cfg.resume_step is not None:
+                self._restore()
+            self.data = make_iterator(cfg.data, self.tokenizer, self.data_state)
+        except BaseException:
+            # Orbax's threads and the reward workers, left running, print tracebacks at exit.
+            if self.checkpointer is not None:
+                self.checkpointer.close()
+            self.scorer.close()
+            raise
+        # Every start-up check passed: only now is the run directory written, so a start that
+        # fails (another model size, a bad path) leaves an existing run as it was.
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(_yaml(configlib.to_dict(cfg)))
+        if self.checkpointer is None:
+            self.checkpointer = Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints)
+        self.metrics = MetricsLogger(self.run_dir, self.total_steps, cfg.logging, configlib.to_dict(cfg))
 
     # -- set-up --
 
@@ -147,6 +169,10 @@ class Trainer:
 
     def _restore(self) -> None:
         step = self.cfg.resume_step
+        if self.checkpointer is None:
+            if step is not None:
+                raise CheckpointRestoreError(f"resume_step={step}: {self.run_dir / 'checkpoints'} does not exist")
+            return
         if step is None and self.checkpointer.latest_step() is None:
             return
         self.state, meta = self.checkpointer.restore(self._abstract_state(), step)
@@ -157,8 +183,10 @@ class Trainer:
         log.info("resumed from step %d of %s", int(self.state.step + self.state.skipped),
                  self.checkpointer.directory)
 
-    def save(self, step: int) -> None:
-        meta = dict(data=allgather_json(self.data.get_state()), rng=np.asarray(jax.random.key_data(self.key)).tolist(),
+    def save(self, step: int, data_state: dict) -> None:
+        """Writes the train state as `step`, with `data_state` (the data position after the batches
+        the state has been trained on)."""
+        meta = dict(data=allgather_json(data_state), rng=np.asarray(jax.random.key_data(self.key)).tolist(),
                     consecutive_bad=self.consecutive_bad, step=step)
         # Returns once the state is on the host: the write goes on under the next steps (the
         # state can be donated), and `fit` waits for it before it returns.
@@ -175,7 +203,8 @@ class Trainer:
         annotations = [t or a for a, t in zip(batch["annotations"], batch["annotations_text"]) for _ in range(n)]
         t0 = time.perf_counter()
         pending = self.judge.submit(ro.texts, annotations) if self.judge else None
-        future = self.scorer.submit(reward_records(self.cfg.reward, ro.texts, batch, n))
+        future = self.scorer.submit(reward_records(self.cfg.reward, ro.texts, batch, n, ro.samples.lengths,
+                                                   self.sample_cfg.max_new_tokens))
         host = future.result()
         t_reward = time.perf_counter() - t0
         judged = pending.result() if pending else None
@@ -207,15 +236,27 @@ class Trainer:
             gb = gb.replace(ref_logprobs=self.learner.logprobs(self.ref_params, gb)[0])
         return gb
 
-    def train_step(self, step: int, batch: dict) -> dict:
+    def _produce(self, batch: dict) -> tuple[Rollout, list[dict], dict]:
+        """One rollout of a data batch and its scores: (rollout, score dicts, extra metrics)."""
         self.key, sample_key = jax.random.split(self.key)
         t0 = time.perf_counter()
         ro = rollout(self.policy, self.state.params, self.sampler, self.tokenizer, batch, sample_key, self.mesh,
                      self.cfg.data.patch_limit_per_record)
         t_sample = time.perf_counter() - t0
         scores, extra = self._score(ro, batch)
+        return ro, scores, dict(extra, sec_sample=t_sample)
+
+    def train_step(self, step: int, batch: dict) -> dict:
+        t0 = time.perf_counter()
+        dynamic = self.cfg.data.dynamic_sampling
+        if dynamic.enabled:
+            filled = fill_step(batch, lambda: next(self.data, None), self._produce, dynamic)
+            ro, batch, scores, extra = filled.rollout, filled.batch, filled.scores, {**filled.extra, **filled.metrics}
+        else:
+            ro, scores, extra = self._produce(batch)
+        t_sample = extra.pop("sec_sample")
         overall = np.array([s["overall"] for s in scores], np.float32)
-        adv = np.asarray(group_advantages(overall, ro.n))
+        adv = np.asarray(group_advantages(overall, ro.n, mean_only=self.cfg.learner.advantage == "drgrpo"))
         lengths = np.asarray(ro.samples.lengths)
         longest = max(allgather_json(int(lengths.max(initial=0))))
         bucket = response_bucket(longest, self.cfg.learner.response_buckets, self.sample_cfg.max_new_tokens)
@@ -298,10 +339,20 @@ class Trainer:
         log.warning("SIGTERM: saving a checkpoint at the end of this step, then exiting")
         self._stop_requested = True
 
+    def _steps_taken(self) -> int | None:
+        """Steps in the train state (updates and skipped ones); None when its arrays are gone (donated
+        to an update that raised)."""
+        if any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(self.state)):
+            return None
+        return int(self.state.step + self.state.skipped)
+
     def fit(self) -> dict | None:
-        """Runs to `total_steps` (or the end of the data, or SIGTERM); returns the last validation."""
+        """Runs to `total_steps` (or the end of the data, or SIGTERM); returns the last validation.
+        However it ends, the last good state is saved under its own step: a step that raised
+        before its update is not saved (its batch is read again on resume)."""
         signal.signal(signal.SIGTERM, self._on_sigterm)
-        step = int(self.state.step + self.state.skipped)
+        step = self._steps_taken()
+        data_state = self.data.get_state()  # the data position of the batches the state was trained on
         val = None
         try:
             if self.cfg.val_before_train and step == 0:
@@ -313,16 +364,25 @@ class Trainer:
                     log.info("data exhausted after %d steps", step)
                     break
                 step += 1
-                self.metrics.write(step, self.train_step(step, batch))
+                after = self.data.get_state()
+                try:
+                    self.metrics.write(step, self.train_step(step, batch))
+                finally:
+                    if self._steps_taken() == step:  # the update ran (also before a Stop of the NaN guard)
+                        data_state = after
                 if step % self.cfg.save_freq == 0:
-                    self.save(step)
+                    self.save(step, data_state)
                 if self.cfg.val_freq and step % self.cfg.val_freq == 0:
                     val = self.validate(step)
             if not self._stop_requested and self.cfg.val_freq and step % self.cfg.val_freq:
                 val = self.validate(step)
         finally:
-            if step not in self.checkpointer.steps():
-                self.save(step)
+            taken = self._steps_taken()
+            if taken is None:
+                log.error("the train state was lost in the failed update; the last checkpoint is step %s",
+                          self.checkpointer.latest_step())
+            elif taken not in self.checkpointer.steps():
+                self.save(taken, data_state)
             self.checkpointer.wait()  # the last save is complete on disk before the run ends (SIGTERM too)
             self.scorer.close()
             self.metrics.close()
@@ -386,6 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     except Stop as e:
         log.error("%s", e)
         return 1
+    except (*USER_ERRORS, NoValidRecordError) as e:  # e.g. data with no usable record: one line
+        log.error("%s: %s", type(e).__name__, e)
+        return 2
+    finally:
+        trainer.checkpointer.close()
     return 0
 
 

@@ -41,18 +41,18 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(LONG_MODULES)))  # stable: order within a module kept
 
 
-_RELIABILITY = {}
+_RELIABILITY = {}  # {test module: its latest running counts}
 
 
 def pytest_runtest_logreport(report):
     for name, counts in report.user_properties:
         if name == "reliability_counts":
-            _RELIABILITY.update(counts)
+            _RELIABILITY[report.nodeid.split("::")[0]] = counts
 
 
 def pytest_terminal_summary(terminalreporter):
     if _RELIABILITY:
-        c = collections.Counter(_RELIABILITY)
+        c = sum((collections.Counter(v) for v in _RELIABILITY.values()), collections.Counter())
         terminalreporter.write_line(
             f"reliability: faults injected {c['faults_injected']}, survived {c['faults_survived']}; "
             f"bad inputs tried {c['bad_inputs']}; training steps lost {c['steps_lost']}")

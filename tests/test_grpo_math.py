@@ -81,12 +81,21 @@ def np_reference_clipfracs(logp, old, adv, mask, cl, ch, dual):
     return higher[mask].mean(), lower[mask].mean()
 
 
-def np_agg(mat, mask, agg):
+AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+NORM_LENGTH = 16  # seq-mean-token-sum-norm's constant in these tests (a response cap above T)
+
+
+def np_agg(mat, mask, agg, norm_length=NORM_LENGTH):
     mask = np.asarray(mask, bool)
     if agg == "token-mean":
         return mat[mask].sum() / mask.sum()
-    seq = [mat[b][mask[b]].mean() for b in range(mat.shape[0]) if mask[b].any()]
-    return float(np.mean(seq))
+    rows = [b for b in range(mat.shape[0]) if mask[b].any()]
+    if agg == "seq-mean-token-mean":
+        return float(np.mean([mat[b][mask[b]].mean() for b in rows]))
+    sums = [mat[b][mask[b]].sum() for b in rows]
+    if agg == "seq-mean-token-sum":
+        return float(np.mean(sums))
+    return float(np.mean(sums)) / norm_length
 
 
 def np_kl(logp, ref, kind):
@@ -254,7 +263,7 @@ def test_masked_mean():
 # --------------------------------------------------------------------------- policy loss
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("agg", AGGS)
 @pytest.mark.parametrize("clips", [(0.2, 0.2), (0.2, 0.28)])
 def test_policy_loss_matches_numpy_with_garbage_padding(agg, clips):
     cl, ch = clips
@@ -264,7 +273,7 @@ def test_policy_loss_matches_numpy_with_garbage_padding(agg, clips):
 
     def f(lp):
         return grpo.policy_loss(lp, jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask),
-                                clip_low=cl, clip_high=ch, loss_agg=agg)
+                                clip_low=cl, clip_high=ch, loss_agg=agg, norm_length=NORM_LENGTH)
 
     (loss, met), grad = jax.value_and_grad(f, has_aux=True)(jnp.asarray(logp))
     np.testing.assert_allclose(float(loss), want, rtol=RTOL, atol=ATOL)
@@ -433,14 +442,129 @@ def test_seq_mean_differs_from_token_mean():
         grpo.policy_loss(logp, logp, adv, mask, loss_agg="bogus")
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
-def test_microbatch_accumulation_equals_full_batch(agg):
+def test_loss_agg_modes_by_hand():
+    # ratio 1 everywhere, so each token's loss is -A: 1 on the 4 tokens of row 0, 3 on the one
+    # token of row 1; row 2 has no valid token and counts in no normaliser.
+    logp = jnp.zeros((3, 4))
+    adv = jnp.array([-1.0, -3.0, 5.0])
+    mask = jnp.array([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]], bool)
+    want = {"token-mean": (4 + 3) / 5, "seq-mean-token-mean": (1 + 3) / 2, "seq-mean-token-sum": (4 + 3) / 2,
+            "seq-mean-token-sum-norm": (4 + 3) / (2 * 8)}
+    # d loss / d logp of a row-0 token (row 1 is 3x that, except seq-mean-token-mean: 3 * 4x)
+    want_grad = {"token-mean": 1 / 5, "seq-mean-token-mean": 1 / (2 * 4), "seq-mean-token-sum": 1 / 2,
+                 "seq-mean-token-sum-norm": 1 / 16}
+    for agg in AGGS:
+        f = lambda lp: grpo.policy_loss(lp, logp, adv, mask, loss_agg=agg, norm_length=8)[0]  # noqa: B023
+        loss, grad = jax.value_and_grad(f)(logp)
+        assert float(loss) == pytest.approx(want[agg]), agg
+        np.testing.assert_allclose(np.asarray(grad[0]), want_grad[agg], rtol=1e-6)
+        assert float(grad[1, 0]) == pytest.approx(want_grad[agg] * (12 if agg == "seq-mean-token-mean" else 3))
+    with pytest.raises(ValueError, match="norm_length"):
+        grpo.agg_loss(logp, mask, "seq-mean-token-sum-norm")
+    with pytest.raises(ValueError):
+        grpo.GRPOLossConfig(loss_agg="seq-mean")
+    assert grpo.GRPOLossConfig().with_norm_length(512).norm_length == 512
+    assert grpo.GRPOLossConfig(norm_length=64).with_norm_length(512).norm_length == 64
+
+
+def test_drgrpo_advantages_by_hand():
+    # grpo divides the centred rewards by the group's unbiased std; drgrpo only centres them
+    r = jnp.array([1.0, 0.0, 0.0, 1.0, 0.2, 0.2, 0.2, 0.2])
+    np.testing.assert_allclose(np.asarray(grpo.group_advantages(r, 4, mean_only=True)),
+                               [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0], atol=1e-7)
+    std = np.std([1, 0, 0, 1], ddof=1)
+    np.testing.assert_allclose(np.asarray(grpo.group_advantages(r, 4))[:4], np.array([0.5, -0.5, -0.5, 0.5]) / (std + 1e-6),
+                               rtol=1e-6)
+
+
+def test_gspo_by_hand():
+    # one sequence, token log-ratios 0.1 and 0.3: s = exp(0.2) = 1.2214 (the length-normalised
+    # sequence ratio). Unclipped, each token's loss is -A s and its gradient -A s / |o| under
+    # seq-mean-token-mean: that of GSPO's -A s_i, since d s_i / d logp_t = s_i / |o_i|.
+    old = jnp.array([[-1.0, -2.0]])
+    logp = old + jnp.array([[0.1, 0.3]])
+    mask = jnp.ones((1, 2), bool)
+    s = np.exp(0.2)
+
+    def f(lp, high):
+        return grpo.policy_loss(lp, old, jnp.array([1.0]), mask, policy="gspo", clip_low=0.2, clip_high=high,
+                                loss_agg="seq-mean-token-mean")
+
+    (loss, met), grad = jax.value_and_grad(f, has_aux=True)(logp, 0.28)
+    assert float(loss) == pytest.approx(-s, rel=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), [[-s / 2, -s / 2]], rtol=1e-6)
+    assert float(met["ratio_mean"]) == pytest.approx(s, rel=1e-6) and float(met["clip_frac"]) == 0.0
+    # clip range 1.2 < s: the whole sequence is clipped (loss -1.2, no gradient on any token)
+    (loss, met), grad = jax.value_and_grad(f, has_aux=True)(logp, 0.2)
+    assert float(loss) == pytest.approx(-1.2, rel=1e-6)
+    assert np.all(np.asarray(grad) == 0.0)
+    assert float(met["clip_frac"]) == 1.0 and float(met["clip_frac_high"]) == 1.0
+
+
+def test_gspo_gradient_is_the_sequence_objective():
+    # the published objective, written at the sequence level: J = mean_i min(s_i A_i, clip(s_i) A_i),
+    # s_i = exp(mean_t (logp - old)); our per-token form must have the same value and gradient
+    logp, old, adv, mask = make_batch(21, garbage=False)
+    lo, hi = 0.05, 0.08
+
+    def paper(lp):
+        s = jnp.exp(jnp.sum((lp - old) * mask, -1) / jnp.sum(mask, -1))
+        return -jnp.mean(jnp.minimum(s * adv, jnp.clip(s, 1 - lo, 1 + hi) * adv))
+
+    def ours(lp):
+        return grpo.policy_loss(lp, old, adv, mask, policy="gspo", clip_low=lo, clip_high=hi,
+                                loss_agg="seq-mean-token-mean")[0]
+
+    lp = jnp.asarray(logp)
+    np.testing.assert_allclose(float(ours(lp)), float(paper(lp)), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(jax.grad(ours)(lp)), np.asarray(jax.grad(paper)(lp)), rtol=1e-4, atol=1e-7)
+
+
+def test_cispo_by_hand():
+    # token 0: r = 1.5, A = 2, clip_high 0.28 -> w = 1.28: loss -A w logp = 2.56 at logp = -1 and
+    # gradient -A w = -2.56 (PPO's is 0 there: clipped). token 1: r = 0.5 and no lower bound
+    # (clip_low 1.0) -> w = 0.5, gradient -1.0.
+    old = jnp.array([[-1.0 - np.log(1.5), -1.0 - np.log(0.5)]])
+    logp = jnp.array([[-1.0, -1.0]])
+    mask = jnp.ones((1, 2), bool)
+    adv = jnp.array([2.0])
+
+    def f(lp, policy, lo, hi):
+        return grpo.policy_loss(lp, old, adv, mask, policy=policy, clip_low=lo, clip_high=hi, loss_agg="seq-mean-token-sum")
+
+    (loss, met), grad = jax.value_and_grad(f, has_aux=True)(logp, "cispo", 1.0, 0.28)
+    assert float(loss) == pytest.approx(2 * 1.28 + 2 * 0.5, rel=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), [[-2.56, -1.0]], rtol=1e-6)
+    assert (float(met["clip_frac"]), float(met["clip_frac_high"]), float(met["clip_frac_low"])) == (0.5, 0.5, 0.0)
+    ppo_grad = jax.grad(lambda lp: f(lp, "ppo", 0.2, 0.28)[0])(logp)
+    assert float(ppo_grad[0, 0]) == 0.0
+    # on-policy (r == 1) CISPO's gradient is the policy gradient, as PPO's
+    lp, _, a, m = make_batch(22)
+    lp = jnp.asarray(lp)
+    g = {p: jax.grad(lambda x: grpo.policy_loss(x, lp, a, m, policy=p)[0])(lp) for p in ("ppo", "cispo", "gspo")}  # noqa: B023
+    np.testing.assert_allclose(np.asarray(g["cispo"]), np.asarray(g["ppo"]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(g["gspo"]), np.asarray(g["ppo"]), rtol=1e-6)
+
+
+def test_policy_config_errors():
+    for bad in (dict(policy="reinforce"), dict(policy="gspo", dual_clip=3.0), dict(policy="cispo", dual_clip=3.0)):
+        with pytest.raises(ValueError):
+            grpo.GRPOLossConfig(**bad)
+    cfg = grpo.GRPOLossConfig(policy="gspo")
+    assert cfg.clip_range == (3e-4, 4e-4)
+    assert grpo.GRPOLossConfig(policy="cispo").clip_range == (1.0, 0.28)
+
+
+@pytest.mark.parametrize("policy", ["ppo", "gspo", "cispo"])
+@pytest.mark.parametrize("agg", AGGS)
+def test_microbatch_accumulation_equals_full_batch(agg, policy):
     logp, old, adv, mask = make_batch(5, B=9, T=7)
     ref = jnp.asarray(np.random.default_rng(6).normal(-2.0, 0.5, mask.shape).astype(np.float32))
     rng = np.random.default_rng(7)
     ent = jnp.asarray(rng.uniform(0, 3, mask.shape).astype(np.float32))
-    cfg = grpo.GRPOLossConfig(clip_low=0.2, clip_high=0.28, dual_clip=1.5, loss_agg=agg, kl_coef=0.05,
-                              entropy_coef=0.01)
+    cfg = grpo.GRPOLossConfig(policy=policy, clip_low=0.2, clip_high=0.28, dual_clip=1.5 if policy == "ppo" else None,
+                              gspo_clip_low=0.01, gspo_clip_high=0.02, loss_agg=agg, norm_length=NORM_LENGTH,
+                              kl_coef=0.05, entropy_coef=0.01)
     logp, old, adv, maskj = map(jnp.asarray, (logp, old, adv, mask))
 
     @jax.jit
@@ -462,7 +586,7 @@ def test_microbatch_accumulation_equals_full_batch(agg):
         acc_grad.append(g)
     np.testing.assert_allclose(float(acc_loss), float(full_loss), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.concatenate(acc_grad), np.asarray(full_grad), rtol=1e-5, atol=1e-7)
-    if agg == "token-mean":
+    if agg == "token-mean" and policy == "ppo":
         # without the global normaliser the mean of micro-batch losses is NOT the full loss
         # (micro-batches hold different token counts). For seq-mean with equal-size
         # micro-batches it coincides, so there is nothing to contrast.
@@ -494,14 +618,15 @@ def test_kl_penalty_values():
 # --------------------------------------------------------------------------- combined loss
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("agg", AGGS)
 @pytest.mark.parametrize("kl_kind", ["k1", "low_var_kl"])
 def test_grpo_loss_combination(agg, kl_kind):
     logp, old, adv, mask = make_batch(9)
     rng = np.random.default_rng(10)
     ref = np.where(mask, rng.normal(-2, 0.5, mask.shape), -np.inf).astype(np.float32)
     ent = np.where(mask, rng.uniform(0, 3, mask.shape), np.nan).astype(np.float32)
-    cfg = grpo.GRPOLossConfig(clip_low=0.2, clip_high=0.28, loss_agg=agg, kl_coef=0.1, kl_kind=kl_kind, entropy_coef=0.01)
+    cfg = grpo.GRPOLossConfig(clip_low=0.2, clip_high=0.28, loss_agg=agg, norm_length=NORM_LENGTH, kl_coef=0.1,
+                              kl_kind=kl_kind, entropy_coef=0.01)
     clean = lambda x: np.where(mask, x, 0.0)
     pg = np_agg(np_pg_tokens(clean(logp), clean(old), adv, 0.2, 0.28), mask, agg)
     kl = np_agg(np_kl(clean(logp), clean(ref), "k1" if kl_kind == "k1" else "k3"), mask, agg)

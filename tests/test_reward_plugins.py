@@ -61,15 +61,16 @@ def test_example_plugins_score_in_process():
 
 def test_the_trainer_passes_the_fields_the_rewards_declare(flaky_file):
     batch = {"answer": ["5", "6"], "problem": ["p0", "p1"], "record_id": ["r0", "r1"], "annotations": [["a"], []]}
-    assert reward_records(RewardConfig(), ["x", "y", "z", "w"], batch, 2) == [
+    assert reward_records(RewardConfig(), ["x", "y", "z", "w"], batch, 2, [3, 1, 4, 1], 8) == [
         dict(response=t, ground_truth=g) for t, g in zip("xyzw", ["5", "5", "6", "6"])]
     flaky = RewardConfig(weights={"flaky": 1.0}, functions={"flaky": f"{flaky_file}:flaky"})
-    assert [r["problem"] for r in reward_records(flaky, ["x", "y"], batch, 1)] == ["p0", "p1"]
+    assert [r["problem"] for r in reward_records(flaky, ["x", "y"], batch, 1, [3, 1], 8)] == ["p0", "p1"]
     every = RewardConfig(weights={"everything": 1.0}, functions={"everything": f"{flaky_file}:everything"})
     assert every.declared_fields({"problem": 1, "unknown": 2}) == {"problem": 1, "unknown": 2}
-    records = reward_records(every, ["x"], batch, 1)
+    records = reward_records(every, ["x"], batch, 1, [3], 8)
+    assert (records[0]["response_length"], records[0]["max_length"]) == (3, 8)
     assert score(config=every, fields={k: v for k, v in records[0].items() if k not in ("response", "ground_truth")},
-                 response="x", ground_truth="5")["everything"] == 3.0
+                 response="x", ground_truth="5")["everything"] == 5.0
 
 
 def test_plugins_run_in_the_workers_bounded_and_counted(flaky_file):

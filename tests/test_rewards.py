@@ -19,6 +19,7 @@ from pr1_jax.rewards import (
     get_reward,
     mean_metrics,
     ngram_penalty,
+    overlong_penalty,
     register_reward,
     score,
 )
@@ -210,6 +211,25 @@ def test_ngram_options_come_from_config():
     )
     # Bigrams of "a a a a": 3, 1 unique.
     assert score("a A a a", "", config=config)["ngram_penalty"] == pytest.approx(-2 / 3)
+
+
+@pytest.mark.parametrize("length, want", [(0, 0.0), (768, 0.0), (769, -1 / 256), (896, -0.5), (1024, -1.0),
+                                          (1100, -1.0)])
+def test_overlong_penalty_by_hand(length, want):
+    # DAPO eq. 13 with L_max = 1024 (the cap), L_cache = 256: 0 up to 768 tokens, linear to -1 at the cap
+    assert overlong_penalty("", response_length=length, max_length=1024, buffer=256) == pytest.approx(want)
+
+
+def test_overlong_is_off_by_default_and_weighted_with_the_trainer_fields():
+    assert "overlong" not in RewardConfig().weights
+    assert RewardConfig().declared_fields({"response_length": 900, "max_length": 1024}) == {}
+    config = RewardConfig(weights={"accuracy": 1.0, "overlong": 0.5}, options={"overlong": {"buffer": 256}})
+    fields = config.declared_fields({"response_length": 896, "max_length": 1024, "other": 1})
+    assert fields == {"response_length": 896, "max_length": 1024}
+    s = score(GOOD, "12", config=config, fields=fields)
+    assert (s["overlong"], s["overall"]) == (-0.5, pytest.approx(1.0 - 0.25))
+    with pytest.raises(ValueError, match="buffer"):
+        score(GOOD, "12", config=config, fields=dict(fields, max_length=100))
 
 
 # --- score / combine ---------------------------------------------------------------------

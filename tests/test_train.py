@@ -22,6 +22,7 @@ from pr1_jax import train
 from pr1_jax.checkpoint import Checkpointer
 from pr1_jax.export import export
 from pr1_jax.tiny import build_tiny_assets
+from parity_reward import parity_reward  # noqa: F401  registers the reward term "test_parity"
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,6 +89,32 @@ def test_short_run_writes_everything_and_exports(assets, tmp_path, offline):
     # The exported weights are the trained ones, not the base model's.
     base = load_pretrained(assets.policy)
     assert not np.allclose(np.asarray(base(ids)), np.asarray(ours(ids)))
+
+
+def test_grpo_variants_run_and_resume_exactly(assets, tmp_path):
+    """DAPO dynamic sampling and overlong shaping, Dr.GRPO advantages, GSPO with Dr.GRPO's loss
+    normaliser: the filling is logged, and a run resumed after step 1 takes step 2 as the
+    uninterrupted run does (same data position, rollouts and numbers). The untrained policy's
+    rewards all tie; the parity term gives its groups something to keep."""
+    variants = ("data.dynamic_sampling.enabled=true", "data.dynamic_sampling.max_rollouts=2",
+                "data.dynamic_sampling.metric=test_parity", "learner.advantage=drgrpo", "learner.loss.policy=gspo",
+                "learner.loss.loss_agg=seq-mean-token-sum-norm", "reward.weights.overlong=0.5",
+                "reward.weights.test_parity=1.0", "reward.options.overlong.buffer=4", "val_freq=0",
+                "val_before_train=false", "save_freq=1")
+
+    def run(run_dir, steps):
+        train.Trainer(train.parse_config(_args(assets, run_dir, f"max_steps={steps}", *variants))).fit()
+        return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    whole = run(tmp_path / "whole", 2)
+    run(tmp_path / "resumed", 1)
+    resumed = run(tmp_path / "resumed", 2)
+    assert [x["step"] for x in whole] == [1, 2] and resumed[-1]["step"] == 2
+    for key in ("rollouts_per_step", "groups_dropped", "groups_surplus", "groups_short", "overlong", "clip_frac"):
+        assert key in whole[-1], key
+    assert 1 <= whole[-1]["rollouts_per_step"] <= 2 and whole[-1]["groups_short"] < 2
+    for key in ("rollouts_per_step", "groups_dropped", "overall", "test_parity", "loss", "grad_norm", "response_len"):
+        assert resumed[-1][key] == pytest.approx(whole[-1][key], rel=1e-5, abs=1e-7), key
 
 
 def test_judge_losses_are_metrics_and_name_records_once(caplog):
@@ -162,6 +189,9 @@ def test_sigterm_saves_a_checkpoint_before_exit(assets, tmp_path):
     (["tiny.enabled=false", "model.policy=/no/such/dir", "mesh=[3,-1,1]"], "devices are not a multiple of 3"),
     (["reward.functions.mine=/no/such/rewards.py:mine", "reward.weights.mine=1"],
      "functions.mine: '/no/such/rewards.py:mine': no such file /no/such/rewards.py"),
+    (["tiny.enabled=false", "model.policy=/no/such/dir", "data.dynamic_sampling.enabled=true",
+      "data.dynamic_sampling.metric=acc"], "data.dynamic_sampling.metric='acc' is not a score"),
+    (["learner.loss.policy=gspo", "learner.loss.dual_clip=3.0"], "dual_clip is a PPO clip"),
 ])
 def test_config_errors_are_one_line(args, message, capsys, tmp_path):
     assert train.main([f"run_dir={tmp_path}", *args]) == 2

@@ -5,6 +5,8 @@
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 config="${1:?usage: launch.sh CONFIG [key=value ...]}"; shift
-args="$*"
-on_all "cd ~/$REPO_DIR && . .venv/bin/activate && \
-  nohup python -m pr1_jax.train --config $config distributed=true $args > train.log 2>&1 &"
+# The remote shell reads the command line again: every argument goes quoted (printf %q), so an
+# override with spaces or shell characters reaches the trainer as one argument, run as nothing.
+args=$(printf '%q ' --config "$config" distributed=true "$@")
+on_all "cd ~/$(printf '%q' "$REPO_DIR") && . .venv/bin/activate && \
+  nohup python -m pr1_jax.train $args> train.log 2>&1 &"

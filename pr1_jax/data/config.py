@@ -13,7 +13,7 @@ import dataclasses
 import math
 from typing import Sequence
 
-from pr1_jax import reference
+from pr1_jax import configlib, reference
 
 # Qwen2-VL vision geometry (the same for Qwen2.5-VL).
 PATCH_SIZE = 14
@@ -61,6 +61,29 @@ def max_resized_blocks(min_pixels: int, max_pixels: int, factor: int = PATCH_SIZ
     for i in range(max(1, math.ceil(a_min)), math.ceil(a_max) + 1):
         best = max(best, i * (math.floor(m_min / max(i - 1, a_min) * (1 + 1e-9)) + 1))
     return best
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicSamplingConfig:
+    """DAPO's dynamic sampling (`pr1_jax.dynamic_sampling`): a step keeps only groups whose
+    `metric` differs between their samples and samples more prompts until it has batch_size
+    of them per process.
+
+    enabled: off by default (one rollout per step, every group kept).
+    metric: the score key that must not be the same on all of a group's samples: "overall" (the
+        reward trained on; DAPO's accuracy-only reward makes this its "all correct or all
+        wrong"), or a term such as "accuracy" (a 0/1 term: all 0 or all 1).
+    max_rollouts: rollouts per step at most, the first included (the cap on extra rollouts);
+        a step still short then trains on the groups it has, the missing ones masked out.
+    """
+
+    enabled: bool = False
+    metric: str = "overall"
+    max_rollouts: int = 4
+
+    def __post_init__(self):
+        if self.max_rollouts < 1:
+            raise ValueError(f"dynamic_sampling.max_rollouts must be >= 1, got {self.max_rollouts}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +184,10 @@ class DataConfig:
     Errors
         strict: raise `BadRecordError` naming the record and where it is stored instead of
             skipping it (a duplicate id: as soon as the pipeline is built, naming both rows).
+
+    Steps
+        dynamic_sampling: DAPO's filling of a step with informative groups
+            (`DynamicSamplingConfig`); the trainer draws the extra batches from this pipeline.
     """
 
     paths: str | Sequence[str] = ()
@@ -181,14 +208,14 @@ class DataConfig:
     unplaced_images: str = "first"
 
     image_processor: str = "qwen2_vl"
-    min_pixels: int = 3136
-    max_pixels: int = 1806336
-    max_images_per_record: int = 1
-    max_patches_per_record: int | None = None
+    min_pixels: int = configlib.bounded(3136, ge=1)
+    max_pixels: int = configlib.bounded(1806336, ge=1)
+    max_images_per_record: int = configlib.bounded(1, ge=0)
+    max_patches_per_record: int | None = configlib.bounded(None, ge=1)
     image_alpha: str = "white"
 
-    batch_size: int = 8
-    max_prompt_length: int = 4096
+    batch_size: int = configlib.bounded(8, ge=1)
+    max_prompt_length: int = configlib.bounded(4096, ge=1)
     truncation: str = "skip"
     length_buckets: Sequence[int] | None = None
     patch_rows_per_batch: int | None = None
@@ -197,16 +224,18 @@ class DataConfig:
 
     seed: int = 0
     shuffle: bool = True
-    num_epochs: int | None = 1
+    num_epochs: int | None = configlib.bounded(1, ge=1)
     epoch_order: str = "streaming"
     shard_index: int | None = None
     shard_count: int | None = None
 
-    worker_count: int = 0
-    read_threads: int = 4
-    worker_buffer_size: int = 8
+    worker_count: int = configlib.bounded(0, ge=0)
+    read_threads: int = configlib.bounded(4, ge=0)
+    worker_buffer_size: int = configlib.bounded(8, ge=1)
 
     strict: bool = False
+
+    dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()
 
     def __post_init__(self):
         if self.format not in ("auto", "parquet", "jsonl"):

@@ -133,10 +133,12 @@ def example_to_record(example_dir: str, diagram_logic_forms: Sequence[str] | Non
     with open(os.path.join(example_dir, "data.json"), encoding="utf-8") as f:
         data = json.load(f)
     letter = str(data["answer"]).strip().upper()
-    idx = ord(letter) - ord("A")
     values = data["precise_value"]
-    if not 0 <= idx < len(values):
-        raise ValueError(f"{example_dir}: answer {letter!r} has no precise value in {values}")
+    if len(letter) != 1 or not isinstance(values, list) or not 0 <= ord(letter) - ord("A") < len(values):
+        raise ValueError(f"{example_dir}: answer {letter!r} has no precise value in {values!r:.80}")
+    idx = ord(letter) - ord("A")
+    if not isinstance(data["problem_text"], str):
+        raise ValueError(f"{example_dir}: problem_text is {type(data['problem_text']).__name__}, not text")
     if diagram_logic_forms is None:
         lf_path = os.path.join(example_dir, "logic_form.json")
         if os.path.isfile(lf_path):
@@ -144,6 +146,9 @@ def example_to_record(example_dir: str, diagram_logic_forms: Sequence[str] | Non
                 diagram_logic_forms = json.load(f).get("diagram_logic_form", [])
         else:
             diagram_logic_forms = []
+    # A string here would be read one character per logic form.
+    if not isinstance(diagram_logic_forms, list) or not all(isinstance(x, str) for x in diagram_logic_forms):
+        raise ValueError(f"{example_dir}: the diagram logic forms are {diagram_logic_forms!r:.80}, not a list of texts")
     image = os.path.abspath(os.path.join(example_dir, "img_diagram.png"))
     return Record(
         id=f"{id_prefix}{data.get('id', os.path.basename(os.path.normpath(example_dir)))}",

@@ -59,6 +59,10 @@ from pr1_jax.data.processing import Example, ExampleProcessor, Skipped
 logger = logging.getLogger(__name__)
 
 
+class NoValidRecordError(ValueError):
+    """A full pass over the records gave no usable one: an endless stream would read on forever."""
+
+
 def shard_options(config: DataConfig) -> grain.sharding.ShardOptions:
     """This host's shard: the configured one, else jax.process_index() of jax.process_count()."""
     if config.shard_index is not None:
@@ -124,7 +128,16 @@ def make_dataset(config: DataConfig, tokenizer: Any = None) -> "SkipAndBatchIter
     source = rec.RecordSource(config)
     stream = functools.partial(make_example_dataset, config, processor=proc, source=source)
     plan = reference_plan(config, len(source)) if config.epoch_order == "reference" else None
-    return SkipAndBatchIterDataset(stream(), config, proc.pad_token_id, plan, stream)
+    if plan is not None:
+        per_pass, reordered = plan.steps_per_epoch * plan.batch_size, plan.shuffle or plan.process_count > 1
+    else:
+        start, end = shard_bounds(len(source), shard_options(config))
+        per_pass, reordered = end - start, config.shuffle
+    # Consecutive skips that prove no record of this process's passes is usable: one pass when
+    # every pass reads the same records in the same order; when passes are reordered, 2 passes - 1
+    # (any run of that many consecutive positions holds a whole pass).
+    limit = 2 * per_pass - 1 if reordered else per_pass
+    return SkipAndBatchIterDataset(stream(), config, proc.pad_token_id, plan, stream, limit)
 
 
 def make_iterator(config: DataConfig, tokenizer: Any = None, state: dict | None = None) -> "BatchIterator":
@@ -140,15 +153,17 @@ class SkipAndBatchIterDataset(grain.IterDataset):
     `plan` and `stream` (`stream(position=k)`: the example stream from position k) for the reference order."""
 
     def __init__(self, parent: grain.IterDataset, config: DataConfig, pad_id: int, plan: ReferencePlan | None = None,
-                 stream: Callable[..., grain.IterDataset] | None = None):
+                 stream: Callable[..., grain.IterDataset] | None = None, skip_limit: int | None = None):
         super().__init__(parent)
         self._config = config
         self._pad_id = pad_id
         self._plan = plan
         self._stream = stream
+        self._skip_limit = skip_limit
 
     def __iter__(self) -> "BatchIterator":
-        return BatchIterator(self._parent.__iter__(), self._config, self._pad_id, self._plan, self._stream)
+        return BatchIterator(self._parent.__iter__(), self._config, self._pad_id, self._plan, self._stream,
+                             self._skip_limit)
 
     def __str__(self) -> str:
         return f"SkipAndBatchIterDataset(batch_size={self._config.batch_size})"
@@ -156,15 +171,19 @@ class SkipAndBatchIterDataset(grain.IterDataset):
 
 class BatchIterator(grain.DatasetIterator):
     """Iterator of batch dicts. State = the parent's state (the reference order: the batches
-    delivered, `ReferencePlan.state`) + the skip and truncation counters."""
+    delivered, `ReferencePlan.state`) + the skip and truncation counters. `skip_limit`
+    consecutive skipped records raise `NoValidRecordError` (`make_dataset` sets it to a pass)."""
 
     def __init__(self, parent: grain.DatasetIterator, config: DataConfig, pad_id: int,
-                 plan: ReferencePlan | None = None, stream: Callable[..., grain.IterDataset] | None = None):
+                 plan: ReferencePlan | None = None, stream: Callable[..., grain.IterDataset] | None = None,
+                 skip_limit: int | None = None):
         super().__init__(parent)
         self._config = config
         self._pad_id = pad_id
         self._plan = plan
         self._stream = stream
+        self._skip_limit = skip_limit
+        self._skipped_in_a_row = 0
         self._batches = 0
         self._skips: collections.Counter = collections.Counter()
         self._truncations = 0
@@ -200,7 +219,14 @@ class BatchIterator(grain.DatasetIterator):
                 skipped.append((el.record_id, el.reason))
                 logger.warning("skipping record %r: %s (%s) [%s skipped so far: %d] at %s", el.record_id,
                                el.reason, el.detail, el.reason, self._skips[el.reason], el.location)
+                self._skipped_in_a_row += 1
+                if self._skip_limit is not None and self._skipped_in_a_row >= self._skip_limit:
+                    raise NoValidRecordError(
+                        f"{self._skipped_in_a_row} records in a row skipped, a whole pass over {cfg.paths} "
+                        f"without a usable record (skips so far: {dict(self._skips)}); fix the data or the "
+                        "data settings")
                 continue
+            self._skipped_in_a_row = 0
             if el.truncated_tokens:
                 self._truncations += 1
                 truncated.append((el.record_id, el.truncated_tokens))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 from pathlib import Path
 from typing import Sequence
 
@@ -32,10 +31,10 @@ from jax.sharding import Mesh
 
 from pr1_jax.evaluation.benchmarks import Problem
 from pr1_jax.judge import Judge, JudgeConfig, PendingVerdicts
+from pr1_jax.rewards import first_block
 
 PROMPTS_FILE = Path(__file__).with_name("answer_judge_prompts.json")
 _GOLD = "{gt_answer}"
-_ANSWER_RE = re.compile(r"<answer>(.+?)</answer>", re.MULTILINE | re.DOTALL)  # the reference's
 
 
 @functools.cache
@@ -67,8 +66,9 @@ def judge_config(**overrides) -> JudgeConfig:
 def reference_answer(response: str) -> str:
     """What the reference shows its judge: the first answer block's inside, as its regex reads it
     (unstripped), else the whole response."""
-    m = _ANSWER_RE.search(response)
-    return m.group(1) if m else response
+    # The reference's `re.search(r"<answer>(.+?)</answer>", response, re.MULTILINE | re.DOTALL)`, in linear time.
+    block = first_block(response, "<answer>", "</answer>", min_len=1)
+    return block if block is not None else response
 
 
 def judge_inputs(problem: Problem, response: str) -> tuple[str, str]:

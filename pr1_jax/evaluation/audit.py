@@ -46,6 +46,21 @@ def audited_ids(files: Sequence[Sequence[dict]], sample: int | None, seed: int) 
     return ids
 
 
+def check_results(files: Sequence[Sequence[dict]], names: Sequence[str] | None = None) -> None:
+    """A ValueError naming the file and id of a result with annotations that the judge could not
+    read: no response text, or annotations that are not a list of texts."""
+    for f, rows in enumerate(files):
+        name = names[f] if names else f"result file {f + 1}"
+        for r in rows:
+            if not r.get("annotations"):
+                continue
+            if not isinstance(r["annotations"], list) or not all(isinstance(a, str) for a in r["annotations"]):
+                raise ValueError(f"{name}: the annotations of {r['id']!r} are {r['annotations']!r:.60}, "
+                                 "not a list of texts")
+            if not isinstance(r.get("response"), str):
+                raise ValueError(f"{name}: the result of {r['id']!r} has no response text")
+
+
 def audit(files: Sequence[Sequence[dict]], judge: Judge, *, sample: int | None = None, seed: int = 0,
           threshold: float = 1.0) -> dict:
     """Per problem: its annotations, each file's per-annotation verdicts, visual share, perception
@@ -55,6 +70,7 @@ def audit(files: Sequence[Sequence[dict]], judge: Judge, *, sample: int | None =
     if not ids:
         raise ValueError("no problem with visual annotations is answered in every result file "
                          "(evaluate geometry3k or perception_r1 to get annotated results)")
+    check_results(files)
     by_id = [{str(r["id"]): r for r in rows} for rows in files]
     annotations = [list(by_id[0][i]["annotations"]) for i in ids]
     judged = [judge.submit([rows[i]["response"] for i in ids], annotations) for rows in by_id]
@@ -108,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give one or two result files")
     try:
         files = [read_rows(f) for f in args.results]
+        check_results(files, args.results)  # before the judge is loaded
         out = audit(files, load_judge(args), sample=args.sample, seed=args.seed, threshold=args.threshold)
     except (OSError, ValueError, configlib.ConfigError) as e:
         log.error("%s", e)

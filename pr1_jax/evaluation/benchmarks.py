@@ -87,6 +87,19 @@ class Problem:
     step: str | None = None
     judge_choices: str | None = None
 
+    def __post_init__(self):
+        # The readers build these from JSON and parquet cells of any type: a wrong one is this
+        # problem's INVALID_RECORD skip here, not an AttributeError in the prompt pipeline later.
+        for name in ("id", "question", "answer"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} is a {type(getattr(self, name)).__name__}, not text")
+        for name in ("options", "option_values", "annotations"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(isinstance(x, str) for x in value):
+                raise TypeError(f"{name} must be a tuple of texts, got {value!r:.80}")
+        if self.choice is not None and self.options and not 0 <= self.choice < len(self.options):
+            raise ValueError(f"answer {self.answer!r} names option {self.choice + 1} of {len(self.options)}")
+
     def record(self) -> Record:
         """The data pipeline's record of this problem (what `ExampleProcessor` turns into a prompt)."""
         return Record(id=self.id, problem=self.question, answer=self.answer, images=self.images,
@@ -111,12 +124,36 @@ def letter_index(answer: str, n_options: int | None = None) -> int:
 
 
 def _text(row: Mapping, key: str) -> str:
+    """A text field; a number as written ("30.0" -> "30"); anything else (None, a bool, a list, a
+    mapping: whose `str` would be read as text) a ValueError naming the field."""
     v = row[key]
-    if isinstance(v, bool) or v is None:
-        raise ValueError(f"{key!r} is {v!r}")
     if isinstance(v, float):
         return format_number(v)
-    return str(v).strip()
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    if not isinstance(v, str):
+        raise ValueError(f"{key!r} is {type(v).__name__} {v!r:.60}, not text")
+    return v.strip()
+
+
+def _question(row: Mapping, key: str) -> str:
+    """A question's text as stored (the reference sends it verbatim); anything but text (a number,
+    None, a list: whose `str` would become the prompt) a ValueError naming the field."""
+    v = row[key]
+    if not isinstance(v, str):
+        raise ValueError(f"{key!r} is {type(v).__name__} {v!r:.60}, not the question's text")
+    return v
+
+
+def _texts(row: Mapping, key: str) -> tuple[str, ...]:
+    """A list of texts (options, choices, logic forms); missing or null: none. A string is refused:
+    read as a list it would give one option per character."""
+    v = row.get(key)
+    if v is None:
+        return ()
+    if not isinstance(v, (list, tuple)):
+        raise ValueError(f"{key!r} is {type(v).__name__} {v!r:.60}, not a list of texts")
+    return tuple(_text({f"{key}[{i}]": x}, f"{key}[{i}]") for i, x in enumerate(v))
 
 
 def _image(row: Mapping, base: str, *keys: str) -> tuple[ImageRef, ...]:
@@ -131,11 +168,11 @@ def _image(row: Mapping, base: str, *keys: str) -> tuple[ImageRef, ...]:
 # ---- one row of each benchmark -> Problem ---------------------------------------------------
 
 def _mathvision(row: Mapping, base: str) -> Problem:
-    options = tuple(str(o) for o in (row.get("options") or ()))
-    answer = _text(row, "answer")
+    options = _texts(row, "options")
+    answer, question = _text(row, "answer"), _question(row, "question")
     mc = len(options) > 1  # the reference lists choices only then
     return Problem(
-        id=_text(row, "id"), question=with_choices(row["question"], options) if mc else row["question"], answer=answer,
+        id=_text(row, "id"), question=with_choices(question, options) if mc else question, answer=answer,
         images=_image(row, base, "decoded_image", "image"), choice=letter_index(answer, len(options)) if mc else None,
         options=options if mc else (), judge_choices=choice_lines(options) if mc else None,
         categories={"subject": _text(row, "subject"), "level": _text(row, "level")})
@@ -143,10 +180,12 @@ def _mathvision(row: Mapping, base: str) -> Problem:
 
 def _mathvista(row: Mapping, base: str, queries: Mapping[str, str]) -> Problem:
     pid = _text(row, "pid")
-    choices = tuple(str(c) for c in (row.get("choices") or ()))
+    choices = _texts(row, "choices")
     answer = _text(row, "answer")
-    query = row.get("query") or queries.get(pid) or (with_choices(row["question"], choices) if choices
-                                                       else row["question"])
+    query = (_question(row, "query") if row.get("query") else None) or queries.get(pid) or (
+        with_choices(_question(row, "question"), choices) if choices else _question(row, "question"))
+    if not isinstance(query, str):
+        raise ValueError(f"query.json's prompt of {pid!r} is {type(query).__name__}, not text")
     meta = row.get("metadata") or {}
     mc = row["question_type"] == "multi_choice"
     if mc and answer not in choices:
@@ -157,7 +196,7 @@ def _mathvista(row: Mapping, base: str, queries: Mapping[str, str]) -> Problem:
         choice=choices.index(answer) if mc else None, options=choices if mc else (),
         precision=int(precision) if row.get("answer_type") == "float" and precision is not None else None,
         judge_choices=choice_lines(choices) if choices else None,
-        categories={"task": str(meta["task"]), "skills": tuple(meta.get("skills") or ()),
+        categories={"task": _text(meta, "task"), "skills": _texts(meta, "skills"),
                     "question_type": str(row["question_type"]), "answer_type": str(row.get("answer_type"))})
 
 
@@ -179,8 +218,8 @@ def parse_option_lines(text: str) -> tuple[str, ...]:
 
 
 def _mathverse(row: Mapping, base: str) -> Problem:
-    answer = _text(row, "answer")
-    for_eval = row.get("question_for_eval") or row["question"]
+    answer, question = _text(row, "answer"), _question(row, "question")
+    for_eval = _question(row, "question_for_eval") if row.get("question_for_eval") else question
     meta = row.get("metadata") or {}
     choices = _CHOICES_RE.search(for_eval)
     try:  # a few multi-choice golds are not one letter ("C\nD", "False"): those are scored as text
@@ -189,7 +228,7 @@ def _mathverse(row: Mapping, base: str) -> Problem:
         choice = None
     options = parse_option_lines(choices.group(1)) if choices and choice is not None else ()
     return Problem(
-        id=_text(row, "sample_index"), question=row["question"], answer=answer, images=_image(row, base, "image"),
+        id=_text(row, "sample_index"), question=question, answer=answer, images=_image(row, base, "image"),
         choice=choice, options=options, judge_choices=choices.group(1) if choices and choice is not None else None,
         categories={"problem_version": _text(row, "problem_version"), "subject": str(meta.get("subject"))})
 
@@ -217,12 +256,13 @@ def _wemath(row: Mapping, base: str) -> Problem:
     steps, _, step = key.partition("_")
     if not re.fullmatch(r"\d+steps", steps) or not (step == "multi" or step.isdigit()):
         raise ValueError(f"key {key!r} is not '<n>steps_<k>' or '<n>steps_multi'")
-    options = parse_wemath_options(row["option"])
+    option = _question(row, "option")
+    options = parse_wemath_options(option)
     answer = _text(row, "answer")
     return Problem(
-        id=f"{group}/{step}", question=f"{row['question']}\nChoices:\n{row['option']}", answer=answer,
-        images=_image(row, base, "image_path", "image"), choice=letter_index(answer), options=options,
-        group=group, step=step, judge_choices=row["option"], categories={"steps": steps})
+        id=f"{group}/{step}", question=f"{_question(row, 'question')}\nChoices:\n{option}", answer=answer,
+        images=_image(row, base, "image_path", "image"), choice=letter_index(answer, len(options)), options=options,
+        group=group, step=step, judge_choices=option, categories={"steps": steps})
 
 
 _ROW_READERS = {"mathvision": _mathvision, "mathverse": _mathverse, "wemath": _wemath}
@@ -328,14 +368,13 @@ def _example_dirs(root: str) -> list[str]:
 def _geometry3k(example_dir: str) -> Problem:
     rec = example_to_record(example_dir)
     data = json.loads(Path(example_dir, "data.json").read_text(encoding="utf-8"))
-    options = tuple(str(c) for c in data["choices"])
+    options, answer = _texts(data, "choices"), _text(data, "answer")
     return Problem(
-        id=rec.id, question=with_choices(rec.problem, options), answer=str(data["answer"]).strip(), images=rec.images,
-        choice=letter_index(str(data["answer"]), len(options)), options=options,
-        option_values=tuple(format_number(float(v)) for v in data["precise_value"]), annotations=rec.annotations,
-        judge_choices=choice_lines(options),
-        categories={"goal": tuple(data.get("problem_type_goal") or ()),
-                    "graph": tuple(data.get("problem_type_graph") or ())})
+        id=rec.id, question=with_choices(rec.problem, options), answer=answer, images=rec.images,
+        choice=letter_index(answer, len(options)), options=options,
+        option_values=tuple(format_number(float(v)) for v in _texts(data, "precise_value")),
+        annotations=rec.annotations, judge_choices=choice_lines(options),
+        categories={"goal": _texts(data, "problem_type_goal"), "graph": _texts(data, "problem_type_graph")})
 
 
 def read_problems(benchmark: str, paths: Sequence[str | os.PathLike], *, image_root: str | None = None,

@@ -28,12 +28,13 @@ def exact_mcnemar(b: int, c: int) -> float:
 
 
 def read_results(path: str | Path, field: str = "correct") -> dict[str, bool]:
-    """{id: right} of a result file."""
+    """{id: right} of a result file (an id twice is an error: `read_rows`); `field` must be 0 / 1."""
     out = {}
     for row in read_rows(path):
-        if field not in row:
-            raise ValueError(f"{path}: the result of {row['id']!r} has no {field!r}")
-        out[str(row["id"])] = float(row[field]) >= 0.5
+        value = row.get(field)
+        if value not in (0, 1):  # True, 1 and 1.0 are 1
+            raise ValueError(f"{path}: the result of {row['id']!r} has {field!r} {value!r:.40}, not 0 or 1")
+        out[str(row["id"])] = value == 1
     return out
 
 

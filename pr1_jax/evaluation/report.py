@@ -1,6 +1,7 @@
 """Per-problem results -> the numbers of the paper's tables, as JSON and as a printed table.
 
-A result file (`python -m pr1_jax.evaluate --out R.jsonl`) holds one JSON object per problem:
+A result file (`python -m pr1_jax.evaluate --out R.jsonl`) holds one JSON object per problem
+(one line per id; `R.source.json` beside it records what produced them, `check_resumable`):
 `id`, `correct` (0/1; the answer judge's verdict when one was used, else the rules'), `rules`
 (the rules' verdict), `judge` (with a judge), `format`, `response`, `answer`, `extracted`,
 `categories` ({dimension: value or list of values}) and, for WeMath, `group` and `step`.
@@ -20,9 +21,14 @@ from typing import Iterable, Mapping, Sequence
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """The result lines of a file; an error naming the line that is not a result."""
-    rows = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    """The result lines of a file; an error naming the line that is not a result, or whose id an
+    earlier line has (which of two results for one problem counts is not for a reader to guess)."""
+    rows, lines = [], {}
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -31,8 +37,43 @@ def read_rows(path: str | Path) -> list[dict]:
                 raise ValueError("not an object with an id")
         except ValueError as e:
             raise ValueError(f"{path}:{n}: not a result line ({e})") from None
+        key = str(row["id"])
+        if key in lines:
+            raise ValueError(f"{path}:{n}: id {key!r} again (first at line {lines[key]})")
+        lines[key] = n
         rows.append(row)
     return rows
+
+
+def source_path(out: str | Path) -> Path:
+    """Where `python -m pr1_jax.evaluate` records what produced the result file `out`."""
+    return Path(out).with_suffix(".source.json")
+
+
+def read_source(out: str | Path) -> dict | None:
+    path = source_path(out)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+
+
+def check_resumable(out: str | Path, source: dict) -> None:
+    """A ValueError unless the rows in `out` were produced by `source` (benchmark and files,
+    checkpoint and step or model, decoding and prompt settings): resuming would mix them."""
+    recorded = read_source(out)
+    if recorded is None:
+        raise ValueError(f"--out {out}: holds results but no {source_path(out).name} saying what produced them; "
+                         "give --no-resume to start it over, or another --out")
+    source = json.loads(json.dumps(source))  # as it reads back (tuples as lists)
+    differ = sorted(k for k in set(recorded) | set(source) if recorded.get(k) != source.get(k))
+    if differ:
+        k = differ[0]
+        raise ValueError(f"--out {out}: holds results of another evaluation ({', '.join(differ)} differ, e.g. {k}: "
+                         f"{recorded.get(k)!r} there, {source.get(k)!r} now); give --no-resume to start it over, "
+                         "or another --out")
 
 
 def tally(values: Iterable[float]) -> dict:
