@@ -1,7 +1,7 @@
 """The GPU and TPU programs, traced and lowered on CPU (nothing compiled or run for them).
 
 Every program the trainer and the evaluator compile, at tiny sizes, for Qwen2-VL and Qwen2.5-VL
-(the policy) and Qwen2 (the judge), with `cudnn` and `xla` attention for cuda and `pallas` and
+(the policy; Qwen3-VL for the update and the sampler) and Qwen2 (the judge), with `cudnn` and `xla` attention for cuda and `pallas` and
 `xla` for tpu (`xla` is traced once and lowered for both): the update (`Learner.jitted_step`,
 bf16 compute, remat, per-prompt vision groups), the sampler (`Sampler`: prefill and the decode
 loop; the evaluator's generation is this program) and the judge (`Judge.forward`, the yes/no and
