@@ -8,6 +8,8 @@ grpo_step, memory and projection measure or project our own costs. Results: docs
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import statistics
 import sys
@@ -64,6 +66,27 @@ QWEN3_32B = dict(model_type="qwen3", vocab_size=151936, hidden_size=5120, interm
 # The decode and update issues' model: a 1.5B-class text decoder (bench/decode_cost.py, accelerator.py).
 QWEN25VL_1_5B = qwen25vl_config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                                 num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)
+
+
+def response_lengths(spec: str, count: int, cap: int, seed: int = 0) -> np.ndarray:
+    """`cap` | `lognormal:median=M,sigma=S[,cap=C]` | `file:PATH` (a JSON list or whitespace-separated
+    lengths, e.g. a run's response lengths; resampled to `count`) -> [count] int lengths in 1..C."""
+    import numpy as np
+
+    kind, _, args = spec.partition(":")
+    rng = np.random.default_rng(seed)
+    if kind == "file":
+        text = Path(args).read_text()
+        values = np.asarray(json.loads(text) if text.lstrip().startswith("[") else text.split(), dtype=np.int64)
+        return np.clip(values if len(values) == count else rng.choice(values, count), 1, cap)
+    kw = dict(a.split("=") for a in args.split(",") if a)
+    cap = int(kw.get("cap", cap))
+    if kind == "cap":
+        return np.full(count, cap)
+    if kind != "lognormal":
+        raise ValueError(f"--lengths {spec!r}: cap | lognormal:median=M,sigma=S[,cap=C] | file:PATH")
+    draws = rng.lognormal(math.log(float(kw["median"])), float(kw["sigma"]), count)
+    return np.clip(np.round(draws), 1, cap).astype(np.int64)
 
 
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:

@@ -119,7 +119,7 @@ def decode_cost(config: dict, rows: int, cache_len: int, dtype: str, new_tokens:
     layer = sds((rows, t.num_kv_heads, cache_len, t.head_dim), dt)
     cache = KVCache(k=(layer,) * t.num_layers, v=(layer,) * t.num_layers, mask=sds((rows, cache_len), jnp.bool_),
                     index=sds((), jnp.int32))
-    state = DecodeState(step=sds((), jnp.int32), tokens=sds((rows, new_tokens), jnp.int32),
+    state = DecodeState(step=sds((), jnp.int32), start=sds((), jnp.int32), tokens=sds((rows, new_tokens), jnp.int32),
                         logprobs=sds((rows, new_tokens), jnp.float32), done=sds((rows,), jnp.bool_), cache=cache,
                         hidden=sds((rows, t.hidden_size), dt))
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))

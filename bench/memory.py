@@ -13,7 +13,8 @@ Nothing is materialised: params, optimizer state and batches are `jax.ShapeDtype
 the shardings of `pr1_jax.sharding.param_shardings(models.abstract_params(module), mesh)` (the
 trainer's placement; mesh `[data=1, fsdp=N/4, tensor=4]` as `configs/paper_qwen25vl7b_v5p.yaml`).
 Each program is jitted exactly as the trainer does it (`Learner.step`'s `train_step` with its
-in/out shardings and donation; `Sampler`; `Judge.forward`), lowered and compiled for the N
+in/out shardings and donation; `Sampler`; `Judge.forward`, and with `--programs judge_paper` the
+paper configs' constrained-decode judge), lowered and compiled for the N
 virtual CPU devices; `compiled.memory_analysis()` gives the per-device bytes: arguments (params,
 optimizer state, inputs), outputs, temporaries (activations, KV cache, gradients) and aliased
 (donated) bytes. peak = arguments + outputs + temporaries - aliased.
@@ -32,7 +33,8 @@ sequences (prompts x n, n = 8) decoded together, judge = rows per device call
 (`max_rows_per_call`), each row one response with 8 annotations. Shapes: prompt `--prompt`
 tokens holding one image of `--patches` patches (1024 = a 448 x 448 px figure, 256 visual
 tokens; `--patches 0` for text-only prompts), response `--response` tokens, judge rows of
-`--judge-length` tokens.
+`--judge-length` tokens. The sampler's figure is the larger of its prefill and its largest decode
+segment (every row live at the `--response` cap: prompt KV per prompt, response KV per row).
 
 Attention and activation sharding. `--attention` sets the models' attention (`models.attention`;
 on CPU `auto` is the XLA path with fp32 [T, S] scores per layer; `pallas` compiles splash attention
@@ -131,9 +133,10 @@ def _bf16_upcast_bytes(hlo: str) -> int:
     return total
 
 
-def _compile(jitted, *args) -> dict:
+def _compile(jitted, *args, keep: bool = False):
     """Compile; per-device bytes: args, out, temp, alias, peak = args + out + temp - alias, and
-    tpu_est = peak minus the CPU-only f32 copies of bf16 weights."""
+    tpu_est = peak minus the CPU-only f32 copies of bf16 weights. keep: (that dict, the compiled
+    program)."""
     t0 = time.perf_counter()
     compiled = jitted.lower(*args).compile()
     t = time.perf_counter() - t0
@@ -141,8 +144,9 @@ def _compile(jitted, *args) -> dict:
     arg, out, tmp, alias = (int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias"))
     upcast = _bf16_upcast_bytes(compiled.as_text())
     peak = arg + out + tmp - alias
-    return dict(args=arg, out=out, temp=tmp, alias=alias, peak=peak, cpu_upcast=upcast, tpu_est=peak - upcast,
-                compile_s=round(t, 1))
+    stats = dict(args=arg, out=out, temp=tmp, alias=alias, peak=peak, cpu_upcast=upcast, tpu_est=peak - upcast,
+                 compile_s=round(t, 1))
+    return (stats, compiled) if keep else stats
 
 
 def _vision_inputs(lead: tuple, patches: int, cfg, mesh, batch_axis: bool):
@@ -229,7 +233,7 @@ def sampler_stats(mesh, policy_cfg, prompts: int, a) -> dict:
     from models import abstract_params
     from pr1_jax.learner import LearnerConfig, make_module
     from pr1_jax.sampling import SamplingConfig, Sampler
-    from pr1_jax.sharding import param_shardings, sharding_for
+    from pr1_jax.sharding import batch_axis_size, param_shardings, sharding_for
 
     module = make_module(policy_cfg, LearnerConfig(dtype="bfloat16", param_dtype="float32"))
     module = module.clone(attention=a.attention)
@@ -253,8 +257,21 @@ def sampler_stats(mesh, policy_cfg, prompts: int, a) -> dict:
     elif a.patches:
         vision = _vision_inputs((prompts,), a.patches, policy_cfg.vision, mesh, batch_axis=True)
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
-    return _compile(sampler._fn, params, sds((prompts, t)), sds((3, prompts, t), axis=1), sds((prompts, t)), vision,
-                    sds((prompts,)), key, None if packed else sds((prompts,)), cfg)
+    shards = batch_axis_size(mesh) if prompts % batch_axis_size(mesh) == 0 else 1
+    inputs = (params, sds((prompts, t)), sds((3, prompts, t), axis=1), sds((prompts, t)), vision, sds((prompts,)), key,
+              None if packed else sds((prompts,)), cfg, shards)
+    stats, prefill = _compile(sampler._prefill, *inputs, keep=True)
+    # The live sampler's largest segment: every row still live at the cap (a `--lengths cap`
+    # rollout's last one), its response KV grown to `--response` slots; shardings as the prefill's.
+    shapes = jax.eval_shape(lambda *arrays: sampler._prefill(*arrays, cfg, shards), *inputs[:8])
+    decode_params, state = _abstract(shapes, prefill.output_shardings)
+    grow = lambda xs: tuple(jax.ShapeDtypeStruct((*x.shape[:2], a.response, x.shape[3]), x.dtype, sharding=x.sharding)
+                            for x in xs)  # noqa: E731
+    cache = state.decode.cache
+    state = state.replace(decode=state.decode.replace(cache=cache.replace(k=grow(cache.k), v=grow(cache.v))))
+    segment = _compile(sampler._segment, decode_params, state, cfg)
+    worst = max(stats, segment, key=lambda r: r["tpu_est"])
+    return dict(worst, compile_s=stats["compile_s"] + segment["compile_s"])
 
 
 def judge_stats(mesh, judge_cfg, rows: int, a) -> dict:
@@ -282,7 +299,40 @@ def judge_stats(mesh, judge_cfg, rows: int, a) -> dict:
     return _compile(forward, params, batch)
 
 
-PROGRAMS = {"train_step": train_step_stats, "sampler": sampler_stats, "judge": judge_stats}
+def judge_paper_stats(mesh, judge_cfg, rows: int, a) -> dict:
+    """The paper configs' judge (`pr1_jax.judge.paper`, jitted as `Judge` does): the shared system
+    turn prefilled once, rows of `--judge-length` tokens, the constrained decode of
+    `--annotations` digits. Its prompt is a stand-in of the reference's lengths (a system turn of
+    1,300 tokens, 6-token tag segments): no tokenizer here."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from models import abstract_params
+    from models.causal_lm import QwenCausalLM
+    from pr1_jax.judge.paper import PaperBatch, PaperPrompt, paper_forward
+    from pr1_jax.sharding import batch_sharding, param_shardings
+
+    module = QwenCausalLM(judge_cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention=a.attention)
+    boxed = abstract_params(module)
+    params = _abstract(nn.unbox(boxed), param_shardings(boxed, mesh))
+
+    def sds(shape, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, shape))
+
+    k, length = a.annotations, a.judge_length
+    prompt = PaperPrompt(system_ids=(1,) * 1300, user_parts=("", "", ""), tail_ids=(), segments=((2,) * 6,) * k,
+                         digit_ids=(15, 16))
+    batch = PaperBatch(input_ids=sds((rows, length)), attention_mask=sds((rows, length)), last=sds((rows,)),
+                       valid=sds((rows, k), jnp.bool_))
+    forward = jax.jit(lambda p, b: paper_forward(module, p, b, prompt, "hard", mesh),
+                      out_shardings=NamedSharding(mesh, P()))
+    return _compile(forward, params, batch)
+
+
+PROGRAMS = {"train_step": train_step_stats, "sampler": sampler_stats, "judge": judge_stats,
+            "judge_paper": judge_paper_stats}
 
 
 def worker(a) -> None:
@@ -302,8 +352,8 @@ def worker(a) -> None:
     for program in a.programs:
         cfg = judge_cfg if program == "judge" else policy_cfg
         # Batches in multiples of the data x fsdp devices (sampler: prompts, each giving n rows). A
-        # prompt count they do not divide leaves the sampler's prefill cache, and the decode cache
-        # repeated from it, unsharded over the data axes (pr1_jax/sampling.py, `cache.repeat(n)`).
+        # prompt count they do not divide leaves the sampler's prompt KV and its rows unsharded
+        # over the data axes (pr1_jax/sampling.py: one block of rows).
         unit = data
         seen: dict[int, dict] = {}
 
@@ -415,7 +465,7 @@ def main():
     p.add_argument("--model", default="qwen25vl7b", choices=list(MODELS),
                    help="policy + judge: qwen25vl7b (Qwen2.5-VL-7B + Qwen2.5-32B) or qwen3vl8b (Qwen3-VL-8B + Qwen3-32B)")
     p.add_argument("--devices", type=int, nargs="+", default=[8, 16, 32])
-    p.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=list(PROGRAMS))
+    p.add_argument("--programs", nargs="+", default=["train_step", "sampler", "judge"], choices=list(PROGRAMS))
     p.add_argument("--tensor", type=int, default=4, help="tensor axis of the mesh [1, N/tensor, tensor]")
     p.add_argument("--layers", type=int, default=0, help="decoder layers of both models; 0 = the real depth")
     p.add_argument("--search", type=int, default=4, help="compiles per capacity in the batch search")

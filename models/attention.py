@@ -9,16 +9,26 @@ decode step reads the cache where it lies. Scores are scaled by 1/sqrt(D).
 
 `AttentionMask` says which keys each query sees with per-token vectors rather than a dense
 [T, S] tensor: query t (cache slot `q_offset + t`) sees key s when their segment ids are equal
-or the key is `kv_shared`, and, if `causal`, when s <= q_offset + t. Every mask the models use is
-of this form: left / right padding (segment 0 = padding, 1 = tokens; a padding query sees padding,
-so no row is empty), the judge's prefix-sharing branches (segment = branch, the shared prefix
-visible to all), Qwen2-VL frames and Qwen2.5-VL windows (segment = frame or window), the filled
+or the key is `kv_shared` (and, with `q_group` / `kv_group`, of the query's group), and, if
+`causal`, when s <= q_offset + t. Every mask the models use is of this form: left / right padding
+(segment 0 = padding, 1 = tokens; a padding query sees padding, so no row is empty), the judge's
+prefix-sharing branches (segment = branch, the shared prefix visible to all), the learner's packed
+rows (several GRPO groups in a row: segment = (group, branch), a group's prompt visible to its own
+samples only), Qwen2-VL frames and Qwen2.5-VL windows (segment = frame or window), the filled
 slots of a KV cache.
+
+The sampler's decode (`attend_shared_prefix`, `SharedPrefixMask`) reads a group's prompt keys once
+for the group's samples and each sample's own response keys, in two parts merged by their
+log-sum-exp (`attend_part`, `merge_parts`); it is "xla" whatever the setting, as every decode step.
 
 Implementations:
 - "xla": fp32 scores [B, K, G, T, S] and softmax, the way transformers' eager path computes them
   (the parity path on CPU; decode steps always take it: at T = 1 its scores are a sliver next to
-  the cache it reads). The mask is compared from the vectors inside the softmax fusion.
+  the cache it reads). The mask is compared from the vectors inside the softmax fusion. A causal
+  self-attention over a long row (the learner's packed rows) runs in query blocks of
+  `CAUSAL_BLOCK`, each over the keys up to its own end: the keys above the diagonal are never
+  scored (about half the FLOPs and score memory of the square at 8 blocks), and since their
+  softmax weight is exactly 0 the result is the same.
 - "cudnn": cuDNN's fused flash attention (GPU, bf16 / fp16), the kernel behind
   `jax.nn.dot_product_attention(implementation="cudnn")`: no [T, S] scores in memory; causality
   in the kernel. Padding at the end of each row (`AttentionMask.lengths`, what the decoder makes
@@ -44,7 +54,6 @@ kernel runs per shard (batch over the rules' `batch` axes, heads over `q_heads` 
 from __future__ import annotations
 
 import functools
-import math
 
 import flax.linen as nn
 import flax.struct
@@ -52,11 +61,14 @@ import jax
 import jax.numpy as jnp
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha
 
+from models.layers import logical_spec
+
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 _SPLASH_BLOCK = 128  # splash's default block sizes; sequences and head dims are padded to it
 # The additive mask value of JAX's cuDNN path (`get_large_negative_number` there): cuDNN gets the
 # difference of two dtype minima wrong, so the masked value stays far above them.
 _CUDNN_MASKED = {jnp.dtype(jnp.bfloat16): -2.0 ** 41, jnp.dtype(jnp.float16): -2.0 ** 15}
+CAUSAL_BLOCK = 1024  # query block of the "xla" path's causal rows of at least 2 blocks
 
 
 def resolve(setting: str, dtype) -> str:
@@ -87,7 +99,9 @@ class AttentionMask:
     """Which keys each query sees (see the module docstring).
 
     q_segment: [B, T] int32; kv_segment: [B, S] int32; kv_shared: [B, S] bool or None;
-    q_offset: [] int32, the cache slot of query 0; causal: static. lengths: [B] int32 or None,
+    q_group: [B, T] / kv_group: [B, S] int32 or None: a shared key is seen only by the queries of
+    its group (None: by every query); q_offset: [] int32, the cache slot of query 0; causal:
+    static. lengths: [B] int32 or None,
     set (by `right_padded`) where the segments are padding at the end of each row, the form
     cuDNN takes without a bias. bias: [B, 1, T, S] in the compute dtype (0 or the masked value),
     only when `prepare` made it for "cudnn".
@@ -96,6 +110,8 @@ class AttentionMask:
     q_segment: jax.Array
     kv_segment: jax.Array
     kv_shared: jax.Array | None = None
+    q_group: jax.Array | None = None
+    kv_group: jax.Array | None = None
     q_offset: jax.Array | int = 0
     causal: bool = flax.struct.field(pytree_node=False, default=False)
     lengths: jax.Array | None = None
@@ -111,7 +127,10 @@ class AttentionMask:
         """[B, T, S] bool."""
         allowed = self.q_segment[:, :, None] == self.kv_segment[:, None, :]
         if self.kv_shared is not None:
-            allowed |= self.kv_shared[:, None, :]
+            shared = self.kv_shared[:, None, :]
+            if self.q_group is not None:
+                shared &= self.q_group[:, :, None] == self.kv_group[:, None, :]
+            allowed |= shared
         if self.causal:
             t, s = self.q_segment.shape[1], self.kv_segment.shape[1]
             allowed &= jnp.arange(s)[None, None, :] <= (self.q_offset + jnp.arange(t))[None, :, None]
@@ -145,7 +164,20 @@ def attend(q, k, v, mask: AttentionMask, implementation: str, dtype):
 
 
 def _xla(q, k, v, mask: AttentionMask, dtype):
-    return attend_part(q, k, v, mask.dense()[:, None, None], dtype)[0]
+    t, s = q.shape[2], k.shape[2]
+    if not (mask.causal and t == s and t % CAUSAL_BLOCK == 0 and t >= 2 * CAUSAL_BLOCK
+            and isinstance(mask.q_offset, int) and mask.q_offset == 0):
+        return attend_part(q, k, v, mask.dense()[:, None, None], dtype)[0]
+    outs = []
+    for start in range(0, t, CAUSAL_BLOCK):
+        end = start + CAUSAL_BLOCK
+        part = mask.replace(q_segment=mask.q_segment[:, start:end], kv_segment=mask.kv_segment[:, :end],
+                            kv_shared=None if mask.kv_shared is None else mask.kv_shared[:, :end],
+                            q_group=None if mask.q_group is None else mask.q_group[:, start:end],
+                            kv_group=None if mask.kv_group is None else mask.kv_group[:, :end], q_offset=start)
+        outs.append(attend_part(q[:, :, start:end], k[:, :, :end], v[:, :, :end], part.dense()[:, None, None],
+                                dtype)[0])
+    return jnp.concatenate(outs, axis=2)
 
 
 def attend_part(q, k, v, allowed, dtype):
@@ -179,6 +211,50 @@ def merge_parts(parts, dtype):
     weights = jnp.exp(lse - jnp.max(lse, axis=0))
     weights = weights / jnp.sum(weights, axis=0)
     return sum(p[0].astype(jnp.float32) * w[..., None] for p, w in zip(parts, weights)).astype(dtype)
+
+
+@flax.struct.dataclass
+class SharedPrefixMask:
+    """What a decode step over a `models.qwen2.SharedPrefixCache` sees: a group's prompt keys,
+    stored once for the group's samples, and each row's own response keys written so far.
+
+    Rows and groups are laid out per shard, `shards` blocks of rows [S, r] and of groups [S, g]
+    (flattened to R = S * r and G = S * g), and a row's group is in its own block: the scatter of
+    queries to groups and back never crosses a shard of a data-parallel mesh.
+    prompt_mask: [G, T] bool, the prompt slots holding real tokens; group: [R] int32, the row's
+    group within its block (>= g for a row whose group was dropped: a finished row kept as bucket
+    padding); member: [R] int32, the row's query slot in its group (0 .. width - 1, unique within
+    a group); index: [] int32, the response slot the step writes (the same for every row: all rows
+    start their responses together). width, shards: static."""
+
+    prompt_mask: jax.Array
+    group: jax.Array
+    member: jax.Array
+    index: jax.Array
+    width: int = flax.struct.field(pytree_node=False, default=1)
+    shards: int = flax.struct.field(pytree_node=False, default=1)
+
+
+def attend_shared_prefix(q, prompt_k, prompt_v, k, v, mask: SharedPrefixMask, dtype):
+    """One decode query per row over its group's prompt keys and its own response keys so far.
+
+    q [R, H, 1, D]; prompt_k / prompt_v [G, K, T, D]; k / v [R, K, S, D] (slots > mask.index are not
+    read into the result). The prompt part runs per group with the group's rows as its queries
+    ([G, H, width, D]: each prompt key read once per group, not once per row), the response part per
+    row; `merge_parts` joins them. -> [R, H, 1, D] in `dtype`."""
+    r, h, _, d = q.shape
+    s, w = mask.shards, mask.width
+    g = prompt_k.shape[0] // s
+    slot = (mask.group * w + mask.member).reshape(s, r // s)
+    per_shard = q[:, :, 0].reshape(s, r // s, h, d)
+    grouped = jax.vmap(lambda x, i: jnp.zeros((g * w, h, d), x.dtype).at[i].set(x, mode="drop"))(per_shard, slot)
+    grouped = grouped.reshape(s * g, w, h, d).transpose(0, 2, 1, 3)
+    out, lse = attend_part(grouped, prompt_k, prompt_v, mask.prompt_mask[:, None, None, None, :], dtype)
+    back = lambda x, i: jnp.take(x, i, axis=0, mode="fill", fill_value=0)  # noqa: E731
+    out = jax.vmap(back)(out.transpose(0, 2, 1, 3).reshape(s, g * w, h, d), slot).reshape(r, h, 1, d)
+    lse = jax.vmap(back)(lse.transpose(0, 2, 1).reshape(s, g * w, h), slot).reshape(r, h, 1)
+    own = attend_part(q, k, v, (jnp.arange(k.shape[2]) <= mask.index)[None, None, None, None, :], dtype)
+    return merge_parts([(out, lse), own], dtype)
 
 
 def _cudnn(q, k, v, mask: AttentionMask, dtype):
@@ -225,7 +301,7 @@ def _splash(q, k, v, mask: AttentionMask):
     rules = nn.get_logical_axis_rules()
     if mesh.empty or not rules:
         return _splash_local(q, k, v, mask.q_segment, mask.kv_segment, mask.causal)
-    spec = functools.partial(_local_spec, mesh=mesh, rules=rules)
+    spec = functools.partial(logical_spec, mesh=mesh, rules=rules)
     q_spec = spec(("batch", "q_heads", None, None), q.shape)
     kv_spec = spec(("batch", "kv_heads", None, None), k.shape)
     # GQA groups must stay whole on a shard: heads split only where both head counts divide.
@@ -235,15 +311,6 @@ def _splash(q, k, v, mask: AttentionMask):
     fn = functools.partial(_splash_local, causal=mask.causal)
     return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec), out_specs=q_spec,
                          check_vma=False)(q, k, v, mask.q_segment, mask.kv_segment)
-
-
-def _local_spec(names, shape, mesh, rules) -> jax.sharding.PartitionSpec:
-    """Mesh axes of `names` under `rules`; a dimension they do not divide stays whole."""
-    axes = []
-    for dim, ax in zip(shape, nn.logical_to_mesh_axes(names, rules)):
-        size = math.prod(mesh.shape[a] for a in ((ax,) if isinstance(ax, str) else ax or ()))
-        axes.append(ax if ax is not None and dim % size == 0 else None)
-    return jax.sharding.PartitionSpec(*axes)
 
 
 def _splash_local(q, k, v, q_segment, kv_segment, causal: bool):

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
-from models.layers import Dtype, param_init
-from models.qwen2 import KVCache, Qwen2Decoder
+from models.layers import Dtype, constrain, param_init
+from models.qwen2 import KVCache, Qwen2Decoder, SharedPrefixCache
 from models.vision import VisionInputs, VisionTower
 
 
@@ -69,10 +69,18 @@ class QwenCausalLM(nn.Module):
             return self.visual(vision)
         return self.visual(jax.tree.map(lambda a: a[None], vision))[0]
 
+    def embed(self, input_ids):
+        """input_ids [B, T] -> token embeddings [B, T, E] in the rows' layout. The table is gathered
+        whole along `embed` first (the all-gather FSDP makes of any weight before its use): a
+        lookup in a table split along `embed` gives rows split along E, which XLA can only turn
+        into rows split over the batch by replicating them, forward and backward."""
+        table = constrain(self.embed_tokens.embedding.astype(self.dtype), ("vocab", None))
+        return constrain(jnp.take(table, input_ids, axis=0), ("batch", "length", "embed"))
+
     def hidden_states(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None,
-                      cache_len: int | None = None, branches=None, image_mask=None, features=None):
+                      cache_len: int | None = None, branches=None, image_mask=None, features=None, groups=None):
         """input_ids: [B, T] int; positions: [3, B, T] (VLM) or [B, T]; attention_mask: [B, T];
-        branches: see `Qwen2Decoder`. vision: the batch's packed patches (`pixel_values`
+        branches, groups: see `Qwen2Decoder`. vision: the batch's packed patches (`pixel_values`
         [P, patch_dim]) or per-row patches (every field with a leading B axis). Returns final
         hidden states [B, T, E] and, with cache_len, a KVCache of that many slots holding these
         tokens (a sampler's prefill; else None).
@@ -82,7 +90,7 @@ class QwenCausalLM(nn.Module):
         features: instead of `vision`, visual tokens computed already (`image_features`), packed
         [M, E] or per row [B, M, E] (the learner computes them once per prompt and shares them
         among the prompt's samples)."""
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         deepstack = None
         if vision is not None and features is not None:
             raise ValueError("pass vision or features, not both")
@@ -91,18 +99,23 @@ class QwenCausalLM(nn.Module):
         if features is not None:
             if image_mask is None:
                 image_mask = input_ids == self.cfg.image_token_id
+            # Laid out as the rows that read them (per row: split with the rows; packed: any row
+            # may read any token, so whole everywhere) and whole along E as the embeddings: left
+            # split along E (the merger's last kernel), the lookup would replicate them.
+            names = ("batch", None, None) if features.ndim == 3 else (None, None)
+            features = constrain(features, names)
             e = self.cfg.text.hidden_size
             x = scatter_image_features(x, image_mask, features[..., :e])
             if features.shape[-1] > e:
                 levels = jnp.moveaxis(features[..., e:].reshape(*features.shape[:-1], -1, e), -2, 0)
                 deepstack = jnp.stack([scatter_image_features(jnp.zeros_like(x), image_mask, f) for f in levels])
-        return self.decoder(x, positions, attention_mask, branches, cache_len, deepstack)
+        return self.decoder(x, positions, attention_mask, branches, cache_len, groups, deepstack=deepstack)
 
-    def decode(self, input_ids, positions, attention_mask, cache: KVCache):
+    def decode(self, input_ids, positions, attention_mask, cache: KVCache | SharedPrefixCache):
         """t new text tokens (input_ids [B, t], positions [3, B, t] or [B, t], attention_mask
         [B, t]) on top of `cache`: returns hidden states [B, t, E] and the extended cache. Apply
         it with `decode_params(params)`, not the stacked params."""
-        return self.decoder.decode(self.embed_tokens(input_ids), positions, attention_mask, cache)
+        return self.decoder.decode(self.embed(input_ids), positions, attention_mask, cache)
 
     def decode_params(self, params) -> dict:
         """The params a decode step reads, made once per sampler call (outside its loop): every

@@ -1,13 +1,17 @@
 """Building blocks shared by the Qwen2 decoder and the vision towers.
 
-Every parameter names its logical axes, and the decoder layers constrain their activations by
-logical axes too (`nn.with_logical_constraint`); the caller's rules table (`pr1_jax/sharding.py`)
-maps them to mesh axes inside `activation_sharding`. No module here knows how many devices there are.
+Every parameter names its logical axes, and the models constrain their activations by logical
+axes too (`constrain`); the caller's rules table (`pr1_jax/sharding.py`) maps them to mesh axes
+inside `activation_sharding`. No module here knows how many devices there are. `logical_spec` is
+the one reading of a rules table, for params and activations alike: a dimension its mesh axes do
+not divide stays whole (replicated), so that an activation is laid out as the weights that make
+it and XLA never has to re-partition one between them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -83,6 +87,35 @@ def layer_stack(layer: type[nn.Module], length: int, remat: bool, num_broadcast:
         in_axes=(0,) + (nn.broadcast,) * num_broadcast, length=length,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
+
+
+def logical_spec(names: Sequence[str | None] | None, shape: Sequence[int], mesh,
+                 rules: Sequence[tuple[str, Any]]) -> jax.sharding.PartitionSpec:
+    """PartitionSpec of an array of `shape` whose axes have these logical names, on `mesh` (a
+    Mesh or an AbstractMesh) under `rules`. A dimension the mesh axes do not divide is replicated
+    instead (small vocabularies, head counts the tensor axis does not divide); padding it to a
+    multiple would leave its neighbours' layouts unreachable without a full copy."""
+    if names is None:
+        return jax.sharding.PartitionSpec()
+    out, used = [], set()
+    for dim, ax in zip(shape, nn.logical_to_mesh_axes(tuple(names), rules)):
+        axes = tuple(a for a in ((ax,) if isinstance(ax, str) else (ax or ())) if a not in used)
+        if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0:
+            out.append(axes if len(axes) > 1 else axes[0])
+            used.update(axes)
+        else:
+            out.append(None)
+    return jax.sharding.PartitionSpec(*out)
+
+
+def constrain(x, names: Sequence[str | None]):
+    """x laid out by its logical axis `names` (`logical_spec`) inside `activation_sharding`; x
+    unchanged outside it (one device, tests)."""
+    rules = nn.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_spec(names, x.shape, mesh, rules))
 
 
 @contextlib.contextmanager

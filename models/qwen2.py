@@ -8,11 +8,12 @@ A forward (`Qwen2Decoder.__call__`: learner, judge, a sampler's prefill) runs th
 layer body; `remat` recomputes each layer's activations in the backward pass. A prefill also
 returns the tokens' keys and values as a `KVCache`.
 
-A decode step (`Qwen2Decoder.decode`) runs the layers unrolled on per-layer weights and per-layer
-cache buffers (`QwenCausalLM.decode_params` splits the stacked weights once per sampler call), so
-that a step reads each weight and each cache slot once, where it lies, and writes only the new
-token's keys and values: no slice of a stacked array per layer (XLA:CPU copies those, XLA:GPU
-without dynamic-slice fusion too) and no restacking of the cache.
+A decode step (`Qwen2Decoder.decode`, on a `KVCache` or on the sampler's `SharedPrefixCache`:
+a group's prompt KV once, each row's response KV) runs the layers unrolled on per-layer weights
+and per-layer cache buffers (`QwenCausalLM.decode_params` splits the stacked weights once per
+sampler call), so that a step reads each weight and each cache slot once, where it lies, and
+writes only the new token's keys and values: no slice of a stacked array per layer (XLA:CPU
+copies those, XLA:GPU without dynamic-slice fusion too) and no restacking of the cache.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.attention import AttentionMask, attend, padding_last, resolve
+from models.attention import AttentionMask, SharedPrefixMask, attend, attend_shared_prefix, padding_last, resolve
 from models.config import TextConfig
-from models.layers import Dtype, RMSNorm, apply_rope, dense, layer_stack, rope_inv_freq
+from models.layers import Dtype, RMSNorm, apply_rope, constrain, dense, layer_stack, rope_inv_freq
 
 
 @flax.struct.dataclass
@@ -54,6 +55,23 @@ class KVCache:
         """Each row repeated n times in place (row b -> rows b*n .. b*n+n-1): n samples share a prefill."""
         rep = lambda xs: tuple(jnp.repeat(x, n, axis=0) for x in xs)  # noqa: E731
         return self.replace(k=rep(self.k), v=rep(self.v), mask=jnp.repeat(self.mask, n, axis=0))
+
+
+@flax.struct.dataclass
+class SharedPrefixCache:
+    """The sampler's cache for groups of samples of one prompt (GRPO's n): the prompt's keys and
+    values stored once per group, each row's response keys and values on its own row.
+
+    prompt_k, prompt_v: tuples of L arrays [G, K, T, D] (a prefill's `KVCache` without free slots);
+    k, v: tuples of L arrays [R, K, S, D], response slot s = the row's s-th new token;
+    layout: which group each row reads, which slots are real, the slot to write (see
+    `models.attention.SharedPrefixMask`)."""
+
+    prompt_k: tuple[jax.Array, ...]
+    prompt_v: tuple[jax.Array, ...]
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    layout: SharedPrefixMask
 
 
 def mrope_rows(cfg: TextConfig) -> np.ndarray:
@@ -94,46 +112,61 @@ class DecoderLayer(nn.Module):
         """x: [B, T, E]. kv: None, the T tokens attend to each other (with `emit_kv` their keys and
         values [B, K, T, D] are returned for a prefill's cache, else None); or this layer's cache
         (k, v), [B, K, S, D] each: the new keys and values are written at slots `mask.q_offset`..,
-        the queries attend over the whole cache, and the updated cache is returned.
+        the queries attend over the whole cache, and the updated cache is returned; or, with a
+        `SharedPrefixMask` (one token per row), this layer's (prompt k, prompt v, response k,
+        response v) of a `SharedPrefixCache`: the new key and value are written at response slot
+        `mask.index` and the query attends to its group's prompt and its own response so far.
         deepstack: None or [k, B, T, E] (visual features at image tokens, zero elsewhere): layer
         `index` < k adds row `index` to its output (Qwen3-VL)."""
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, t, _ = x.shape
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = constrain(x, ("batch", "length", "embed"))
         h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
         q = dense(cfg.num_heads * cfg.head_dim, ("embed", "q_heads"), use_bias=cfg.qkv_bias, name="q_proj", **kw)(h)
         k = dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, name="k_proj", **kw)(h)
         v = dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, name="v_proj", **kw)(h)
-        q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+
+        def heads(a, n, name):
+            # Split by whole heads right at the reshape: the projection's columns (heads x
+            # head_dim) may divide where the head count does not, and a layout split inside the
+            # head dim cannot become a split over heads without a full copy.
+            return constrain(a.reshape(b, t, n, cfg.head_dim), ("batch", "length", name, None))
+
+        q, k = heads(q, cfg.num_heads, "q_heads"), heads(k, cfg.num_kv_heads, "kv_heads")
         if cfg.qk_norm:
             q = RMSNorm(cfg.rms_norm_eps, name="q_norm", **kw)(q)
             k = RMSNorm(cfg.rms_norm_eps, name="k_norm", **kw)(k)
         q = apply_rope(q, cos, sin).swapaxes(1, 2)
         k = apply_rope(k, cos, sin).swapaxes(1, 2)
-        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim).swapaxes(1, 2)
-        q = nn.with_logical_constraint(q, ("batch", "q_heads", "length", None))
-        k, v = (nn.with_logical_constraint(a, ("batch", "kv_heads", "length", None)) for a in (k, v))
+        v = heads(v, cfg.num_kv_heads, "kv_heads").swapaxes(1, 2)
         implementation = self.attention
-        if kv is not None:
-            k, v = (jax.lax.dynamic_update_slice(c, a.astype(c.dtype), (0, 0, mask.q_offset, 0))
-                    for c, a in zip(kv, (k, v)))
-            kv, implementation = (k, v), "xla"
-        elif self.emit_kv:
-            kv = (k, v)
-        attn = attend(q, k, v, mask, implementation, self.dtype).swapaxes(1, 2).reshape(b, t, -1)
-        attn = nn.with_logical_constraint(attn, ("batch", "length", "q_heads"))
+        if isinstance(mask, SharedPrefixMask):  # kv: (prompt k, prompt v, response k, response v)
+            pk, pv, rk, rv = kv
+            rk, rv = (jax.lax.dynamic_update_slice(c, a.astype(c.dtype), (0, 0, mask.index, 0))
+                      for c, a in zip((rk, rv), (k, v)))
+            kv = (pk, pv, rk, rv)
+            attn = attend_shared_prefix(q, pk, pv, rk, rv, mask, self.dtype)
+        else:
+            if kv is not None:
+                k, v = (jax.lax.dynamic_update_slice(c, a.astype(c.dtype), (0, 0, mask.q_offset, 0))
+                        for c, a in zip(kv, (k, v)))
+                kv, implementation = (k, v), "xla"
+            elif self.emit_kv:
+                kv = (k, v)
+            attn = attend(q, k, v, mask, implementation, self.dtype)
+        attn = attn.swapaxes(1, 2).reshape(b, t, -1)
+        attn = constrain(attn, ("batch", "length", "q_heads"))
         x = x + dense(cfg.hidden_size, ("q_heads", "embed"), use_bias=False, name="o_proj", **kw)(attn)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = constrain(x, ("batch", "length", "embed"))
         h = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         gate = dense(cfg.intermediate_size, ("embed", "mlp"), use_bias=False, name="gate_proj", **kw)(h)
         up = dense(cfg.intermediate_size, ("embed", "mlp"), use_bias=False, name="up_proj", **kw)(h)
-        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        hidden = constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
         x = x + dense(cfg.hidden_size, ("mlp", "embed"), use_bias=False, name="down_proj", **kw)(hidden)
         if deepstack is not None:
             n = deepstack.shape[0]
             x = x + jnp.where(index < n, deepstack[jnp.minimum(index, n - 1)].astype(x.dtype), 0)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed")), kv
+        return constrain(x, ("batch", "length", "embed")), kv
 
 
 class Qwen2Decoder(nn.Module):
@@ -147,25 +180,31 @@ class Qwen2Decoder(nn.Module):
     attention: str = "auto"  # see models.attention
 
     @nn.compact
-    def __call__(self, x, positions, attention_mask, branches=None, cache_len: int | None = None, deepstack=None):
+    def __call__(self, x, positions, attention_mask, branches=None, cache_len: int | None = None, groups=None,
+                 deepstack=None):
         """x: [B, T, E]; positions: [3, B, T] or [B, T]; attention_mask: [B, T] (0 = padding).
 
         branches: optional [B, T] int for prefix sharing in one pass: a token of branch k > 0 sees
         the shared prefix (branch 0) and earlier tokens of branch k only, so several continuations
         of one prefix are scored as if each were its own sequence (give them the positions they
         would have there).
+        groups: optional [B, T] int, several independent sequences (or prefixes with their
+        branches) packed in one row: a token sees tokens of its own group only.
         cache_len: also return a KVCache of cache_len >= T slots holding these tokens (a prefill);
         else the cache returned is None.
         deepstack: Qwen3-VL's [k, B, T, E], added to the outputs of the first k layers (see `DecoderLayer`).
         """
         valid = attention_mask.astype(bool)
-        segment = valid.astype(jnp.int32)
-        shared = None
+        group = valid.astype(jnp.int32) if groups is None else jnp.where(valid, groups, 0)
+        segment, shared, shared_group = group, None, None
         if branches is not None:
-            segment = jnp.where(valid, branches + 1, 0)
+            # One segment per (group, branch): branch ids are below the row length.
+            segment = jnp.where(valid, group * (x.shape[1] + 1) + branches + 1, 0)
             shared = valid & (branches == 0)
+            shared_group = None if groups is None else group
         implementation = resolve(self.attention, self.dtype)
-        mask = AttentionMask(q_segment=segment, kv_segment=segment, kv_shared=shared, causal=True)
+        mask = AttentionMask(q_segment=segment, kv_segment=segment, kv_shared=shared, q_group=shared_group,
+                             kv_group=shared_group, causal=True)
         cos, sin = rope_cos_sin(self.cfg, positions)
         order = None
         if implementation == "cudnn" and branches is None:
@@ -189,25 +228,35 @@ class Qwen2Decoder(nn.Module):
         x = RMSNorm(self.cfg.rms_norm_eps, name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
         return x, (KVCache.from_prefill(*kv, valid, cache_len) if cache_len else None)
 
-    def decode(self, x, positions, attention_mask, cache: KVCache):
+    def decode(self, x, positions, attention_mask, cache: KVCache | SharedPrefixCache):
         """x: [B, t, E] of t new tokens (positions [3, B, t] or [B, t], attention_mask [B, t]),
         written into `cache` at its index; they attend to the cache's real slots and causally to
-        each other. Params in the layout of `QwenCausalLM.decode_params`. Returns the final-norm
-        hidden states [B, t, E] and the extended cache."""
+        each other. A `SharedPrefixCache` takes one token per row (t = 1, every row real): it
+        attends to its group's prompt and its own response so far. Params in the layout of
+        `QwenCausalLM.decode_params`. Returns the final-norm hidden states [B, t, E] and the
+        extended cache."""
         params = self.variables["params"]
         if not isinstance(params["layers"], (tuple, list)):
             raise TypeError("decode reads per-layer params: pass QwenCausalLM.decode_params(params)")
         t = x.shape[1]
-        new = attention_mask.astype(jnp.int32)
-        kv_mask = jax.lax.dynamic_update_slice(cache.mask, new.astype(bool), (0, cache.index))
-        mask = AttentionMask(q_segment=new, kv_segment=kv_mask.astype(jnp.int32), q_offset=cache.index, causal=True)
+        if isinstance(cache, SharedPrefixCache):
+            mask, layers = cache.layout, zip(cache.prompt_k, cache.prompt_v, cache.k, cache.v)
+        else:
+            new = attention_mask.astype(jnp.int32)
+            kv_mask = jax.lax.dynamic_update_slice(cache.mask, new.astype(bool), (0, cache.index))
+            mask = AttentionMask(q_segment=new, kv_segment=kv_mask.astype(jnp.int32), q_offset=cache.index,
+                                 causal=True)
+            layers = zip(cache.k, cache.v)
         cos, sin = rope_cos_sin(self.cfg, positions)
         layer = DecoderLayer(self.cfg, self.dtype, self.param_dtype, "xla", parent=None)
-        ks, vs = [], []
-        for p, k, v in zip(params["layers"], cache.k, cache.v):
-            x, (k, v) = layer.apply({"params": p}, x, None, (k, v), cos, sin, mask)
-            ks.append(k)
-            vs.append(v)
+        kvs = []
+        for p, kv in zip(params["layers"], layers):
+            x, kv = layer.apply({"params": p}, x, None, kv, cos, sin, mask)
+            kvs.append(kv)
         norm = RMSNorm(self.cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, parent=None)
         x = norm.apply({"params": params["norm"]}, x)
-        return x, KVCache(k=tuple(ks), v=tuple(vs), mask=kv_mask, index=cache.index + t)
+        if isinstance(cache, SharedPrefixCache):
+            return x, cache.replace(k=tuple(kv[2] for kv in kvs), v=tuple(kv[3] for kv in kvs),
+                                    layout=mask.replace(index=mask.index + t))
+        return x, KVCache(k=tuple(kv[0] for kv in kvs), v=tuple(kv[1] for kv in kvs), mask=kv_mask,
+                          index=cache.index + t)

@@ -7,7 +7,7 @@ breaks on a mask bias (`models.attention`). Which patch may attend to which is g
 segment ids computed on the host (`models/positions.py:vision_inputs`): the frame a patch belongs
 to (full attention) and, for Qwen2.5-VL, its window. Qwen2.5-VL works in window order: patches
 are permuted by merge unit before the blocks and the merged tokens are put back in image order
-after the merger.
+before the merger's MLP.
 
 Differences (transformers 5.24 is the reference):
 - Qwen2-VL: LayerNorm blocks, quick_gelu MLP (fc1/fc2), full attention everywhere, LayerNorm merger.
@@ -117,9 +117,10 @@ class VisionTower(nn.Module):
     remat: bool = False
     attention: str = "auto"  # see models.attention
 
-    def _merger(self, x, prefix: str, postshuffle: bool = False):
-        """[G, P, W] -> [G, P // merge**2, out_dim]: 2x2 patch groups -> one token: norm (per patch,
-        or over the group with `postshuffle`), then Linear-GELU-Linear."""
+    def _merger(self, x, unperm, prefix: str, postshuffle: bool = False):
+        """[G, P, W] in window order -> [G, P // merge**2, out_dim] in image order (`unperm`): 2x2
+        patch groups -> one token: norm (per patch, or over the group with `postshuffle`), then
+        Linear-GELU-Linear."""
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         merged = cfg.width * cfg.spatial_merge_size**2
         if postshuffle:
@@ -129,6 +130,11 @@ class VisionTower(nn.Module):
         else:
             x = layer_norm(1e-6, self.dtype, self.param_dtype, f"{prefix}_ln_q")(x)
         x = x.reshape(x.shape[0], -1, merged)
+        # Back in image order before the MLP, which works token by token (the same result as after
+        # it): gathered after it, the tokens would be split along the decoder's width (the last
+        # kernel's `embed`, over the model axis) while the groups are split over the data axes,
+        # and XLA would replicate them to take the gather.
+        x = jnp.take_along_axis(x, unperm[..., None], axis=1)
         x = dense(merged, ("v_merge", "v_merge_out"), name=f"{prefix}_mlp_0", **kw)(x)
         return dense(cfg.out_dim, ("v_merge_out", "embed"), name=f"{prefix}_mlp_2", **kw)(nn.gelu(x, approximate=False))
 
@@ -157,7 +163,7 @@ class VisionTower(nn.Module):
         stack = layer_stack(VisionBlock, cfg.depth, self.remat, num_broadcast=4)
         blocks = stack(cfg, self.dtype, self.param_dtype, resolve(self.attention, self.dtype), name="blocks")
         x, taps = blocks(x, is_full, cos, sin, vi.seg_full, vi.seg_window)
-        out = [self._merger(x, "merger")]
-        out += [self._merger(taps[i], f"deepstack_{j}", postshuffle=True)
+        out = [self._merger(x, vi.unperm, "merger")]
+        out += [self._merger(taps[i], vi.unperm, f"deepstack_{j}", postshuffle=True)
                 for j, i in enumerate(cfg.deepstack_visual_indexes)]
-        return jnp.take_along_axis(jnp.concatenate(out, axis=-1), vi.unperm[..., None], axis=1)
+        return jnp.concatenate(out, axis=-1)

@@ -8,6 +8,10 @@ Pieces (pure functions first, a thin shell last):
   prompt + response, the LM head applied only to the R positions that predict response tokens
   (never `[N, T+R, V]` logits), then `grpo.token_logprobs` at the sampler's temperature
   (`SamplingConfig.score_temperature`).
+- `packed_logprobs`: the same for a `pr1_jax.packing.PackedBatch` (rows of a token budget holding
+  whole GRPO groups, each prompt once with its responses as branches): every slot's log-prob from
+  the hidden state of its `sources` slot, the image tokens' features gathered from the groups'.
+  `batch_logprobs` picks the one the batch's layout needs.
 - `make_optimizer` / `lr_schedule`: AdamW (torch semantics, decay on every trainable param) after a
   global-norm clip, linear warmup then constant or cosine; a frozen vision tower is a
   `set_to_zero` partition of `optax.multi_transform`, so it has no moments and never moves. The
@@ -40,8 +44,10 @@ from models.pretrained import abstract_params, as_dtype
 from models.vision import VisionInputs
 from pr1_jax import configlib
 from pr1_jax.grpo import GRPOLossConfig, entropy_from_logits, grpo_loss, token_logprobs
+from pr1_jax.packing import PackedBatch, PackingMode
 from pr1_jax.rollout import LearnerBatch
-from pr1_jax.sharding import activation_sharding, batch_sharding, batch_shardings, map_batch, param_shardings
+from pr1_jax.sharding import (activation_sharding, batch_axis_size, batch_sharding, batch_shardings, map_batch,
+                              param_shardings)
 
 
 # --------------------------------------------------------------------------- config / state
@@ -64,6 +70,13 @@ class LearnerConfig:
     min_lr_ratio: float = configlib.bounded(0.0, ge=0, le=1)  # cosine floor, as a fraction of lr
     max_grad_norm: float = configlib.bounded(1.0, gt=0)
     micro_batch_size: int | None = configlib.bounded(None, ge=1)  # sequences per micro-batch; None = the whole mini-batch
+    # The update's layout (`pr1_jax.packing`): "off", one padded row per sequence (prompt + the
+    # response bucket); "groups", rows of max_tokens_per_micro_batch tokens holding whole GRPO
+    # groups, each prompt once with its samples' responses as branches; "sequences", the same
+    # rows holding prompt + response per sequence. Packed, a micro-batch is one row per data
+    # shard (micro_batch_size is not read) and their number follows from the step's tokens.
+    packing: PackingMode = "off"
+    max_tokens_per_micro_batch: int | None = configlib.bounded(None, ge=1)  # tokens per device per micro-batch (packed)
     # The response lengths the update compiles for: each step pads its responses to the smallest
     # that holds the longest one (over all processes), or to the sampler's max_new_tokens; those
     # at or above it are ignored (`pr1_jax.rollout.response_bucket`).
@@ -82,6 +95,18 @@ class LearnerConfig:
     # `Learner.logprobs` before the first of them instead. Either way the step reports how far
     # the sampler's log-probs are from the learner's.
     recompute_old_logprobs: bool = False
+
+    def __post_init__(self):
+        if self.packing not in ("off", "groups", "sequences"):
+            raise ValueError(f"packing {self.packing!r}: expected off, groups or sequences")
+        if self.packing != "off" and not self.max_tokens_per_micro_batch:
+            raise ValueError(f"packing {self.packing!r} needs max_tokens_per_micro_batch (tokens per device per "
+                             "micro-batch, at least the longest prompt + max_new_tokens)")
+        # A packed row holds many sequences: the per-row sequence reductions of the other
+        # aggregations and of GSPO's ratio would mix them.
+        if self.packing != "off" and (self.loss.loss_agg != "token-mean" or self.loss.policy == "gspo"):
+            raise ValueError(f"packing {self.packing!r} takes loss.loss_agg=token-mean with the ppo or cispo policy "
+                             f"loss, not {self.loss.loss_agg} / {self.loss.policy} (packing: off takes every one)")
 
 
 @flax.struct.dataclass
@@ -187,6 +212,49 @@ def response_logprobs(module: QwenCausalLM, params, batch: LearnerBatch, tempera
     return logp, entropy_from_logits(ent_in, temperature)
 
 
+def packed_logprobs(module: QwenCausalLM, params, batch: PackedBatch, temperature: float = 1.0, *,
+                    entropy_grad: bool = True, features=None):
+    """(logp [W, L], entropy [W, L]) float32 of every token of the packed rows (`pr1_jax.packing`)
+    from the hidden state of its `sources` slot; meaningful at `response_mask` only.
+    features: [G, M, E] the vision groups' visual tokens (default `image_features` of
+    `batch.vision`); each row's image tokens take theirs through `image_index`."""
+    apply = functools.partial(module.apply, {"params": params})
+    if features is None and batch.vision is not None:
+        features = image_features(module, params, batch.vision)
+    ids = batch.input_ids
+    rows = None
+    if features is not None:
+        rows = jnp.take(features.reshape(-1, features.shape[-1]), batch.image_index, axis=0)  # [W, L, E]
+    # Prompt tokens only (`sequence` -1 there): a generated image token was fed as text.
+    image_mask = (ids == module.cfg.image_token_id) & (batch.sequence < 0) & batch.attention_mask.astype(bool)
+    h, _ = apply(ids, batch.positions, batch.attention_mask, image_mask=image_mask, features=rows,
+                 branches=batch.branches, groups=batch.groups,
+                 method=QwenCausalLM.hidden_states)
+    h = jnp.take_along_axis(h, batch.sources[..., None], axis=1)
+    logits = apply(h, method=QwenCausalLM.logits)  # [W, L, V]
+    logp = token_logprobs(logits, ids, temperature)
+    ent_in = logits if entropy_grad else jax.lax.stop_gradient(logits)
+    return logp, entropy_from_logits(ent_in, temperature)
+
+
+def batch_logprobs(module: QwenCausalLM, params, batch, temperature: float = 1.0, *, entropy_grad: bool = True,
+                   features=None):
+    """`response_logprobs` of a per-sequence `LearnerBatch`, `packed_logprobs` of a `PackedBatch`
+    (features: the rows' [N, M, E] resp. the groups' [G, M, E])."""
+    fn = packed_logprobs if isinstance(batch, PackedBatch) else response_logprobs
+    return fn(module, params, batch, temperature, entropy_grad=entropy_grad, features=features)
+
+
+def sequence_count(batch) -> jax.Array:
+    """Sequences with at least one response token (float32 scalar)."""
+    mask = batch.response_mask.astype(bool)
+    if not isinstance(batch, PackedBatch):
+        return jnp.sum(jnp.any(mask, axis=-1).astype(jnp.float32))
+    seq = batch.sequence
+    starts = mask & (seq != jnp.pad(seq[:, :-1], ((0, 0), (1, 0)), constant_values=-1))
+    return jnp.sum(starts.astype(jnp.float32))
+
+
 # --------------------------------------------------------------------------- the update
 
 
@@ -230,9 +298,9 @@ def micro_features(features, j, num_micro: int, rows_per_group: int):
 def micro_batch_loss(params, mb: LearnerBatch, cfg: LearnerConfig, module: QwenCausalLM, num_tokens, num_seqs,
                      temperature: float = 1.0, features=None):
     """Loss of one micro-batch normalised by the mini-batch's global counts (summable), and its
-    metrics: (sums, maxes). features: the rows' visual tokens (see `response_logprobs`)."""
+    metrics: (sums, maxes). features: see `batch_logprobs`."""
     ent_grad = cfg.loss.entropy_coef != 0.0
-    logp, ent = response_logprobs(module, params, mb, temperature, entropy_grad=ent_grad, features=features)
+    logp, ent = batch_logprobs(module, params, mb, temperature, entropy_grad=ent_grad, features=features)
     mask = mb.response_mask.astype(bool)
     sampler_logp = mb.old_logprobs
     old = jax.lax.stop_gradient(logp) if cfg.recompute_old_logprobs else sampler_logp
@@ -250,6 +318,9 @@ def loss_and_grads(params, batch: LearnerBatch, cfg: LearnerConfig, module: Qwen
                    temperature: float = 1.0):
     """(grads, metrics) of the mini-batch token-mean loss, accumulated over micro-batches with
     `lax.scan`. Gradients are float32 and exactly (up to summation order) those of one pass.
+    A per-sequence batch splits into micro-batches of `micro_batch_size` sequences, a packed one
+    into micro-batches of one row per data shard (token-mean loss only: a packed row holds no
+    per-sequence axis to average over).
 
     The vision tower runs once per vision group, before the scan and sharded with the groups;
     each micro-batch reads its rows' features (`micro_features`); the features' gradient,
@@ -257,18 +328,25 @@ def loss_and_grads(params, batch: LearnerBatch, cfg: LearnerConfig, module: Qwen
     features are constants: no backward through the tower at all."""
     mask = batch.response_mask.astype(bool)
     num_tokens = jnp.sum(mask.astype(jnp.float32))
-    num_seqs = jnp.sum(jnp.any(mask, axis=-1).astype(jnp.float32))
+    num_seqs = sequence_count(batch)
+    packed = isinstance(batch, PackedBatch)
     n = mask.shape[0]
-    micro = cfg.micro_batch_size or n
+    if packed:
+        if cfg.loss.loss_agg != "token-mean":
+            raise ValueError(f"packed rows take the token-mean loss, not {cfg.loss.loss_agg!r} (packing: off)")
+        # One row per data shard in each micro-batch (`pr1_jax.packing`).
+        micro = 1 if mesh is None else min(batch_axis_size(mesh), n)
+    else:
+        micro = cfg.micro_batch_size or n
     if n % micro:
-        raise ValueError(f"micro_batch_size={micro} does not divide the batch of {n} sequences")
+        raise ValueError(f"micro-batches of {micro} rows do not divide the batch of {n} rows")
     num_micro = n // micro
     mbs = split_micro_batches(batch.replace(vision=None), num_micro, mesh)
     text = {k: v for k, v in params.items() if k != "visual"}
     on_groups = (lambda x: x) if mesh is None else (
         lambda x: jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.shape)))
     feats = pull = None
-    k = 1 if batch.vision is None else rows_per_group(batch)
+    k = 1 if batch.vision is None or packed else rows_per_group(batch)
     if batch.vision is not None:
         if cfg.freeze_vision:
             feats = jax.lax.stop_gradient(image_features(module, params, batch.vision))
@@ -278,7 +356,8 @@ def loss_and_grads(params, batch: LearnerBatch, cfg: LearnerConfig, module: Qwen
         feats = on_groups(feats)
 
     def loss_fn(text, feats, mb, j):
-        rows = None if feats is None else micro_features(feats, j, num_micro, k)
+        # Packed rows gather their images' features from all groups (`packed_logprobs`).
+        rows = feats if feats is None or packed else micro_features(feats, j, num_micro, k)
         return micro_batch_loss(text, mb, cfg, module, num_tokens, num_seqs, temperature, features=rows)
 
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
@@ -444,8 +523,9 @@ class Learner:
         return self._steps[key]
 
     def logprobs(self, params, batch: LearnerBatch):
-        """(logp, entropy) [N, R] of the batch's responses under `params` (e.g. to recompute the
-        old policy once per rollout, or a reference policy), sequence axis sharded over data."""
+        """(logp, entropy) of the batch's responses under `params` (e.g. to recompute the old
+        policy once per rollout, or a reference policy), rows sharded over data: [N, R] of a
+        per-sequence batch, [W, L] of a packed one (the layout its own fields take)."""
         batch = batch.replace(old_logprobs=None, advantages=None, ref_logprobs=None)  # not read
         key = self._key(batch)
         if key not in self._logprobs:
@@ -453,7 +533,7 @@ class Learner:
 
             def fn(params, batch):
                 with activation_sharding(self.mesh):
-                    return response_logprobs(self.module, params, batch, self.temperature, entropy_grad=False)
+                    return batch_logprobs(self.module, params, batch, self.temperature, entropy_grad=False)
 
             self._logprobs[key] = jax.jit(fn, in_shardings=(self.param_shardings, batch_shardings(self.mesh, batch)),
                                           out_shardings=(out, out))

@@ -10,6 +10,19 @@ Randomness: sample j of prompt p (row p * n + j of the output) draws its token a
 `fold_in(fold_in(key, p * n + j), s)`, where p is the prompt's row or its given `prompt_ids`
 entry, so a sample's stream depends only on the seed and its index, not on the batch it was
 generated with, how it was padded or split over processes, or how the prefill was shared.
+
+Work (`Sampler`): a step reads what is live, not the cap. The prompt's keys and values are stored
+once per prompt and read once per group of n samples (`models.qwen2.SharedPrefixCache`: the
+group's rows are the queries of one attention over the prompt, merged by log-sum-exp with each
+row's attention over its own response). Responses grow in chunks of `CHUNK` slots: the decode
+runs in segments of `CHUNK` steps (one compiled loop each), a segment reading only the chunks
+filled so far. Between segments the host reads how many rows and groups are still live and the
+rows are compacted (finished rows and groups dropped, the rest gathered within their shard of the
+data axes) to a bucket of rows (`bucket`: quarter steps between powers of 2), so a finished row stops
+costing reads a segment later. Compiled variants: one segment program per (live chunks, row
+bucket, group bucket) met, a bounded set. `sample` is the whole-cache sampler in one program
+(every row's copy of its prompt and all `max_new_tokens` slots read every step): the reference the
+live sampler is tested against, and the baseline `bench/rollout_cost.py` measures.
 """
 
 from __future__ import annotations
@@ -19,13 +32,17 @@ import dataclasses
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from models.causal_lm import QwenCausalLM
-from models.qwen2 import KVCache
+from models.attention import SharedPrefixMask
+from models.qwen2 import KVCache, SharedPrefixCache
 from models.vision import VisionInputs
 from pr1_jax import configlib
-from pr1_jax.sharding import activation_sharding, sharding_for
+from pr1_jax.sharding import activation_sharding, batch_axis_size, sharding_for
+
+CHUNK = 128  # response slots added per decode segment; a segment runs this many steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +162,7 @@ def next_tokens(logits, keys, cfg: SamplingConfig):
     if cfg.temperature == 0:
         tokens, picked, lse = jnp.argmax(logits, axis=-1), jnp.max(logits, axis=-1), jax.nn.logsumexp(logits, axis=-1)
     else:
-        scaled = logits / cfg.temperature
+        scaled = logits if cfg.temperature == 1 else logits / cfg.temperature  # x / 1 == x: one pass less
         filtered = filter_logits(scaled, cfg.top_k, cfg.top_p)
         # A drawn token is never truncated: its filtered logit is its scaled one.
         tokens, picked, lse = draw(filtered, keys)
@@ -158,17 +175,19 @@ def next_tokens(logits, keys, cfg: SamplingConfig):
 class DecodeState:
     """The decode loop's carry for R rows and a budget of `new` tokens.
 
-    step: [] int32; tokens: [R, new] int32; logprobs: [R, new] float32; done: [R] bool (the row
-    has emitted an EOS); cache: the KV cache holding every token fed so far; hidden: [R, E], the
+    step: [] int32; start: [] int32, the step of tokens[:, 0] (a segment's first); tokens: [R, new]
+    int32; logprobs: [R, new] float32; done: [R] bool (the row has emitted an EOS); cache: the KV
+    cache holding every token fed so far (`KVCache` or `SharedPrefixCache`); hidden: [R, E], the
     final hidden state of the last token fed, whose logits draw the token of `step` (carrying it
     rather than [R, V] logits keeps the vocabulary-wide arrays inside one step).
     """
 
     step: jax.Array
+    start: jax.Array
     tokens: jax.Array
     logprobs: jax.Array
     done: jax.Array
-    cache: KVCache
+    cache: KVCache | SharedPrefixCache
     hidden: jax.Array
 
 
@@ -188,15 +207,16 @@ def decode_step(module: QwenCausalLM, params, state: DecodeState, row_keys, next
     rows = tok.shape[0]
     h, cache = module.apply({"params": params}, tok[:, None], (next_pos + step)[:, None],
                             jnp.ones((rows, 1), jnp.int32), state.cache, method=QwenCausalLM.decode)
-    return DecodeState(step=step + 1, tokens=state.tokens.at[:, step].set(tok),
-                       logprobs=state.logprobs.at[:, step].set(logp),
+    return DecodeState(step=step + 1, start=state.start, tokens=state.tokens.at[:, step - state.start].set(tok),
+                       logprobs=state.logprobs.at[:, step - state.start].set(logp),
                        done=state.done | jnp.isin(tok, jnp.asarray(cfg.eos_ids, jnp.int32)), cache=cache,
                        hidden=h[:, 0])
 
 
 def sample(module: QwenCausalLM, params, input_ids, positions, attention_mask, vision: VisionInputs | None,
            rope_deltas, key, cfg: SamplingConfig, mesh: Mesh | None = None, prompt_ids=None) -> SampleOutput:
-    """Pure function (jit it with `cfg` and `mesh` static). Inputs as from `Model.prepare_inputs`:
+    """The whole-cache sampler (see the module docstring), a pure function (jit it with `cfg` and
+    `mesh` static). Inputs as from `Model.prepare_inputs`:
     input_ids/attention_mask [B, T] left-padded, positions [3, B, T] or [B, T], rope_deltas [B].
     prompt_ids [B] int32: each prompt's index in the random streams (default: its row), so that
     sample j of prompt p draws from stream p * n + j however the batch was padded or split.
@@ -204,8 +224,7 @@ def sample(module: QwenCausalLM, params, input_ids, positions, attention_mask, v
     over `tensor`) and so are the output rows; the model's activation constraints follow
     `pr1_jax.sharding.RULES`.
     vision: packed or per row (see `QwenCausalLM.hidden_states`)."""
-    if not cfg.eos_ids or cfg.pad_id is None:
-        raise ValueError("SamplingConfig needs eos_ids and pad_id (SamplingConfig.with_tokenizer resolves them)")
+    _check(cfg)
     with activation_sharding(mesh):
         b, t = input_ids.shape
         n, new = cfg.n, cfg.max_new_tokens
@@ -221,26 +240,42 @@ def sample(module: QwenCausalLM, params, input_ids, positions, attention_mask, v
         rows = b * n
         # The first new token sits right after the prompt's real tokens on every M-RoPE row.
         next_pos = jnp.repeat(attention_mask.sum(-1).astype(jnp.int32) + rope_deltas, n)
-        if prompt_ids is None:
-            prompt_ids = jnp.arange(b, dtype=jnp.int32)
-        stream = (prompt_ids[:, None] * n + jnp.arange(n, dtype=jnp.int32)[None]).reshape(rows)
-        row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(stream)
-        init = DecodeState(step=jnp.zeros((), jnp.int32), tokens=jnp.full((rows, new), cfg.pad_id, jnp.int32),
+        row_keys = _row_keys(key, prompt_ids, b, n)
+        init = DecodeState(step=jnp.zeros((), jnp.int32), start=jnp.zeros((), jnp.int32),
+                           tokens=jnp.full((rows, new), cfg.pad_id, jnp.int32),
                            logprobs=jnp.zeros((rows, new), jnp.float32), done=jnp.zeros((rows,), bool), cache=cache,
                            hidden=hidden)
         decode_params = module.decode_params(params)
         final = jax.lax.while_loop(lambda s: (s.step < new) & ~jnp.all(s.done),
                                    lambda s: decode_step(module, decode_params, s, row_keys, next_pos, cfg), init)
-        steps, tokens, logps = final.step, final.tokens, final.logprobs
-        eos = jnp.asarray(cfg.eos_ids, jnp.int32)
-        # A row's response runs up to and including its first EOS.
-        is_eos = jnp.isin(tokens, eos) & (jnp.arange(new)[None] < steps)
-        first_eos = jnp.where(is_eos.any(-1), jnp.argmax(is_eos, axis=-1) + 1, steps)
-        mask = (jnp.arange(new)[None] < first_eos[:, None]).astype(jnp.int32)
-        # Rows stay sharded like the prompts, so each process can read its own rows back.
-        return SampleOutput(tokens=_constrain_rows(tokens, mesh), logprobs=_constrain_rows(logps, mesh),
-                            mask=_constrain_rows(mask, mesh),
-                            lengths=_constrain_rows(first_eos.astype(jnp.int32), mesh), steps=steps)
+        return _output(final.tokens, final.logprobs, final.step, cfg, mesh)
+
+
+def _output(tokens, logps, steps, cfg: SamplingConfig, mesh: Mesh | None) -> SampleOutput:
+    """The sampler's result from its token and log-prob buffers [R, new] after `steps` steps."""
+    new = tokens.shape[1]
+    eos = jnp.asarray(cfg.eos_ids, jnp.int32)
+    # A row's response runs up to and including its first EOS.
+    is_eos = jnp.isin(tokens, eos) & (jnp.arange(new)[None] < steps)
+    first_eos = jnp.where(is_eos.any(-1), jnp.argmax(is_eos, axis=-1) + 1, steps)
+    mask = (jnp.arange(new)[None] < first_eos[:, None]).astype(jnp.int32)
+    # Rows stay sharded like the prompts, so each process can read its own rows back.
+    return SampleOutput(tokens=_constrain_rows(tokens, mesh), logprobs=_constrain_rows(logps, mesh),
+                        mask=_constrain_rows(mask, mesh),
+                        lengths=_constrain_rows(first_eos.astype(jnp.int32), mesh), steps=steps)
+
+
+def _check(cfg: SamplingConfig):
+    if not cfg.eos_ids or cfg.pad_id is None:
+        raise ValueError("SamplingConfig needs eos_ids and pad_id (SamplingConfig.with_tokenizer resolves them)")
+
+
+def _row_keys(key, prompt_ids, b: int, n: int):
+    """[B*n] keys: row p*n + j draws from stream prompt_ids[p]*n + j (the module docstring)."""
+    if prompt_ids is None:
+        prompt_ids = jnp.arange(b, dtype=jnp.int32)
+    stream = (prompt_ids[:, None] * n + jnp.arange(n, dtype=jnp.int32)[None]).reshape(b * n)
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(stream)
 
 
 def _constrain_rows(x, mesh: Mesh | None):
@@ -254,21 +289,216 @@ def _constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
     """The cache sharded like the activations: rows over the data axes, KV heads over `tensor`."""
     if mesh is None:
         return cache
-    kv = sharding_for(("batch", "kv_heads", "length", None), cache.k[0].shape, mesh)
-    constrain = lambda xs: tuple(jax.lax.with_sharding_constraint(x, kv) for x in xs)  # noqa: E731
-    return cache.replace(k=constrain(cache.k), v=constrain(cache.v), mask=_constrain_rows(cache.mask, mesh))
+    return cache.replace(k=_constrain_kv(cache.k, mesh), v=_constrain_kv(cache.v, mesh),
+                         mask=_constrain_rows(cache.mask, mesh))
+
+
+def _constrain_kv(xs, mesh: Mesh):
+    """Per-layer KV buffers [rows, K, slots, D]: rows over the data axes, KV heads over `tensor`."""
+    return tuple(jax.lax.with_sharding_constraint(x, sharding_for(("batch", "kv_heads", "length", None), x.shape, mesh))
+                 for x in xs)
+
+
+def bucket(count: int, cap: int) -> int:
+    """The smallest of 1, 2, ..., 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, ... (quarter steps between
+    powers of 2) >= count, at most cap: the row and group counts of compacted segments. Four shapes
+    per doubling keep a bucket's padding under 25%: on `bench/rollout_cost.py`'s lognormal rollout
+    of 1,024 rows the segments read 1.27x the live rows' response KV (chunk rounding included),
+    1.38x with powers of 2 and 1.5x them. A segment compiles anew anyway (its response grew a chunk)."""
+    b = 1
+    while b < count:
+        b += max(1, (1 << (b.bit_length() - 1)) // 4)
+    return min(b, cap)
+
+
+@flax.struct.dataclass
+class LiveRollout:
+    """The live sampler between segments. Rows (R) and groups (G) are laid out in S blocks, one per
+    shard of the data axes (see `SharedPrefixMask`); compaction keeps a row in its block.
+
+    decode: the decode loop's carry (tokens / logprobs: the current segment's [R, CHUNK]; cache: a
+    `SharedPrefixCache`); row: [R] int32, the row's index in its block of the output; keys: [R] its
+    random stream; next_pos: [R] int32, the position of its first new token; tokens / logprobs:
+    the output [B*n, max_new_tokens], filled segment by segment."""
+
+    decode: DecodeState
+    row: jax.Array
+    keys: jax.Array
+    next_pos: jax.Array
+    tokens: jax.Array
+    logprobs: jax.Array
+
+
+def prefill(module: QwenCausalLM, params, input_ids, positions, attention_mask, vision: VisionInputs | None,
+            rope_deltas, key, cfg: SamplingConfig, shards: int, mesh: Mesh | None = None, prompt_ids=None,
+            chunk: int = CHUNK):
+    """The live sampler's start (inputs as `sample`; jit with cfg, shards, mesh, chunk static): the
+    prompts' prefill, their KV stored once per prompt, every row live with one empty chunk of
+    response slots. shards: blocks of rows (divides the batch). Returns (decode params, LiveRollout)."""
+    _check(cfg)
+    with activation_sharding(mesh):
+        b, t = input_ids.shape
+        n, new = cfg.n, cfg.max_new_tokens
+        h, cache = module.apply({"params": params}, input_ids, positions, attention_mask, vision, t,
+                                method=QwenCausalLM.hidden_states)
+        rows, chunk = b * n, min(chunk, new)
+        index = jnp.arange(rows, dtype=jnp.int32)
+        empty = jnp.zeros((rows, *cache.k[0].shape[1:2], chunk, cache.k[0].shape[3]), cache.k[0].dtype)
+        layout = SharedPrefixMask(prompt_mask=cache.mask, group=(index // n) % (b // shards), member=index % n,
+                                  index=jnp.zeros((), jnp.int32), width=n, shards=shards)
+        live = SharedPrefixCache(prompt_k=cache.k, prompt_v=cache.v, k=(empty,) * len(cache.k),
+                                 v=(empty,) * len(cache.v), layout=layout)
+        state = DecodeState(step=jnp.zeros((), jnp.int32), start=jnp.zeros((), jnp.int32),
+                            tokens=jnp.full((rows, chunk), cfg.pad_id, jnp.int32),
+                            logprobs=jnp.zeros((rows, chunk), jnp.float32), done=jnp.zeros((rows,), bool),
+                            cache=live, hidden=jnp.repeat(h[:, -1], n, axis=0))
+        out = LiveRollout(decode=state, row=index % (rows // shards), keys=_row_keys(key, prompt_ids, b, n),
+                          next_pos=jnp.repeat(attention_mask.sum(-1).astype(jnp.int32) + rope_deltas, n),
+                          tokens=jnp.full((rows, new), cfg.pad_id, jnp.int32),
+                          logprobs=jnp.zeros((rows, new), jnp.float32))
+        return module.decode_params(params), _constrain_live(out, mesh)
+
+
+def segment(module: QwenCausalLM, decode_params, state: LiveRollout, cfg: SamplingConfig, mesh: Mesh | None = None):
+    """Up to CHUNK decode steps (fewer when every row stops or the budget ends), their tokens
+    written to the output. Returns (state, live rows per block [S], live groups per block [S],
+    the loop's step [], every row stopped []), the counts replicated (every process reads them)."""
+    with activation_sharding(mesh):
+        # The segment's buffers start empty: columns past an early exit are written out as such.
+        d = state.decode.replace(tokens=jnp.full_like(state.decode.tokens, cfg.pad_id),
+                                 logprobs=jnp.zeros_like(state.decode.logprobs))
+        chunk, new = d.tokens.shape[1], state.tokens.shape[1]
+        end = jnp.minimum(d.start + chunk, new)
+        d = jax.lax.while_loop(lambda s: (s.step < end) & ~jnp.all(s.done),
+                               lambda s: decode_step(module, decode_params, s, state.keys, state.next_pos, cfg), d)
+        layout = d.cache.layout
+        s_, r = layout.shards, d.done.shape[0] // layout.shards
+        cols = d.start + jnp.arange(chunk)
+
+        def put(out, seg):  # a block's segment columns into its output rows (beyond the budget: dropped)
+            per_block = lambda o, x, i: o.at[i[:, None], cols[None]].set(x, mode="drop")  # noqa: E731
+            return jax.vmap(per_block)(out.reshape(s_, -1, new), seg.reshape(s_, r, chunk),
+                                       state.row.reshape(s_, r)).reshape(out.shape)
+
+        state = state.replace(decode=d, tokens=put(state.tokens, d.tokens), logprobs=put(state.logprobs, d.logprobs))
+        live = ~d.done.reshape(s_, r)
+        groups = _live_groups(live, layout).sum(-1)
+        replicated = lambda x: x if mesh is None else jax.lax.with_sharding_constraint(  # noqa: E731
+            x, sharding_for(None, x.shape, mesh))
+        return (_constrain_live(state, mesh), replicated(live.sum(-1)), replicated(groups), d.step,
+                jnp.all(d.done))
+
+
+def _live_groups(live, layout: SharedPrefixMask):
+    """[S, g] bool: the groups of each block with a live row (live [S, r])."""
+    s_, r = live.shape
+    g = layout.prompt_mask.shape[0] // s_
+    return jax.vmap(lambda lv, i: jnp.zeros((g,), bool).at[i].max(lv, mode="drop"))(
+        live, layout.group.reshape(s_, r))
+
+
+def compact(state: LiveRollout, rows: int, groups: int, mesh: Mesh | None = None):
+    """The next segment's state but its KV (jit with rows, groups, mesh static; `state`'s KV
+    tuples empty): per block the first `rows` rows, live ones first (finished ones only as bucket
+    padding: they stay stopped), and the first `groups` groups, those with a live row first.
+    Returns (state, keep [S, rows], group_keep [S, groups]): the KV follows with `take_rows`, one
+    buffer at a time."""
+    d = state.decode
+    layout = d.cache.layout
+    s_ = layout.shards
+    r, g = d.done.shape[0] // s_, layout.prompt_mask.shape[0] // s_
+    keep = jnp.argsort(d.done.reshape(s_, r), axis=1, stable=True)[:, :rows]
+    group_keep = jnp.argsort(~_live_groups(~d.done.reshape(s_, r), layout), axis=1, stable=True)[:, :groups]
+    # A kept row's new group index; a row whose group is dropped gets `groups` (out of range).
+    renumber = jax.vmap(lambda k: jnp.full((g,), groups, jnp.int32).at[k].set(jnp.arange(groups, dtype=jnp.int32)))(
+        group_keep)
+    pick = lambda x: take_rows(x, keep)  # noqa: E731
+    group = pick(jax.vmap(lambda m, i: jnp.take(m, i, mode="fill", fill_value=groups))(
+        renumber, layout.group.reshape(s_, r)).reshape(-1))
+    layout = layout.replace(prompt_mask=take_rows(layout.prompt_mask, group_keep), group=group,
+                            member=pick(layout.member))
+    decode = DecodeState(step=d.step, start=d.step, tokens=pick(d.tokens), logprobs=pick(d.logprobs),
+                         done=pick(d.done), cache=d.cache.replace(layout=layout), hidden=pick(d.hidden))
+    out = state.replace(decode=decode, row=pick(state.row), keys=pick(state.keys), next_pos=pick(state.next_pos))
+    return _constrain_live(out, mesh), keep, group_keep
+
+
+def take_rows(x, index, grow: int = 0):
+    """x [S * r, ...] in S blocks of rows -> [S * k, ...]: block i's rows index[i] ([S, k]); with
+    grow, `grow` more (zero) slots on axis 2 (a KV buffer's response slots)."""
+    s_ = index.shape[0]
+    out = jax.vmap(lambda xs, i: jnp.take(xs, i, axis=0))(x.reshape(s_, -1, *x.shape[1:]), index)
+    out = out.reshape(-1, *x.shape[1:])
+    return jnp.pad(out, [(0, grow if a == 2 else 0) for a in range(x.ndim)]) if grow else out
+
+
+def _constrain_live(state: LiveRollout, mesh: Mesh | None) -> LiveRollout:
+    """Rows, groups and their KV over the data axes (KV heads over `tensor`), as `_constrain_cache`."""
+    if mesh is None:
+        return state
+    d, c = state.decode, state.decode.cache
+    cache = c.replace(prompt_k=_constrain_kv(c.prompt_k, mesh), prompt_v=_constrain_kv(c.prompt_v, mesh),
+                      k=_constrain_kv(c.k, mesh), v=_constrain_kv(c.v, mesh))
+    return state.replace(decode=d.replace(cache=cache, hidden=_constrain_rows(d.hidden, mesh)),
+                         tokens=_constrain_rows(state.tokens, mesh), logprobs=_constrain_rows(state.logprobs, mesh))
+
+
+def take_kv(x, index, grow: int, mesh: Mesh | None = None):
+    """`take_rows` of one KV buffer, sharded as `_constrain_kv`."""
+    out = take_rows(x, index, grow)
+    return out if mesh is None else _constrain_kv((out,), mesh)[0]
+
+
+def _without_kv(state: LiveRollout) -> tuple[LiveRollout, SharedPrefixCache]:
+    """(the state with empty KV tuples, its cache)."""
+    cache = state.decode.cache
+    bare = cache.replace(prompt_k=(), prompt_v=(), k=(), v=())
+    return state.replace(decode=state.decode.replace(cache=bare)), cache
 
 
 class Sampler:
-    """Compiles `sample` once per (batch, prompt length, patch count) shape and config."""
+    """The live sampler (see the module docstring): its prefill compiles once per (batch, prompt
+    length, patch count) shape and config, its segment and compaction programs once per shape met
+    (live chunks, row and group buckets). One host read per segment decides the next one's shape."""
 
-    def __init__(self, module: QwenCausalLM, cfg: SamplingConfig, mesh: Mesh | None = None):
-        self.module, self.cfg = module, cfg
-        self._fn = jax.jit(lambda p, ids, pos, mask, vi, deltas, key, prompt_ids, cfg: sample(
-            module, p, ids, pos, mask, vi, deltas, key, cfg, mesh, prompt_ids), static_argnums=(8,))
+    def __init__(self, module: QwenCausalLM, cfg: SamplingConfig, mesh: Mesh | None = None, chunk: int = CHUNK):
+        """chunk: response slots per segment (tests take small ones to run several segments)."""
+        self.module, self.cfg, self.mesh = module, cfg, mesh
+        self._prefill = jax.jit(lambda p, ids, pos, mask, vi, deltas, key, prompt_ids, cfg, shards: prefill(
+            module, p, ids, pos, mask, vi, deltas, key, cfg, shards, mesh, prompt_ids, chunk), static_argnums=(8, 9))
+        self._segment = jax.jit(lambda p, state, cfg: segment(module, p, state, cfg, mesh), static_argnums=2,
+                                donate_argnums=1)
+        self._compact = jax.jit(lambda state, rows, groups: compact(state, rows, groups, mesh), static_argnums=(1, 2))
+        self._take = jax.jit(lambda x, index, grow: take_kv(x, index, grow, mesh), static_argnums=2)
+        self._output = jax.jit(lambda state, cfg: _output(state.tokens, state.logprobs, state.decode.step, cfg, mesh),
+                               static_argnums=1)
 
     def __call__(self, params, inputs: dict, key: jax.Array, cfg: SamplingConfig | None = None) -> SampleOutput:
         """inputs: the dict of `Model.prepare_inputs` (or the data pipeline's equivalent), optionally
         with `prompt_ids` (see `sample`)."""
-        return self._fn(params, inputs["input_ids"], inputs["positions"], inputs["attention_mask"],
-                        inputs["vision"], inputs["rope_deltas"], key, inputs.get("prompt_ids"), cfg or self.cfg)
+        cfg = cfg or self.cfg
+        b = inputs["input_ids"].shape[0]
+        # Compaction stays within a shard of the data axes where the prompts divide over them.
+        shards = batch_axis_size(self.mesh) if self.mesh is not None else 1
+        shards = shards if b % shards == 0 else 1
+        decode_params, state = self._prefill(params, inputs["input_ids"], inputs["positions"],
+                                             inputs["attention_mask"], inputs["vision"], inputs["rope_deltas"], key,
+                                             inputs.get("prompt_ids"), cfg, shards)
+        rows, groups = b * cfg.n // shards, b // shards
+        while True:
+            state, live, live_groups, step, done = self._segment(decode_params, state, cfg)
+            if bool(done) or int(step) >= cfg.max_new_tokens:
+                return self._output(state, cfg)
+            # The KV is gathered one buffer at a time, each old buffer dropped once its rows are
+            # taken: compaction holds the KV once plus one new buffer (one program gathering it
+            # all would hold the old and the new KV whole, twice the rollout's memory).
+            state, cache = _without_kv(state)
+            state, keep, group_keep = self._compact(state, bucket(int(np.max(live)), rows),
+                                                    bucket(int(np.max(live_groups)), groups))
+            chunk = state.decode.tokens.shape[1]
+            old = [list(cache.prompt_k), list(cache.prompt_v), list(cache.k), list(cache.v)]
+            del cache
+            new = [tuple(self._take(xs.pop(0), index, grow) for _ in range(len(xs)))
+                   for xs, index, grow in zip(old, (group_keep, group_keep, keep, keep), (0, 0, chunk, chunk))]
+            full = state.decode.cache.replace(prompt_k=new[0], prompt_v=new[1], k=new[2], v=new[3])
+            state = state.replace(decode=state.decode.replace(cache=full))

@@ -85,21 +85,8 @@ def activation_sharding(mesh: Mesh | None):
 
 def spec_for(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh, rules=RULES) -> P:
     """PartitionSpec for an array with these logical axes; a dimension the mesh axes do not
-    divide is replicated instead (small vocabularies, odd head counts)."""
-    if logical is None:
-        return P()
-    mesh_axes = nn.logical_to_mesh_axes(tuple(logical), rules)
-    out = []
-    used: set[str] = set()
-    for dim, ax in zip(shape, mesh_axes):
-        names = tuple(a for a in ((ax,) if isinstance(ax, str) else (ax or ())) if a not in used)
-        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-        if names and dim % size == 0:
-            out.append(names if len(names) > 1 else names[0])
-            used.update(names)
-        else:
-            out.append(None)
-    return P(*out)
+    divide is replicated instead (`models.layers.logical_spec`, the activations' reading too)."""
+    return layers.logical_spec(logical, shape, mesh, rules)
 
 
 def sharding_for(logical, shape, mesh: Mesh, rules=RULES) -> NamedSharding:

@@ -39,6 +39,7 @@ from pr1_jax.judge import Judge
 from pr1_jax.learner import Learner, TrainState
 from pr1_jax.metrics import MetricsLogger
 from pr1_jax.multihost import allgather_json
+from pr1_jax.packing import PackedBatch, pack, plan
 from pr1_jax.reward_plugins import RECORD_FIELDS
 from pr1_jax.rewards import RewardConfig, RewardScorer, combine_batch, mean_metrics
 from pr1_jax.rollout import LearnerBatch, Rollout, response_bucket, rollout, train_batch_from_samples
@@ -109,6 +110,12 @@ class Trainer:
             self.sample_cfg = cfg.sampling.with_tokenizer(self.tokenizer)
         except ValueError as e:
             raise configlib.ConfigError(str(e)) from None
+        longest = cfg.data.max_prompt_length + self.sample_cfg.max_new_tokens
+        self._micro_high = 0  # the most micro-batches a packed step has needed (`_pack`)
+        if cfg.learner.packing != "off" and cfg.learner.max_tokens_per_micro_batch < longest:
+            raise configlib.ConfigError(
+                f"learner.max_tokens_per_micro_batch={cfg.learner.max_tokens_per_micro_batch} cannot hold a prompt of "
+                f"data.max_prompt_length + sampling.max_new_tokens = {longest} tokens")
         # seq-mean-token-sum-norm's constant defaults to the sampler's response cap.
         learner_cfg = dataclasses.replace(cfg.learner, loss=cfg.learner.loss.with_norm_length(
             self.sample_cfg.max_new_tokens))
@@ -236,6 +243,26 @@ class Trainer:
             gb = gb.replace(ref_logprobs=self.learner.logprobs(self.ref_params, gb)[0])
         return gb
 
+    def _pack(self, tb: LearnerBatch, n: int, shards: int) -> tuple[PackedBatch, float] | None:
+        """With `learner.packing`, this process's per-sequence batch packed into rows of the token
+        budget (`pr1_jax.packing`), every process with the same number of rows; and the share of
+        the rows' slots its real tokens fill (all processes).
+
+        The micro-batch count never falls below the largest of the run so far: a step that needs
+        fewer rows pads with empty ones instead of compiling the update for another count, so the
+        update compiles only when a step needs more micro-batches than any before it (a few times
+        early in a run: the step's tokens vary little with hundreds of responses)."""
+        lc = self.cfg.learner
+        if lc.packing == "off":
+            return None
+        _, need = plan(tb, n, lc.packing, lc.max_tokens_per_micro_batch, shards)
+        num_micro = self._micro_high = max(max(allgather_json(need)), self._micro_high)
+        groups = 0 if tb.vision is None else tb.vision.pixel_values.shape[0]
+        packed = pack(self.policy.config, tb, n, lc.packing, lc.max_tokens_per_micro_batch, shards, num_micro,
+                      first_group=jax.process_index() * groups)
+        tokens = sum(allgather_json(int(np.asarray(packed.attention_mask).sum())))
+        return packed, tokens / (packed.input_ids.size * jax.process_count())
+
     def _produce(self, batch: dict) -> tuple[Rollout, list[dict], dict]:
         """One rollout of a data batch and its scores: (rollout, score dicts, extra metrics)."""
         self.key, sample_key = jax.random.split(self.key)
@@ -260,9 +287,12 @@ class Trainer:
         lengths = np.asarray(ro.samples.lengths)
         longest = max(allgather_json(int(lengths.max(initial=0))))
         bucket = response_bucket(longest, self.cfg.learner.response_buckets, self.sample_cfg.max_new_tokens)
+        shards = max(batch_axis_size(self.mesh) // jax.process_count(), 1)
         tb = train_batch_from_samples(self.policy.config, ro.prompt_inputs, ro.samples, ro.n, advantages=adv,
-                                      example_valid=batch["example_valid"], response_length=bucket,
-                                      shards=max(batch_axis_size(self.mesh) // jax.process_count(), 1))
+                                      example_valid=batch["example_valid"], response_length=bucket, shards=shards)
+        packing = self._pack(tb, ro.n, shards)
+        if packing is not None:
+            tb, fill = packing
         t1 = time.perf_counter()
         skipped_before = int(self.state.skipped)
         self.state, m = self.learner.step(self.state, self.learner_batch(tb))
@@ -286,6 +316,8 @@ class Trainer:
             out.update(response_len=float(lengths.mean()), response_len_max=float(lengths.max()),
                        clipped_frac=float(np.mean(lengths >= max_new)), adv_mean=float(adv.mean()),
                        adv_std=float(adv.std()))
+        if packing is not None:
+            out.update(update_rows=tb.num_rows * jax.process_count(), update_fill=fill)
         out.update(response_bucket=bucket, sec_sample=t_sample, sec_update=t_update, sec_step=time.perf_counter() - t0,
                    tokens_per_sec=float(lengths.sum()) / max(t_sample, 1e-9))
         out.pop("has_visual", None)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lowering import as_platform, cudnn_stand_in
-from models import Model, abstract_params, load_pretrained
+from models import Model, abstract_params, attention, load_pretrained
 from models.attention import AttentionMask, attend, attend_part, merge_parts, padding_last, resolve
 from models.causal_lm import QwenCausalLM
 from models.config import config_from_dict
@@ -216,3 +216,17 @@ def test_parts_merge_to_the_whole():
     parts = [attend_part(q, k[:, :, a:b], v[:, :, a:b], allowed[..., a:b], jnp.float32)
              for a, b in zip(cuts[:-1], cuts[1:])]
     np.testing.assert_allclose(merge_parts(parts, jnp.float32), whole, atol=2e-6)
+
+
+def test_causal_blocks_equal_the_square(monkeypatch):
+    """The XLA path's query blocks over the keys up to their end equal one softmax over the whole
+    square, on a packed learner row's mask: two groups, each a prompt shared by its branches."""
+    monkeypatch.setattr(attention, "CAUSAL_BLOCK", 8)
+    q, k, v = _qkv(np.random.default_rng(5), 2, 4, 2, 32, 16)
+    group = jnp.asarray(np.repeat([[1, 2, 0, 0], [1, 1, 2, 2]], 8, axis=1), jnp.int32)
+    branch = jnp.asarray(np.tile(np.repeat([0, 1, 2, 1], 4), (2, 2))[:, :32], jnp.int32)
+    mask = AttentionMask(q_segment=group * 40 + branch + 1, kv_segment=group * 40 + branch + 1,
+                         kv_shared=(branch == 0) & (group > 0), q_group=group, kv_group=group, causal=True)
+    square = attend_part(q, k, v, mask.dense()[:, None, None], jnp.float32)[0]
+    np.testing.assert_allclose(attend(q, k, v, mask, "xla", jnp.float32), square, atol=2e-6)
+    assert not mask.dense()[0, 12, 3] and mask.dense()[1, 9, 3]  # a prompt of its own group only

@@ -287,17 +287,20 @@ def test_paper_configs_judge_whole_responses(tok, name):
 
 # ---- (b) agreement with free generation on a judge trained to answer in the paper's format ----
 
-CUES = ((" red", " blue"), (" green", " yellow"), (" circle", " square"))
-
-
 def format_examples(rng, n):
     """(response, annotation string, digits) for the synthetic task's responses and its three
-    annotations, digit k = whether the response holds one of the two words CUES[k] (each about
-    half of the responses): a rule a 2-layer judge learns in ~100 steps, so that its verdicts
-    vary by response and by tag (a judging rule it cannot learn that fast would leave it writing
-    one digit everywhere)."""
-    return [(r, to_tagged_text(anns), [int(any(w in r for w in cue)) for cue in CUES])
-            for r, anns, _ in synthetic.judge_examples(rng, n)]
+    annotations, digit k = whether the response's boxed answer (1-4, uniform) is k or k + 1: each
+    digit 1 for half of the responses, decided by one token a fixed distance before the judge's
+    answer, and by no word the annotations also hold. 100 steps do not teach the judge the rule,
+    but its digits vary by response and by tag (13 and 31 of 48 are 1 over three seeds and XLA
+    settings) and greedy generation follows the skeleton (16 of 16 each, 2026-12-07). The earlier
+    rule (a colour or kind word in the response, words the annotations hold too) left it writing
+    1 for 45-46 of 48 digits and, on the CI's CPU, following the skeleton 4 of 16."""
+    out = []
+    for response, anns, _ in synthetic.judge_examples(rng, n):
+        boxed = int(re.search(r"\\boxed\{(\d)\}\n</answer>$", response).group(1))
+        out.append((response, to_tagged_text(anns), [int(boxed in (k, k + 1)) for k in (1, 2, 3)]))
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -37,8 +37,12 @@ class CompileCounter:
             self.by_label[self.label].append(kw.get("fun_name", "?"))
 
 
-def test_no_recompilation_after_the_first_step(assets, tmp_path):
-    args = [f"run_dir={tmp_path / 'run'}", "tiny.enabled=false", f"model.policy={assets.policy}",
+# Packed: the first steps' micro-batch count is the most the run needs here (a 160-token row
+# holds a prompt of <= 128 tokens and 4 responses of <= 12), and a step needing fewer pads to it.
+@pytest.mark.parametrize("packing", [[], ["learner.packing=groups", "learner.max_tokens_per_micro_batch=160"]],
+                         ids=["off", "groups"])
+def test_no_recompilation_after_the_first_step(assets, tmp_path, packing):
+    args = packing + [f"run_dir={tmp_path / 'run'}", "tiny.enabled=false", f"model.policy={assets.policy}",
             f"model.judge={assets.judge}", f"model.tokenizer={assets.tokenizer}",
             f"model.judge_tokenizer={assets.tokenizer}", f"data.paths=[{assets.train}]", "val_paths=[]",
             "val_before_train=false", "val_freq=0", "save_freq=100", "max_steps=3", "data.batch_size=2",
