@@ -174,8 +174,12 @@ def test_sampler_lowers(arch, attention, mesh):
     sampler = Sampler(module, scfg, mesh)
     key = S((), jax.eval_shape(lambda: jax.random.key(0)).dtype)
     args = (params, S((b, t), I32), S((3, b, t), I32), S((b, t), I32), _vision(cfg.vision, b, 16), S((b,), I32),
-            key, S((b,), I32), scfg)
-    _check(_lower_paths(sampler._fn, args, attention), attention, backward=False)
+            key, None, scfg, 1)
+    with as_platform(PATHS[attention][0]):
+        decode_params, state = jax.eval_shape(lambda *a: sampler._prefill(*a, scfg, 1), *args[:8])
+    text = _lower_paths(sampler._prefill, args, attention)
+    text += _lower_paths(sampler._segment, (decode_params, state, scfg), attention)
+    _check(text, attention, backward=False)
 
 
 @pytest.fixture(scope="module")
