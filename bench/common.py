@@ -41,6 +41,28 @@ def qwen25vl_config(**text) -> dict:
                 vision_config=dict(QWEN25VL_VISION, out_hidden_size=text["hidden_size"]))
 
 
+# Qwen3-VL's vision tower as the released dense checkpoints (2B to 32B) have it, and a Qwen3-VL config
+# around a text decoder; Qwen3-VL-8B-Instruct and the Qwen3-32B judge.
+QWEN3VL_VISION = dict(depth=27, hidden_size=1152, num_heads=16, intermediate_size=4304, hidden_act="gelu_pytorch_tanh",
+                      patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                      num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24])
+
+
+def qwen3vl_config(**text) -> dict:
+    """A Qwen3-VL config dict (model_type qwen3_vl) around the text decoder `text`: interleaved
+    M-RoPE [24, 20, 20], head_dim 128, rope theta 5e6 as the released checkpoints have them."""
+    rope = {"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True, "rope_theta": 5e6}
+    text = dict(rms_norm_eps=1e-6, head_dim=128, rope_parameters=rope, **text)
+    return dict(model_type="qwen3_vl", **QWEN25VL_IDS, text_config=text,
+                vision_config=dict(QWEN3VL_VISION, out_hidden_size=text["hidden_size"]))
+
+
+QWEN3VL_8B = qwen3vl_config(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                            num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+QWEN3_32B = dict(model_type="qwen3", vocab_size=151936, hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
+                 num_attention_heads=64, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6,
+                 tie_word_embeddings=False)
+
 # The decode and update issues' model: a 1.5B-class text decoder (bench/decode_cost.py, accelerator.py).
 QWEN25VL_1_5B = qwen25vl_config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                                 num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)

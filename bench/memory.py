@@ -1,8 +1,10 @@
 """Per-device memory and compile time of the train step, the sampler and the judge at the paper's
-sizes (Qwen2.5-VL-7B policy, Qwen2.5-32B judge), on virtual CPU meshes, from abstract params only.
+sizes (Qwen2.5-VL-7B policy, Qwen2.5-32B judge; `--model qwen3vl8b`: Qwen3-VL-8B, Qwen3-32B), on
+virtual CPU meshes, from abstract params only.
 
     python bench/memory.py                                 # defaults: 8/16/32 devices, ~12 min on 2 cores
     python bench/memory.py --devices 8 --programs judge --judge-length 8192
+    python bench/memory.py --model qwen3vl8b --patches 784  # Qwen3-VL-8B + Qwen3-32B; 448 px = 28 x 28 patches of 16
     python bench/memory.py --programs sampler --patches 0  # text-only prompts
     python bench/memory.py --devices 32 --programs train_step --prompt 4096 --response 4096 --attention pallas
     python bench/memory.py --worker 8 ...                  # one mesh size (the parent runs one per N)
@@ -68,7 +70,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import qwen25vl_config
+from common import QWEN3_32B, QWEN3VL_8B, qwen25vl_config
 
 GIB = 1 << 30
 CAPACITIES = {"v5p (95 GiB)": 95 * GIB, "v5e (16 GiB)": 16 * GIB}
@@ -78,17 +80,19 @@ POLICY = qwen25vl_config(vocab_size=152064, hidden_size=3584, intermediate_size=
 JUDGE = dict(model_type="qwen2", vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
              num_attention_heads=40, num_key_value_heads=8, rms_norm_eps=1e-6, rope_theta=1e6,
              tie_word_embeddings=False)
+# (policy, judge) config dicts by --model: the paper's pair and its Qwen3 counterpart.
+MODELS = {"qwen25vl7b": (POLICY, JUDGE), "qwen3vl8b": (QWEN3VL_8B, QWEN3_32B)}
 
 
 # ------------------------------------------------------------------------------------ worker
 
 
-def _configs(policy_layers: int | None, judge_layers: int | None):
+def _configs(model: str, policy_layers: int | None, judge_layers: int | None):
     import copy
 
     from models import config_from_dict
 
-    p, j = copy.deepcopy(POLICY), copy.deepcopy(JUDGE)
+    p, j = copy.deepcopy(MODELS[model])
     if policy_layers:
         p["text_config"]["num_hidden_layers"] = policy_layers
     if judge_layers:
@@ -159,10 +163,13 @@ def _vision_inputs(lead: tuple, patches: int, cfg, mesh, batch_axis: bool):
 
     m2 = cfg.spatial_merge_size**2
     i32 = jnp.int32
+    taps = {}
+    if cfg.kind == "qwen3_vl":
+        taps = dict(pos_index=arr(lead + (patches, 4), i32), pos_weight=arr(lead + (patches, 4), jnp.float32))
     return VisionInputs(pixel_values=arr(lead + (patches, cfg.patch_dim), jnp.float32),
                         perm=arr(lead + (patches,), i32), rot_pos=arr(lead + (patches, 2), i32),
                         seg_full=arr(lead + (patches,), i32), seg_window=arr(lead + (patches,), i32),
-                        unperm=arr(lead + (patches // m2,), i32))
+                        unperm=arr(lead + (patches // m2,), i32), **taps)
 
 
 def _traced(fn, mesh, a):
@@ -340,7 +347,7 @@ def worker(a) -> None:
     assert n == a.worker, f"expected {a.worker} devices, got {n} (XLA_FLAGS must be set before jax is imported)"
     mesh = make_mesh((1, -1, a.tensor))
     data = n // a.tensor  # data x fsdp devices: the learner's and judge's rows must be multiples of this
-    policy_cfg, judge_cfg = _configs(a.layers or None, a.layers or None)
+    policy_cfg, judge_cfg = _configs(a.model, a.layers or None, a.layers or None)
     deadline = time.time() + a.budget
     for program in a.programs:
         cfg = judge_cfg if program == "judge" else policy_cfg
@@ -455,6 +462,8 @@ def parent(a) -> None:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--model", default="qwen25vl7b", choices=list(MODELS),
+                   help="policy + judge: qwen25vl7b (Qwen2.5-VL-7B + Qwen2.5-32B) or qwen3vl8b (Qwen3-VL-8B + Qwen3-32B)")
     p.add_argument("--devices", type=int, nargs="+", default=[8, 16, 32])
     p.add_argument("--programs", nargs="+", default=["train_step", "sampler", "judge"], choices=list(PROGRAMS))
     p.add_argument("--tensor", type=int, default=4, help="tensor axis of the mesh [1, N/tensor, tensor]")

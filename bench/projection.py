@@ -4,6 +4,7 @@ utilisation. Nothing here is measured on a TPU; the script only does arithmetic 
 
     python bench/projection.py                                # paper run, v5p-64 (32 chips)
     python bench/projection.py --chips 8 --lengths cap --mfu 0.3
+    python bench/projection.py --model qwen3vl8b --patches 784   # Qwen3-VL-8B + Qwen3-32B, 448 px images
 
 Run: 1,442 prompts x 8 samples x 25 epochs, 128 prompts per step (16 per host x 8 hosts of
 `configs/paper_qwen25vl7b_v5p.yaml`), response lengths drawn from `--lengths` (as
@@ -50,7 +51,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import response_lengths, table  # noqa: E402
-from memory import JUDGE, POLICY  # noqa: E402
+from memory import MODELS  # noqa: E402
 from models.attention import CAUSAL_BLOCK  # noqa: E402
 from pr1_jax.learner import LearnerConfig  # noqa: E402
 from pr1_jax.packing import micro_bucket, place  # noqa: E402
@@ -65,22 +66,32 @@ V5P = dict(peak=459e12, hbm=95 * (1 << 30), hbm_bw=2765e9, ici_bw=4800e9 / 8)  #
 A800 = dict(peak=312e12)  # bf16 dense, per GPU
 
 
+def head_dim(t: dict) -> int:
+    return t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
+
+
 def text_params(t: dict) -> tuple[float, float]:
     """(matmul params of the decoder layers, LM head params)."""
-    d, hd = t["hidden_size"], t["hidden_size"] // t["num_attention_heads"]
+    d, hd = t["hidden_size"], head_dim(t)
     per = d * (t["num_attention_heads"] + 2 * t["num_key_value_heads"]) * hd + t["num_attention_heads"] * hd * d \
         + 3 * d * t["intermediate_size"]
     return per * t["num_hidden_layers"], d * t["vocab_size"]
 
 
 def vision_params(v: dict) -> float:
+    """Matmul params of the tower: blocks (Qwen2.5-VL's gated MLP has 3 matrices, Qwen3-VL's 2),
+    the merger and Qwen3-VL's DeepStack mergers, the patch embedding."""
     w, m = v["hidden_size"], v["intermediate_size"]
     merged = w * 4
-    return v["depth"] * (4 * w * w + 3 * w * m) + merged * merged + merged * v["out_hidden_size"] + 1176 * w
+    mlp = 2 if "deepstack_visual_indexes" in v else 3
+    mergers = 1 + len(v.get("deepstack_visual_indexes", ()))
+    patch_dim = 3 * 2 * v["patch_size"] ** 2
+    return v["depth"] * (4 * w * w + mlp * w * m) + mergers * (merged * merged + merged * v["out_hidden_size"]) \
+        + patch_dim * w
 
 
 OLD_JUDGE_BUCKETS = (1024, 2048, 4096, 8192)  # the paper configs' judge buckets before the fix
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "paper_qwen25vl7b_v5p.yaml"
+CONFIGS = {m: Path(__file__).resolve().parents[1] / "configs" / f"paper_{m}_v5p.yaml" for m in MODELS}
 
 
 def bucket(n: int, buckets) -> int:
@@ -89,6 +100,8 @@ def bucket(n: int, buckets) -> int:
 
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--model", default="qwen25vl7b", choices=list(MODELS),
+                   help="qwen25vl7b (Qwen2.5-VL-7B + Qwen2.5-32B) or qwen3vl8b (Qwen3-VL-8B + Qwen3-32B)")
     p.add_argument("--chips", type=int, default=32)
     p.add_argument("--tensor", type=int, default=4)
     p.add_argument("--mfu", type=float, default=0.4, help="assumed fraction of peak for prefill / update matmuls")
@@ -112,14 +125,18 @@ def main():
     a = p.parse_args()
     rows_per_step = a.prompts_per_step * a.n
     lengths = response_lengths(a.lengths, rows_per_step, a.response_max, a.seed)
-    learner = yaml.safe_load(CONFIG.read_text())["learner"]
+    config = CONFIGS[a.model]
+    learner = yaml.safe_load(config.read_text())["learner"]
 
-    t, v, jt = POLICY["text_config"], POLICY["vision_config"], JUDGE
+    policy, jt = MODELS[a.model]
+    t, v = policy["text_config"], policy["vision_config"]
     dec, head = text_params(t)
     vis = vision_params(v)
     jdec, _ = text_params(jt)
-    L, d = t["num_hidden_layers"], t["hidden_size"]
-    kvd = t["num_key_value_heads"] * d // t["num_attention_heads"]
+    # d: the attention width (heads x head_dim) in the [T, T] terms (Qwen3-32B's 8192 > hidden 5120).
+    L, d = t["num_hidden_layers"], t["num_attention_heads"] * head_dim(t)
+    jd = jt["num_attention_heads"] * head_dim(jt)
+    kvd = t["num_key_value_heads"] * head_dim(t)
     chips, peak = a.chips, V5P["peak"]
     flops_s = chips * peak * a.mfu
     steps = math.ceil(a.records * a.epochs / a.prompts_per_step)
@@ -166,8 +183,8 @@ def main():
                            for i in range(0, len(lengths), per_call))
     # -- judge: rows padded to the config's length bucket (before the fix: 4096 -> 8192)
     jrow = a.judge_overhead + r + a.annotations * a.annotation_tokens
-    buckets = yaml.safe_load(CONFIG.read_text())["judge"]["length_buckets"]
-    judge_flops = lambda n: rows_per_step * (2 * jdec * n + 4 * jt["num_hidden_layers"] * n * n * jt["hidden_size"])  # noqa: E731
+    buckets = yaml.safe_load(config.read_text())["judge"]["length_buckets"]
+    judge_flops = lambda n: rows_per_step * (2 * jdec * n + 4 * jt["num_hidden_layers"] * n * n * jd)  # noqa: E731
     jlen_old, jlen = bucket(jrow, OLD_JUDGE_BUCKETS), bucket(jrow, buckets)
     judge_old, judge = judge_flops(jlen_old), judge_flops(jlen)
     # -- update (remat: forward twice + backward = 4 forward-equivalents)
@@ -204,7 +221,7 @@ def main():
              pflop=whole_f / 1e15, s_per_step=decode_chunked_t),
         dict(phase=f"judge: rows of {jrow} -> bucket {jlen_old} (before)", pflop=judge_old / 1e15,
              s_per_step=judge_old / flops_s),
-        dict(phase=f"judge: rows of {jrow} -> bucket {jlen} (now, {CONFIG.name})", pflop=judge / 1e15,
+        dict(phase=f"judge: rows of {jrow} -> bucket {jlen} (now, {config.name})", pflop=judge / 1e15,
              s_per_step=judge / flops_s),
         dict(phase=f"update: {rows_per_step} x {seq} tokens, remat (before)", pflop=update_old / 1e15,
              s_per_step=update_old / flops_s),
@@ -216,7 +233,7 @@ def main():
     total_before = (prefill + vis_packed_attn) / flops_s + decode_chunked_t + judge_old / flops_s + update_old / flops_s
     total = (prefill + vis_per_image_attn) / flops_s + decode_t + judge / flops_s + update / flops_s
     total_whole = total - decode_t + whole_t
-    print(f"v5p x {chips} chips ({chips * peak / 1e15:.1f} PFLOP/s bf16 peak, mfu {a.mfu}), {steps} steps of "
+    print(f"{a.model}: v5p x {chips} chips ({chips * peak / 1e15:.1f} PFLOP/s bf16 peak, mfu {a.mfu}), {steps} steps of "
           f"{a.prompts_per_step} prompts x {a.n}; prompt {tp} (+{pp} patches), responses {a.lengths}: mean {r}, "
           f"median {int(np.median(lengths))}, max {int(lengths.max())} / cap {a.response_max}\n")
     print(table(rows))

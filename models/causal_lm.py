@@ -1,7 +1,9 @@
 """The whole model: token embeddings, optional vision tower, Qwen2 decoder, LM head.
 
-One Flax module serves the Qwen2 judge (text only) and the Qwen2-VL / Qwen2.5-VL policy. Visual
-tokens replace the embeddings at `image_token_id` positions, in order of appearance.
+One Flax module serves the Qwen2 / Qwen3 judge (text only) and the Qwen2-VL / Qwen2.5-VL / Qwen3-VL
+policy. Visual tokens replace the embeddings at `image_token_id` positions, in order of appearance;
+Qwen3-VL's DeepStack features (carried beside them on the feature axis, see `models.vision`) are
+added at the same positions to the outputs of the first decoder layers.
 """
 
 from __future__ import annotations
@@ -60,8 +62,9 @@ class QwenCausalLM(nn.Module):
 
     def image_features(self, vision: VisionInputs):
         """Visual tokens of the images, in order of appearance: vision packed (`pixel_values`
-        [P, patch_dim]) -> [P // merge**2, E]; per group (every field with a leading G axis, a
-        group being one row or one prompt) -> [G, P // merge**2, E]."""
+        [P, patch_dim]) -> [P // merge**2, F]; per group (every field with a leading G axis, a
+        group being one row or one prompt) -> [G, P // merge**2, F]. F = E, or (1 + k) * E with
+        Qwen3-VL's k DeepStack levels."""
         if vision.pixel_values.ndim == 3:
             return self.visual(vision)
         return self.visual(jax.tree.map(lambda a: a[None], vision))[0]
@@ -88,6 +91,7 @@ class QwenCausalLM(nn.Module):
         [M, E] or per row [B, M, E] (the learner computes them once per prompt and shares them
         among the prompt's samples)."""
         x = self.embed(input_ids)
+        deepstack = None
         if vision is not None and features is not None:
             raise ValueError("pass vision or features, not both")
         if vision is not None:
@@ -99,8 +103,13 @@ class QwenCausalLM(nn.Module):
             # may read any token, so whole everywhere) and whole along E as the embeddings: left
             # split along E (the merger's last kernel), the lookup would replicate them.
             names = ("batch", None, None) if features.ndim == 3 else (None, None)
-            x = scatter_image_features(x, image_mask, constrain(features, names))
-        return self.decoder(x, positions, attention_mask, branches, cache_len, groups)
+            features = constrain(features, names)
+            e = self.cfg.text.hidden_size
+            x = scatter_image_features(x, image_mask, features[..., :e])
+            if features.shape[-1] > e:
+                levels = jnp.moveaxis(features[..., e:].reshape(*features.shape[:-1], -1, e), -2, 0)
+                deepstack = jnp.stack([scatter_image_features(jnp.zeros_like(x), image_mask, f) for f in levels])
+        return self.decoder(x, positions, attention_mask, branches, cache_len, groups, deepstack=deepstack)
 
     def decode(self, input_ids, positions, attention_mask, cache: KVCache | SharedPrefixCache):
         """t new text tokens (input_ids [B, t], positions [3, B, t] or [B, t], attention_mask

@@ -18,8 +18,11 @@ def text_positions(attention_mask) -> np.ndarray:
     return np.where(mask, np.cumsum(mask, axis=-1) - 1, 0).astype(np.int32)
 
 
-def rope_index(input_ids, attention_mask, image_grid_thw, *, image_token_id: int, spatial_merge_size: int = 2):
-    """3D positions of transformers' `get_rope_index` (5.x) for text + image sequences.
+def rope_index(input_ids, attention_mask, image_grid_thw, *, image_token_id: int, spatial_merge_size: int = 2,
+               video_token_id: int | None = None):
+    """3D positions of transformers' `get_rope_index` (5.x) for text + image sequences (the same
+    for Qwen2-VL, Qwen2.5-VL and Qwen3-VL: they differ on videos only, which are refused: a
+    `video_token_id` among the real tokens is an error, not a text token).
 
     Text tokens advance all three rows together; an image with merged grid (t, h, w) starting at
     position `cur` gets T = cur + frame, H = cur + row, W = cur + col, after which
@@ -32,6 +35,8 @@ def rope_index(input_ids, attention_mask, image_grid_thw, *, image_token_id: int
     ids = np.asarray(input_ids)
     mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     grids = iter(np.zeros((0, 3), np.int64) if image_grid_thw is None else np.asarray(image_grid_thw))
+    if video_token_id is not None and np.any((ids == video_token_id) & mask):
+        raise ValueError("video inputs are not supported: input_ids hold video tokens")
     b, t = ids.shape
     positions = np.zeros((3, b, t), np.int64)
     deltas = np.zeros((b,), np.int64)
@@ -82,6 +87,25 @@ def _window_order(gt: int, gh: int, gw: int, window: int):
     return np.concatenate(order), np.concatenate(win), wid
 
 
+def bilinear_taps(rows, cols, height: int, width: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Qwen3-VL's learned `side x side` position grid resampled to a `height x width` patch grid,
+    bilinear with aligned corners (torch's `interpolate(align_corners=True)`): for each patch at
+    (rows, cols), the flat indices [n, 4] of its four grid taps and their weights [n, 4] fp32,
+    computed in fp32 in transformers' order of operations so the weights match bit for bit."""
+    def axis(index, size):
+        src = index.astype(np.float32) * np.float32(side - 1) / np.float32(max(size - 1, 1))
+        floor = np.floor(src)
+        offsets = np.arange(2)
+        taps = np.clip(floor.astype(np.int64)[:, None] + offsets, 0, side - 1)
+        weights = np.maximum(np.float32(1) - np.abs(src[:, None] - floor[:, None] - offsets.astype(np.float32)), 0)
+        return taps, weights.astype(np.float32)
+
+    h_taps, h_w = axis(np.asarray(rows), height)
+    w_taps, w_w = axis(np.asarray(cols), width)
+    index = (h_taps[:, :, None] * side + w_taps[:, None, :]).reshape(-1, 4)
+    return index, (h_w[:, :, None] * w_w[:, None, :]).reshape(-1, 4)
+
+
 def vision_layout(image_grid_thw, num_patches: int, cfg: VisionConfig) -> dict[str, np.ndarray]:
     """The integer fields of `VisionInputs` for images with grids `image_grid_thw`, padded to
     `num_patches` rows (a multiple of merge**2). Patches come in HF order: per image, per frame,
@@ -92,13 +116,16 @@ def vision_layout(image_grid_thw, num_patches: int, cfg: VisionConfig) -> dict[s
     real = int(grids.prod(-1).sum())
     if num_patches % unit or num_patches < real:
         raise ValueError(f"num_patches={num_patches} must be a multiple of {unit} and >= {real} (the images' patches)")
-    rot, seg_full, unit_order, unit_win = [], [], [], []
+    rot, seg_full, unit_order, unit_win, taps = [], [], [], [], []
+    side = int(round(cfg.num_position_embeddings**0.5))
     frame, n_units, n_windows = 0, 0, 0
     window = cfg.window_size // m // cfg.patch_size
     for gt, gh, gw in grids:
         hpos, wpos = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
         block = lambda a: a.reshape(gh // m, m, gw // m, m).transpose(0, 2, 1, 3).ravel()  # noqa: E731
         rot.append(np.tile(np.stack([block(hpos), block(wpos)], -1), (gt, 1)))
+        if cfg.kind == "qwen3_vl":
+            taps.append([np.tile(a, (gt, 1)) for a in bilinear_taps(block(hpos), block(wpos), gh, gw, side)])
         seg_full.append(np.repeat(frame + np.arange(gt), gh * gw))
         frame += gt
         if cfg.kind == "qwen2_5_vl":
@@ -116,7 +143,14 @@ def vision_layout(image_grid_thw, num_patches: int, cfg: VisionConfig) -> dict[s
     perm = (order[:, None] * unit + np.arange(unit)).ravel()
     rot_pos = np.concatenate(rot + [np.zeros((num_patches - real, 2), np.int64)])
     seg = np.concatenate(seg_full + [np.full(num_patches - real, frame)])
+    extra = {}
+    if cfg.kind == "qwen3_vl":
+        pad = num_patches - real
+        index = np.concatenate([t[0] for t in taps] + [np.zeros((pad, 4), np.int64)])
+        extra["pos_index"] = index[perm].astype(np.int32)
+        extra["pos_weight"] = np.concatenate([t[1] for t in taps] + [np.zeros((pad, 4), np.float32)])[perm]
     return dict(
+        **extra,
         perm=perm.astype(np.int32),
         rot_pos=rot_pos[perm].astype(np.int32),
         seg_full=seg[perm].astype(np.int32),

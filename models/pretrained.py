@@ -86,7 +86,7 @@ class Model:
             return dict(input_ids=ids, positions=text_positions(mask), attention_mask=mask, vision=None,
                         rope_deltas=np.zeros(ids.shape[0], np.int32))
         pos, deltas = rope_index(ids, mask, image_grid_thw, image_token_id=cfg.image_token_id,
-                                 spatial_merge_size=cfg.vision.spatial_merge_size)
+                                 spatial_merge_size=cfg.vision.spatial_merge_size, video_token_id=cfg.video_token_id)
         vi = None
         if pixel_values is not None and per_row:
             vi = VisionInputs(**row_vision_arrays(ids, mask, pixel_values, image_grid_thw, num_patches, cfg.vision,

@@ -1,4 +1,7 @@
-"""The Qwen2 decoder (text model of Qwen2, Qwen2-VL and Qwen2.5-VL) with a KV cache for sampling.
+"""The Qwen2 / Qwen3 decoder (text model of Qwen2, Qwen2-VL, Qwen2.5-VL, Qwen3 and Qwen3-VL) with a
+KV cache for sampling. Qwen3 differs by config only (`TextConfig.qk_norm`, `qkv_bias`,
+`mrope_interleaved`), and Qwen3-VL adds DeepStack: visual features of intermediate vision blocks
+added to the outputs of the first decoder layers at the image tokens.
 
 A forward (`Qwen2Decoder.__call__`: learner, judge, a sampler's prefill) runs the layers as an
 `nn.scan` (params carry a leading `layers` axis) so that a 28- or 64-layer model compiles one
@@ -19,6 +22,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from models.attention import AttentionMask, SharedPrefixMask, attend, attend_shared_prefix, padding_last, resolve
 from models.config import TextConfig
@@ -70,20 +74,28 @@ class SharedPrefixCache:
     layout: SharedPrefixMask
 
 
-def rope_cos_sin(cfg: TextConfig, positions):
-    """positions: [3, B, T] (M-RoPE rows t, h, w) or [B, T]. Returns cos, sin: [B, T, head_dim] fp32.
+def mrope_rows(cfg: TextConfig) -> np.ndarray:
+    """[head_dim // 2]: which M-RoPE position row (0 = t, 1 = h, 2 = w) each frequency takes.
 
-    For M-RoPE, frequency chunk i (sizes `mrope_section`) takes its angle from position row i % 3.
-    """
+    Chunked (Qwen2-VL): frequency chunk i (sizes `mrope_section`) takes row i. Interleaved
+    (Qwen3-VL): frequency j takes row j % 3 while j < 3 * section of that row, else t."""
+    t, h, w = cfg.mrope_section
+    if not cfg.mrope_interleaved:
+        return np.repeat([0, 1, 2], [t, h, w])
+    j = np.arange(t + h + w)
+    rows = j % 3
+    return np.where((rows == 1) & (j < 3 * h) | (rows == 2) & (j < 3 * w), rows, 0)
+
+
+def rope_cos_sin(cfg: TextConfig, positions):
+    """positions: [3, B, T] (M-RoPE rows t, h, w) or [B, T]. Returns cos, sin: [B, T, head_dim] fp32."""
     inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta)
     freqs = positions[..., None].astype(jnp.float32) * inv  # [(3,) B, T, D/2]
     if cfg.mrope_section is not None:
         if positions.ndim == 2:
             freqs = jnp.broadcast_to(freqs, (3, *freqs.shape))
-        bounds = [0]
-        for s in cfg.mrope_section:
-            bounds.append(bounds[-1] + s)
-        freqs = jnp.concatenate([freqs[i % 3, ..., a:b] for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))], -1)
+        rows = mrope_rows(cfg)
+        freqs = jnp.moveaxis(freqs[rows, ..., np.arange(len(rows))], 0, -1)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
@@ -96,21 +108,23 @@ class DecoderLayer(nn.Module):
     emit_kv: bool = False
 
     @nn.compact
-    def __call__(self, x, kv, cos, sin, mask: AttentionMask):
+    def __call__(self, x, index, kv, cos, sin, mask: AttentionMask, deepstack=None):
         """x: [B, T, E]. kv: None, the T tokens attend to each other (with `emit_kv` their keys and
         values [B, K, T, D] are returned for a prefill's cache, else None); or this layer's cache
         (k, v), [B, K, S, D] each: the new keys and values are written at slots `mask.q_offset`..,
         the queries attend over the whole cache, and the updated cache is returned; or, with a
         `SharedPrefixMask` (one token per row), this layer's (prompt k, prompt v, response k,
         response v) of a `SharedPrefixCache`: the new key and value are written at response slot
-        `mask.index` and the query attends to its group's prompt and its own response so far."""
+        `mask.index` and the query attends to its group's prompt and its own response so far.
+        deepstack: None or [k, B, T, E] (visual features at image tokens, zero elsewhere): layer
+        `index` < k adds row `index` to its output (Qwen3-VL)."""
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, t, _ = x.shape
         x = constrain(x, ("batch", "length", "embed"))
         h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
-        q = dense(cfg.num_heads * cfg.head_dim, ("embed", "q_heads"), name="q_proj", **kw)(h)
-        k = dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), name="k_proj", **kw)(h)
-        v = dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), name="v_proj", **kw)(h)
+        q = dense(cfg.num_heads * cfg.head_dim, ("embed", "q_heads"), use_bias=cfg.qkv_bias, name="q_proj", **kw)(h)
+        k = dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, name="k_proj", **kw)(h)
+        v = dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, name="v_proj", **kw)(h)
 
         def heads(a, n, name):
             # Split by whole heads right at the reshape: the projection's columns (heads x
@@ -118,8 +132,12 @@ class DecoderLayer(nn.Module):
             # head dim cannot become a split over heads without a full copy.
             return constrain(a.reshape(b, t, n, cfg.head_dim), ("batch", "length", name, None))
 
-        q = apply_rope(heads(q, cfg.num_heads, "q_heads"), cos, sin).swapaxes(1, 2)
-        k = apply_rope(heads(k, cfg.num_kv_heads, "kv_heads"), cos, sin).swapaxes(1, 2)
+        q, k = heads(q, cfg.num_heads, "q_heads"), heads(k, cfg.num_kv_heads, "kv_heads")
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, name="q_norm", **kw)(q)
+            k = RMSNorm(cfg.rms_norm_eps, name="k_norm", **kw)(k)
+        q = apply_rope(q, cos, sin).swapaxes(1, 2)
+        k = apply_rope(k, cos, sin).swapaxes(1, 2)
         v = heads(v, cfg.num_kv_heads, "kv_heads").swapaxes(1, 2)
         implementation = self.attention
         if isinstance(mask, SharedPrefixMask):  # kv: (prompt k, prompt v, response k, response v)
@@ -145,6 +163,9 @@ class DecoderLayer(nn.Module):
         up = dense(cfg.intermediate_size, ("embed", "mlp"), use_bias=False, name="up_proj", **kw)(h)
         hidden = constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
         x = x + dense(cfg.hidden_size, ("mlp", "embed"), use_bias=False, name="down_proj", **kw)(hidden)
+        if deepstack is not None:
+            n = deepstack.shape[0]
+            x = x + jnp.where(index < n, deepstack[jnp.minimum(index, n - 1)].astype(x.dtype), 0)
         return constrain(x, ("batch", "length", "embed")), kv
 
 
@@ -159,7 +180,8 @@ class Qwen2Decoder(nn.Module):
     attention: str = "auto"  # see models.attention
 
     @nn.compact
-    def __call__(self, x, positions, attention_mask, branches=None, cache_len: int | None = None, groups=None):
+    def __call__(self, x, positions, attention_mask, branches=None, cache_len: int | None = None, groups=None,
+                 deepstack=None):
         """x: [B, T, E]; positions: [3, B, T] or [B, T]; attention_mask: [B, T] (0 = padding).
 
         branches: optional [B, T] int for prefix sharing in one pass: a token of branch k > 0 sees
@@ -170,6 +192,7 @@ class Qwen2Decoder(nn.Module):
         branches) packed in one row: a token sees tokens of its own group only.
         cache_len: also return a KVCache of cache_len >= T slots holding these tokens (a prefill);
         else the cache returned is None.
+        deepstack: Qwen3-VL's [k, B, T, E], added to the outputs of the first k layers (see `DecoderLayer`).
         """
         valid = attention_mask.astype(bool)
         group = valid.astype(jnp.int32) if groups is None else jnp.where(valid, groups, 0)
@@ -189,12 +212,14 @@ class Qwen2Decoder(nn.Module):
             # run with their tokens first (exact, see `padding_last`) and are put back after.
             order = padding_last(valid)
             x, cos, sin = (jnp.take_along_axis(a, order[..., None], axis=1) for a in (x, cos, sin))
+            if deepstack is not None:  # [k, B, T, E]
+                deepstack = jnp.take_along_axis(deepstack, order[None, ..., None], axis=2)
             # A row of padding only keeps one slot (no row without keys, as in the segment mask).
             mask = AttentionMask.right_padded(jnp.maximum(valid.sum(axis=1), 1), valid.shape[1], causal=True)
         mask = mask.prepare(implementation, self.dtype)
-        stack = layer_stack(DecoderLayer, self.cfg.num_layers, self.remat, num_broadcast=3)
+        stack = layer_stack(DecoderLayer, self.cfg.num_layers, self.remat, num_broadcast=5)
         layers = stack(self.cfg, self.dtype, self.param_dtype, implementation, emit_kv=bool(cache_len), name="layers")
-        x, kv = layers(x, None, cos, sin, mask)
+        x, kv = layers(x, jnp.arange(self.cfg.num_layers), None, cos, sin, mask, deepstack)
         if order is not None:
             back = jnp.argsort(order, axis=1)
             x = jnp.take_along_axis(x, back[..., None], axis=1)
@@ -226,7 +251,7 @@ class Qwen2Decoder(nn.Module):
         layer = DecoderLayer(self.cfg, self.dtype, self.param_dtype, "xla", parent=None)
         kvs = []
         for p, kv in zip(params["layers"], layers):
-            x, kv = layer.apply({"params": p}, x, kv, cos, sin, mask)
+            x, kv = layer.apply({"params": p}, x, None, kv, cos, sin, mask)
             kvs.append(kv)
         norm = RMSNorm(self.cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, parent=None)
         x = norm.apply({"params": params["norm"]}, x)

@@ -46,13 +46,22 @@ _RULES = (
     (r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight", "decoder/layers/{1}/weight", "copy"),
     (r"model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight", "decoder/layers/{1}/kernel", "linear"),
     (r"model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj)\.bias", "decoder/layers/{1}/bias", "copy"),
+    (r"model\.layers\.(\d+)\.self_attn\.(q_norm|k_norm)\.weight", "decoder/layers/{1}/weight", "copy"),
     (r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight", "decoder/layers/{1}/kernel", "linear"),
     (r"visual\.patch_embed\.proj\.weight", "visual/patch_embed/kernel", "conv"),
+    (r"visual\.patch_embed\.proj\.bias", "visual/patch_embed/bias", "copy"),
+    (r"visual\.pos_embed\.weight", "visual/pos_embed", "copy"),
     (r"visual\.blocks\.(\d+)\.(norm1|norm2)\.(weight|bias)", "visual/blocks/{1}/{2}", "norm"),
     (r"visual\.blocks\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)", "visual/blocks/{1}/{2}", "param"),
-    (r"visual\.blocks\.(\d+)\.mlp\.(fc1|fc2|gate_proj|up_proj|down_proj)\.(weight|bias)", "visual/blocks/{1}/{2}", "param"),
+    (r"visual\.blocks\.(\d+)\.mlp\.(fc1|fc2|linear_fc1|linear_fc2|gate_proj|up_proj|down_proj)\.(weight|bias)", "visual/blocks/{1}/{2}", "param"),
     (r"visual\.merger\.ln_q\.(weight|bias)", "visual/merger_ln_q/{0}", "norm"),
     (r"visual\.merger\.mlp\.([02])\.(weight|bias)", "visual/merger_mlp_{0}/{1}", "param"),
+    (r"visual\.merger\.norm\.(weight|bias)", "visual/merger_ln_q/{0}", "norm"),
+    (r"visual\.merger\.linear_fc1\.(weight|bias)", "visual/merger_mlp_0/{0}", "param"),
+    (r"visual\.merger\.linear_fc2\.(weight|bias)", "visual/merger_mlp_2/{0}", "param"),
+    (r"visual\.deepstack_merger_list\.(\d+)\.norm\.(weight|bias)", "visual/deepstack_{0}_ln_q/{1}", "norm"),
+    (r"visual\.deepstack_merger_list\.(\d+)\.linear_fc1\.(weight|bias)", "visual/deepstack_{0}_mlp_0/{1}", "param"),
+    (r"visual\.deepstack_merger_list\.(\d+)\.linear_fc2\.(weight|bias)", "visual/deepstack_{0}_mlp_2/{1}", "param"),
 )
 _COMPILED = [(re.compile(p + "$"), t, k) for p, t, k in _RULES]
 
@@ -64,7 +73,17 @@ def canonical_key(key: str) -> str:
 
 
 def _layer_norm_leaf(cfg: ModelConfig) -> bool:
-    return cfg.vision is not None and cfg.vision.kind == "qwen2_vl"
+    return cfg.vision is not None and cfg.vision.kind in ("qwen2_vl", "qwen3_vl")
+
+
+def hub_key(key: str, cfg: ModelConfig) -> str:
+    """The key `save_pretrained` writes for canonical `key`: Qwen3-VL's hub checkpoints use
+    transformers 5.x's layout (`model.language_model.*`, `model.visual.*`), older models the flat one."""
+    if cfg.model_type != "qwen3_vl":
+        return key
+    if key.startswith("visual."):
+        return "model." + key
+    return "model.language_model." + key[len("model."):] if key.startswith("model.") else key
 
 
 def map_key(key: str, cfg: ModelConfig) -> tuple[tuple[str, ...], int | None, str] | None:
@@ -199,7 +218,7 @@ def hf_tensors(params: dict, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray
             elif kind == "conv":
                 v = cfg.vision
                 value = value.T.reshape(-1, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
-            yield hf_key, np.ascontiguousarray(value)
+            yield hub_key(hf_key, cfg), np.ascontiguousarray(value)
 
 
 def _hf_key_table(cfg: ModelConfig):
@@ -212,10 +231,15 @@ def _hf_key_table(cfg: ModelConfig):
         p = f"model.layers.{i}."
         keys += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
         keys += [p + f"self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        keys += [p + f"self_attn.{n}.bias" for n in ("q_proj", "k_proj", "v_proj")]
+        if t.qkv_bias:
+            keys += [p + f"self_attn.{n}.bias" for n in ("q_proj", "k_proj", "v_proj")]
+        if t.qk_norm:
+            keys += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
         keys += [p + f"mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")]
     v = cfg.vision
-    if v is not None:
+    if v is not None and v.kind == "qwen3_vl":
+        keys += _qwen3_vision_keys(v)
+    elif v is not None:
         ln = v.kind == "qwen2_vl"
         keys.append("visual.patch_embed.proj.weight")
         mlp = ("fc1", "fc2") if ln else ("gate_proj", "up_proj", "down_proj")
@@ -230,6 +254,19 @@ def _hf_key_table(cfg: ModelConfig):
     for key in keys:
         fpath, layer, kind = map_key(key, cfg)
         yield key, fpath, layer, kind
+
+
+def _qwen3_vision_keys(v) -> list[str]:
+    wb = lambda name: [f"{name}.weight", f"{name}.bias"]  # noqa: E731
+    keys = wb("visual.patch_embed.proj") + ["visual.pos_embed.weight"]
+    for i in range(v.depth):
+        p = f"visual.blocks.{i}."
+        for n in ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"):
+            keys += wb(p + n)
+    for p in ["visual.merger"] + [f"visual.deepstack_merger_list.{j}" for j in range(len(v.deepstack_visual_indexes))]:
+        for n in ("norm", "linear_fc1", "linear_fc2"):
+            keys += wb(f"{p}.{n}")
+    return keys
 
 
 def save_params(params: dict, cfg: ModelConfig, out: Path, max_shard_bytes: int = 4 << 30) -> None:
@@ -280,7 +317,7 @@ def save_params(params: dict, cfg: ModelConfig, out: Path, max_shard_bytes: int 
             f.unlink()
 
 
-# What a Qwen2-VL / Qwen2.5-VL / Qwen2 checkpoint directory carries besides weights and config.json:
+# What a Qwen2 / Qwen3 (VL) checkpoint directory carries besides weights and config.json:
 # what a tokenizer and a processor load from.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
               "added_tokens.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",

@@ -23,8 +23,8 @@ from pr1_jax.trackers import TrackerConfig
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
-    policy: str | None = None  # HF checkpoint dir (Qwen2-VL / Qwen2.5-VL); None with tiny.enabled
-    judge: str | None = None  # HF checkpoint dir (Qwen2 / Qwen2.5); only needed for a visual reward
+    policy: str | None = None  # HF checkpoint dir (Qwen2-VL / Qwen2.5-VL / Qwen3-VL); None with tiny.enabled
+    judge: str | None = None  # HF checkpoint dir (Qwen2 / Qwen2.5 / Qwen3); only needed for a visual reward
     tokenizer: str | None = None  # default: the policy dir
     judge_tokenizer: str | None = None  # default: the judge dir
     judge_dtype: str = "float32"
@@ -40,6 +40,8 @@ class TinySection:
 
     enabled: bool = False
     seed: int = 0
+    # "qwen2": a Qwen2-VL policy and a Qwen2 judge; "qwen3": Qwen3-VL and Qwen3 (configs/tiny_qwen3.yaml).
+    architecture: Literal["qwen2", "qwen3"] = "qwen2"
     policy_steps: int = 60
     policy_batch_size: int = 16
     policy_lr: float = 3e-3

@@ -221,6 +221,13 @@ def data_config(args) -> DataConfig:
     else:
         base = DataConfig(format_prompt="paper", format_prompt_placement="user")
         tok = args.tokenizer or args.model or ""
+        # A Qwen3-VL checkpoint takes Qwen3-VL's image geometry unless overridden.
+        if args.model and (Path(args.model) / "config.json").exists():
+            from models.config import load_config
+
+            vision = load_config(args.model).vision
+            if vision is not None and vision.kind == "qwen3_vl":
+                base = dataclasses.replace(base, image_processor="qwen3_vl")
     base = dataclasses.replace(eval_data_config(base, args.benchmark), tokenizer_path=tok, batch_size=args.batch_size)
     return configlib.load(DataConfig, None, args.overrides, base=base)
 

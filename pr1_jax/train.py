@@ -103,6 +103,11 @@ class Trainer:
                 f"data x fsdp = {divisor} devices")
         self.total_steps = cfg.max_steps or self._epoch_steps() * (cfg.data.num_epochs or 1)
         model_cfg = load_config(cfg.model.policy)
+        if model_cfg.vision is not None and model_cfg.vision.patch_size != cfg.data.patch_size:
+            # A Qwen2-VL processor feeding a Qwen3-VL tower (or back) would fail on shapes deep in jit.
+            raise configlib.ConfigError(
+                f"data.image_processor {cfg.data.image_processor!r} makes {cfg.data.patch_size}-pixel patches; the "
+                f"policy's vision tower ({model_cfg.model_type}) takes {model_cfg.vision.patch_size}-pixel ones")
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.policy)
         try:
             self.sample_cfg = cfg.sampling.with_tokenizer(self.tokenizer)
@@ -123,7 +128,7 @@ class Trainer:
             self.sample_cfg, temperature=0.0, top_p=1.0, top_k=0, n=1), self.mesh)
         self.judge = None
         if cfg.reward.weights.get("visual", 0.0) and not cfg.model.judge:
-            raise configlib.ConfigError("reward.weights.visual > 0 needs model.judge (a Qwen2 checkpoint dir)")
+            raise configlib.ConfigError("reward.weights.visual > 0 needs model.judge (a Qwen2 / Qwen3 checkpoint dir)")
         if cfg.model.judge:  # with reward.weights.visual=0 the visual reward is measured, not trained on
             self.judge = Judge.load(cfg.model.judge, cfg.judge, mesh=self.mesh,
                                     tokenizer_path=cfg.model.judge_tokenizer or cfg.model.judge, dtype=cfg.model.judge_dtype,

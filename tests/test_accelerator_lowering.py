@@ -1,7 +1,7 @@
 """The GPU and TPU programs, traced and lowered on CPU (nothing compiled or run for them).
 
 Every program the trainer and the evaluator compile, at tiny sizes, for Qwen2-VL and Qwen2.5-VL
-(the policy) and Qwen2 (the judge), with `cudnn` and `xla` attention for cuda and `pallas` and
+(the policy; Qwen3-VL for the update and the sampler) and Qwen2 (the judge), with `cudnn` and `xla` attention for cuda and `pallas` and
 `xla` for tpu (`xla` is traced once and lowered for both): the update (`Learner.jitted_step`,
 bf16 compute, remat, per-prompt vision groups), the sampler (`Sampler`: prefill and the decode
 loop; the evaluator's generation is this program) and the judge (`Judge.forward`, the yes/no and
@@ -136,13 +136,16 @@ def mesh():
 
 def _vision(cfg, groups: int, patches: int) -> VisionInputs:
     lead = (groups, patches)
+    taps = {}
+    if cfg.kind == "qwen3_vl":  # the learned position grid's bilinear taps
+        taps = dict(pos_index=S(lead + (4,), I32), pos_weight=S(lead + (4,), jnp.float32))
     return VisionInputs(pixel_values=S(lead + (cfg.patch_dim,), jnp.float32), perm=S(lead, I32),
                         rot_pos=S(lead + (2,), I32), seg_full=S(lead, I32), seg_window=S(lead, I32),
-                        unperm=S((groups, patches // cfg.spatial_merge_size ** 2), I32))
+                        unperm=S((groups, patches // cfg.spatial_merge_size ** 2), I32), **taps)
 
 
 @pytest.mark.parametrize("attention", list(PATHS))
-@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_update_lowers(arch, attention, mesh):
     """The GRPO update: 4 sequences of 13 + 6 tokens (odd), 2 vision groups of 16 patches."""
     cfg = config_from_dict(tiny_config(arch).to_dict())
@@ -158,7 +161,7 @@ def test_update_lowers(arch, attention, mesh):
 
 
 @pytest.mark.parametrize("attention", list(PATHS))
-@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_sampler_lowers(arch, attention, mesh):
     """Prefill (2 left-padded prompts of 11 tokens, per-row vision of 16 patches) and a decode
     segment (2 samples each, 5 new tokens; decode steps take the XLA path whatever the setting)."""

@@ -384,3 +384,43 @@ def test_lazy_tokenizer_loading_from_config():
     proc = ExampleProcessor(config)
     ex = proc.process(Record("lazy", "Find x.", "5", (ImageRef(data=_png(_noise(60, 60))),)))
     assert ex.num_tokens > 0 and proc.pad_token_id == 151643
+
+
+# Qwen3-VL checkpoints' preprocessor_config.json (Qwen/Qwen3-VL-*-Instruct): what AutoProcessor builds.
+QWEN3VL_PREPROCESSOR = dict(size={"longest_edge": 16777216, "shortest_edge": 65536}, patch_size=16,
+                            temporal_patch_size=2, merge_size=2, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+
+
+@pytest.mark.parametrize("pixels", [dict(min_pixels=65536, max_pixels=16777216), PAPER_PIXELS])
+def test_qwen3vl_images_match_its_hf_processor(tokenizer, pixels):
+    """`image_processor: qwen3_vl` against transformers' Qwen3VLProcessor built from a Qwen3-VL
+    checkpoint's preprocessor config (its defaults, and the paper's pixel bounds given as the
+    processor's size): 16-pixel patches, 32-pixel resize units, mean/std 0.5, bit for bit."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+    class _NoVideo(Qwen3VLProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return type(None)
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    size = {"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]}
+    hf = _NoVideo(image_processor=Qwen2VLImageProcessorPil(**{**QWEN3VL_PREPROCESSOR, "size": size}),
+                  tokenizer=tokenizer, video_processor=None, chat_template=tokenizer.chat_template)
+    config = DataConfig(tokenizer_path=str(TOKENIZER_DIR), image_processor="qwen3_vl", max_prompt_length=1 << 16,
+                        max_images_per_record=4, **pixels)
+    names = ["plain_150x100", "over_max_2000x1500", "tall_30x900", "rgba_geometry3k"]
+    images = [Image.open(io.BytesIO(CASES[n][0])) for n in names]
+    record = Record(id="q3", problem="Compare the figures.", answer="5",
+                    images=tuple(ImageRef(data=CASES[n][0]) for n in names))
+    ex = ExampleProcessor(config, tokenizer).process(record)
+    text = hf.apply_chat_template(build_messages(record.problem, len(images), config), tokenize=False,
+                                  add_generation_prompt=True)
+    ref = hf(text=[text], images=images, return_tensors="np")
+    np.testing.assert_array_equal(ex.input_ids, ref["input_ids"][0])
+    np.testing.assert_array_equal(ex.image_grid_thw, ref["image_grid_thw"])
+    assert ex.pixel_values.shape[1] == config.patch_dim == 1536
+    np.testing.assert_array_equal(ex.pixel_values, ref["pixel_values"])
+    assert ex.num_patches == sum(num_patches(i.height, i.width, config) for i in images)
+    assert ex.num_patches <= len(images) * config.max_patches_per_image

@@ -164,3 +164,12 @@ def test_prompts_only_writes_each_prompt_and_its_images(tmp_path, tokenizer):
     # DataConfig overrides are checked: an unknown field is a one-line error.
     assert evaluate.main(["--benchmark", "wemath", "--data", str(FIXTURES / "wemath"), "--prompts-only",
                           "--tokenizer", str(TOKENIZER), "--out", str(out), "no_such_field=1"]) == 2
+
+
+def test_model_flag_takes_qwen3vl_image_geometry(hf_checkpoint):
+    """`evaluate --model` on a Qwen3-VL checkpoint processes images as Qwen3-VL's processor does,
+    unless an override says otherwise."""
+    _, path = hf_checkpoint("qwen3_vl")
+    args = ["--benchmark", "mathvision", "--data", "x", "--model", str(path), "--tokenizer", str(TOKENIZER), "--out", "o"]
+    assert evaluate.data_config(evaluate.parse_args(args)).patch_size == 16
+    assert evaluate.data_config(evaluate.parse_args(args + ["image_processor=qwen2_vl"])).patch_size == 14

@@ -291,3 +291,29 @@ def test_pack_layout():
     assert [row_bucket(n, m) for n, m in [(1, 1), (3, 1), (5, 1), (1, 4), (5, 4), (3, 8)]] == [1, 4, 8, 4, 8, 8]
     with pytest.raises(ValueError, match="exceeds"):
         pack(rows, 4, 4, 2)
+
+
+# The thinking switch of Qwen3's chat template, reduced to what the judge's rendering meets (the
+# real template also handles tools and reasoning content).
+QWEN3_STYLE_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def test_qwen3_judge_answers_without_thinking(hf_checkpoint, tok):
+    """A Qwen3 judge: its prompt closes an empty think block (thinking off), and its margins equal
+    transformers' Qwen3ForCausalLM on the same prompts (q/k norms, no q/k/v bias)."""
+    tok3 = copy.deepcopy(tok)
+    tok3.chat_template = QWEN3_STYLE_TEMPLATE
+    model, path = hf_checkpoint("qwen3", vocab_size=VOCAB)
+    judge = Judge.from_model(tok3, load_pretrained(path), CFG)
+    no_thinking = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert render_prompt(tok3, CFG, RESPONSES[0], ANNOTATIONS[0][0]).endswith(no_thinking)
+    assert tok3.decode(judge.pieces.tail_ids).endswith("<think>\n\n</think>\n\n")
+    yes, no = answer_ids(tok3)
+    out = judge(RESPONSES[:2], ANNOTATIONS[:2])
+    for i, rows in enumerate(expected_prompts(tok3, judge.pieces)[:2]):
+        want = [hf_margin(model, ids, yes, no) for ids, *_ in rows]
+        np.testing.assert_allclose(out["margins"][i], want, atol=1e-4)

@@ -270,7 +270,7 @@ def test_records_keep_the_stored_annotation_string(tmp_path):
     assert key_info(good[1].annotations_text or good[1].annotations) == ("<info1>AB = 3.</info1>", ["AB = 3."])
 
 
-@pytest.mark.parametrize("name", ["paper_qwen25vl7b_v5p", "paper_qwen2vl7b_v5p"])
+@pytest.mark.parametrize("name", ["paper_qwen25vl7b_v5p", "paper_qwen2vl7b_v5p", "paper_qwen3vl8b_v5p"])
 def test_paper_configs_judge_whole_responses(tok, name):
     """The paper configs ask the paper's judge, and a response of the policy's 4096-token budget
     with a long annotation string fits their largest bucket uncut (the reference judges it whole)."""

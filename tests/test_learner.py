@@ -39,9 +39,9 @@ class Setup:
     """One tiny Qwen2-VL rollout (4 prompts x 2 samples = 8 sequences) and compiled functions,
     cached per config (compiling dominates the run time of these tests)."""
 
-    def __init__(self, path):
+    def __init__(self, path, patch: int = 14):
         self.model = load_pretrained(path)
-        ids, mask, _, pv, thw = vlm_batch(GRIDS, TEXT, np.random.default_rng(4))
+        ids, mask, _, pv, thw = vlm_batch(GRIDS, TEXT, np.random.default_rng(4), patch=patch)
         self.ids, self.mask, self.pv, self.thw = ids, mask, pv, thw
         self.inputs = self.model.prepare_inputs(ids, mask, pv, thw)
         scfg = SamplingConfig(max_new_tokens=6, eos_ids=EOS, pad_id=PAD, temperature=TEMP, n=N_SAMPLES)
@@ -240,6 +240,19 @@ def test_vision_once_per_prompt_equals_once_per_sample(setup, micro):
     assert set(_tower_rows(grads, setup.per_sample())) == {rows}
 
 
+def test_qwen3vl_vision_once_per_prompt_equals_once_per_sample(hf_checkpoint):
+    """The same on Qwen3-VL: the shared features carry DeepStack's levels, whose gradient flows
+    back into the intermediate blocks and their mergers."""
+    q3 = Setup(hf_checkpoint("qwen3_vl")[1], patch=16)
+    g_ref, m_ref = q3.grads(BASE, q3.per_sample())
+    g, m = q3.grads(BASE)
+    scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g_ref))
+    assert _max_diff(g, g_ref) <= 1e-5 * scale
+    assert float(m["loss"]) == pytest.approx(float(m_ref["loss"]), abs=1e-6)
+    for name in ("deepstack_0_mlp_0", "pos_embed"):
+        assert float(jnp.max(jnp.abs(jax.tree.leaves(g["visual"][name])[0]))) > 0, name
+
+
 FROZEN = dataclasses.replace(BASE, freeze_vision=True, recompute_old_logprobs=True)
 
 
@@ -278,8 +291,9 @@ def test_recomputed_old_logprobs(setup):
     assert float(metrics["loss"]) == pytest.approx(float(ref["loss"]), abs=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2"])
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2", "qwen3_vl"])
 def test_logprobs_equal_sampler_other_archs(hf_checkpoint, arch):
+    """Qwen3-VL: the learner's per-prompt features carry DeepStack's levels beside the visual tokens."""
     model = load_pretrained(hf_checkpoint(arch)[1])
     rng = np.random.default_rng(5)
     if arch == "qwen2":
@@ -288,7 +302,8 @@ def test_logprobs_equal_sampler_other_archs(hf_checkpoint, arch):
         mask[1, :3] = 0
         pv = thw = None
     else:  # window attention: a 8x8-patch image spans several windows
-        ids, mask, _, pv, thw = vlm_batch([[(1, 8, 8)], [(1, 4, 4), (1, 4, 8)]], [(2, 1), (1, 2)], rng)
+        ids, mask, _, pv, thw = vlm_batch([[(1, 8, 8)], [(1, 4, 4), (1, 4, 8)]], [(2, 1), (1, 2)], rng,
+                                          patch=16 if arch == "qwen3_vl" else 14)
     inputs = model.prepare_inputs(ids, mask, pv, thw)
     out = Sampler(model.module, SamplingConfig(max_new_tokens=5, eos_ids=EOS, pad_id=PAD, temperature=1.0, n=2))(
         model.params, inputs, jax.random.key(2))

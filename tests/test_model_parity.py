@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors.numpy import load_file, save_file
 
 from models import CheckpointError, ConfigError, load_pretrained
@@ -34,13 +35,19 @@ def _compare(ours, ref, mask):
     return err
 
 
-@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def _patch(arch):
+    return 16 if arch == "qwen3_vl" else 14
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_vlm_logits_match_transformers(hf_checkpoint, arch, case):
+    """Qwen3-VL: the 4x4 learned position grid is resampled up (6x10) and down (2x8), and DeepStack
+    adds into 2 of the 3 decoder layers."""
     hf, path = hf_checkpoint(arch)
     model = load_pretrained(path)
     grids, lens = CASES[case]
-    ids, mask, mm, pv, thw = vlm_batch(grids, lens, np.random.default_rng(1))
+    ids, mask, mm, pv, thw = vlm_batch(grids, lens, np.random.default_rng(1), patch=_patch(arch))
     if thw.size == 0:
         # transformers infers 1D positions for text-only input, ignoring padding; rows are unpadded here.
         assert mask.all()
@@ -61,9 +68,9 @@ def test_qwen25_window_padding_is_exercised(hf_checkpoint):
     assert sorted(sizes.tolist()) == [1, 2, 2, 2, 4, 4], sizes
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_qwen2_text_logits_left_padded(hf_checkpoint, tied):
-    hf, path = hf_checkpoint("qwen2", tie_word_embeddings=tied)
+@pytest.mark.parametrize("arch,tied", [("qwen2", False), ("qwen2", True), ("qwen3", False)])
+def test_text_logits_left_padded(hf_checkpoint, arch, tied):
+    hf, path = hf_checkpoint(arch, tie_word_embeddings=tied)
     model = load_pretrained(path)
     rng = np.random.default_rng(2)
     ids = rng.integers(0, 120, (3, 11))
@@ -74,20 +81,22 @@ def test_qwen2_text_logits_left_padded(hf_checkpoint, tied):
     _compare(model(jnp.asarray(ids), attention_mask=mask), ref, mask)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen2_vl", "qwen2_5_vl", "qwen3", "qwen3_vl"])
 def test_round_trip_through_transformers(hf_checkpoint, tmp_path, arch):
     hf, path = hf_checkpoint(arch)
     model = load_pretrained(path)
     model.save_pretrained(tmp_path / "out", max_shard_bytes=200_000)  # forces several shards
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
-    back = type(hf).from_pretrained(tmp_path / "out").eval()
+    loader = type(hf) if arch in ("qwen2", "qwen3") else transformers.AutoModelForImageTextToText
+    back = loader.from_pretrained(tmp_path / "out").eval()
+    assert type(back) is type(hf)
     rng = np.random.default_rng(3)
-    if arch == "qwen2":
+    if arch in ("qwen2", "qwen3"):
         ids = rng.integers(0, 120, (2, 8))
         mask = np.ones_like(ids)
         np.testing.assert_allclose(hf_logits(back, ids, mask), hf_logits(hf, ids, mask), atol=1e-6)
     else:
-        ids, mask, mm, pv, thw = vlm_batch([[(1, 4, 6)]], [(2, 2)], rng)
+        ids, mask, mm, pv, thw = vlm_batch([[(1, 4, 6)]], [(2, 2)], rng, patch=_patch(arch))
         np.testing.assert_allclose(hf_logits(back, ids, mask, mm, pv, thw), hf_logits(hf, ids, mask, mm, pv, thw), atol=1e-6)
     again = load_pretrained(tmp_path / "out")
     same = [np.array_equal(x, y) for x, y in zip(_leaves(model.params), _leaves(again.params))]
@@ -177,7 +186,7 @@ def test_bf16_compute_stays_close(hf_checkpoint):
         assert np.abs(np.asarray(out, np.float32) - ref).max() < 0.1
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen2_5_vl"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen2_5_vl", "qwen3_vl"])
 def test_kv_cache_prefill_then_decode_equals_full_forward(hf_checkpoint, arch):
     """Prefill T-k tokens into a cache, decode the rest one at a time: same logits as one forward."""
     _, path = hf_checkpoint(arch)
@@ -189,7 +198,7 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(hf_checkpoint, arch):
         mask[1, :3] = 0
         inputs = model.prepare_inputs(ids, mask)
     else:
-        ids, mask, _, pv, thw = vlm_batch([[(1, 4, 6)], [(1, 4, 4)]], [(2, 4), (1, 5)], rng)
+        ids, mask, _, pv, thw = vlm_batch([[(1, 4, 6)], [(1, 4, 4)]], [(2, 4), (1, 5)], rng, patch=_patch(arch))
         inputs = model.prepare_inputs(ids, mask, pv, thw)
     full = np.asarray(model._forward(model.params, inputs["input_ids"], inputs["positions"], mask, inputs["vision"]))
     k = 3
@@ -237,3 +246,16 @@ def test_unsupported_rope_scaling_is_refused(hf_checkpoint, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="rope type 'yarn' is not supported"):
         load_pretrained(tmp_path)
+
+
+def test_video_tokens_are_refused(hf_checkpoint):
+    """No video path: a video token among the real tokens is an error, not a text token."""
+    from reference import VIDEO
+
+    model = load_pretrained(hf_checkpoint("qwen3_vl")[1])
+    ids, mask, _, pv, thw = vlm_batch([[(1, 4, 4)]], [(2, 2)], np.random.default_rng(0), patch=16)
+    ids[0, 0] = VIDEO
+    with pytest.raises(ValueError, match="video inputs are not supported"):
+        model.prepare_inputs(ids, mask, pv, thw)
+    mask[0, 0] = 0  # padding may hold any id
+    model.prepare_inputs(ids, mask, pv, thw)

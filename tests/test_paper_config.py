@@ -65,3 +65,19 @@ def test_print_config_prints_the_resolved_config_and_exits(capsys, tmp_path):
     assert train.main(["--print-config", "learner.loss.dual_clip=0.5"]) == 2  # config errors as before
     assert train.main(["--print-config"]) == 0  # the tiny default, without building its assets
     assert yaml.safe_load(capsys.readouterr().out)["tiny"]["enabled"] is True
+
+
+def test_qwen3_paper_config_is_the_paper_run_on_qwen3(capsys):
+    """Qwen3-VL-8B + Qwen3-32B: the paper's run but for the checkpoints and Qwen3-VL's image geometry
+    (docs/FIDELITY.md), and `--print-config` resolves it."""
+    path = ROOT / "configs" / "paper_qwen3vl8b_v5p.yaml"
+    test_paper_config_is_the_reference_run(path)
+    a, b = (configlib.to_dict(configlib.load(TrainConfig, p)) for p in (PAPER[0], path))
+    assert b["model"].pop("policy").endswith("Qwen3-VL-8B-Instruct") and b["model"].pop("judge").endswith("Qwen3-32B")
+    assert (b["data"].pop("image_processor"), a["data"].pop("image_processor")) == ("qwen3_vl", "qwen2_vl")
+    for d in (a, b):
+        d.pop("run_dir")
+    a["model"].pop("policy"), a["model"].pop("judge")
+    assert a == b
+    assert train.main(["--config", str(path), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["judge"] == "/mnt/models/Qwen3-32B"

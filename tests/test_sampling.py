@@ -31,12 +31,12 @@ ROW_GRIDS = [[(1, 4, 6)], [(1, 6, 10), (1, 2, 8)], []]
 
 
 def _batch(rng, arch):
-    if arch == "qwen2":
+    if arch in ("qwen2", "qwen3"):
         ids = rng.integers(3, 120, (3, 9))
         mask = np.ones_like(ids)
         mask[1, :4] = 0
         return ids, mask, None, None, None
-    return vlm_batch(ROW_GRIDS, [(5, 1), (1, 2), (4, 0)], rng)
+    return vlm_batch(ROW_GRIDS, [(5, 1), (1, 2), (4, 0)], rng, patch=16 if arch == "qwen3_vl" else 14)
 
 
 def _hf_generate(hf, ids, mask, mm, pv, thw, new):
@@ -48,7 +48,7 @@ def _hf_generate(hf, ids, mask, mm, pv, thw, new):
     return out[:, ids.shape[1]:].numpy()
 
 
-@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen2"])
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen2", "qwen3_vl", "qwen3"])
 def test_greedy_matches_transformers_generate(hf_checkpoint, arch):
     hf, path = hf_checkpoint(arch)
     model = load_pretrained(path)
@@ -96,7 +96,7 @@ def _recompute_logprobs(model, ids, mask, pv, thw, out, n, temperature):
     return np.concatenate(result), resp_mask
 
 
-@pytest.mark.parametrize("arch,temperature", [("qwen2_vl", 1.0), ("qwen2_5_vl", 0.7), ("qwen2", 0.0)])
+@pytest.mark.parametrize("arch,temperature", [("qwen2_vl", 1.0), ("qwen2_5_vl", 0.7), ("qwen2", 0.0), ("qwen3_vl", 1.0)])
 def test_logprobs_equal_full_forward_recompute(hf_checkpoint, arch, temperature):
     _, path = hf_checkpoint(arch)
     model = load_pretrained(path)

@@ -202,3 +202,18 @@ def test_config_errors_are_one_line(args, message, capsys, tmp_path):
     errors = [line for line in err.splitlines() if " E " in line]
     assert len(errors) == 1 and message in errors[0], err
     assert "Traceback" not in err
+
+
+def test_tiny_qwen3_config_trains(tmp_path):
+    """configs/tiny_qwen3.yaml (a Qwen3-VL policy, a Qwen3 judge) end to end, shortened: its assets,
+    both warm starts, 2 GRPO steps with the judge's visual reward, validation."""
+    run = tmp_path / "run"
+    proc = _run(["--config", "configs/tiny_qwen3.yaml", f"run_dir={run}", "tiny.policy_steps=2", "tiny.judge_steps=2",
+                 "tiny.judge_eval_pairs=4", "max_steps=2", "val_freq=2", "save_freq=2", "val_batch_size=8",
+                 "val_max_batches=1", "data.batch_size=2", "sampling.n=2", "sampling.max_new_tokens=8"])
+    out = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, out[-3000:]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["split"] == "train"] == [1, 2]
+    assert json.loads((run / "tiny_assets" / "policy" / "config.json").read_text())["model_type"] == "qwen3_vl"
+    assert json.loads((run / "tiny_assets" / "judge" / "config.json").read_text())["model_type"] == "qwen3"

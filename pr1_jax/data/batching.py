@@ -45,7 +45,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pr1_jax.data.config import PATCH_DIM, DataConfig
+from pr1_jax.data.config import DataConfig
 from pr1_jax.data.processing import Example
 
 ARRAY_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "patch_valid",
@@ -73,7 +73,7 @@ def collate(examples: Sequence[Example], config: DataConfig, pad_id: int) -> dic
     input_ids = np.full((B, T), pad_id, np.int32)
     attention_mask = np.zeros((B, T), np.int32)
     mm_token_type_ids = np.zeros((B, T), np.int32)
-    pixel_values = np.zeros((P, PATCH_DIM), np.float32)
+    pixel_values = np.zeros((P, config.patch_dim), np.float32)
     patch_valid = np.zeros((P,), bool)
     patch_image_index = np.full((P,), -1, np.int32)
     image_grid_thw = np.zeros((I, 3), np.int32)

@@ -19,7 +19,14 @@ from pr1_jax import configlib, reference
 PATCH_SIZE = 14
 MERGE_SIZE = 2
 TEMPORAL_PATCH_SIZE = 2
-PATCH_DIM = 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE  # 1176
+
+# What `DataConfig.image_processor` selects: transformers' Qwen2VLImageProcessor settings of each
+# family's released checkpoints (their preprocessor_config.json): patch size, normalisation.
+_CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGE_PROCESSORS = {
+    "qwen2_vl": dict(patch_size=PATCH_SIZE, image_mean=_CLIP_MEAN, image_std=_CLIP_STD),
+    "qwen3_vl": dict(patch_size=16, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)),
+}
 
 # Written for this project: the paper's output contract (think, then answer with \boxed{}). The
 # format prompt named "project" (the default); "paper" names the reference run's text.
@@ -116,7 +123,12 @@ class DataConfig:
             cannot take image features without one; the paper configs).
 
     Images
-        min_pixels, max_pixels: smart-resize bounds (paper: 3136 and 1806336).
+        image_processor: the policy's image geometry: "qwen2_vl" (Qwen2-VL and Qwen2.5-VL:
+            14-pixel patches, CLIP mean/std) or "qwen3_vl" (Qwen3-VL: 16-pixel patches, so
+            smart-resize works in 32-pixel units, mean/std 0.5). The trainer checks it against
+            the policy's vision config.
+        min_pixels, max_pixels: smart-resize bounds (paper: 3136 and 1806336; Qwen3-VL's own
+            processor: 65536 and 16777216).
         image_alpha: how an image that is not RGB becomes RGB: "white" (transformers' image
             processor: alpha composited on white, the default) or "drop" (PIL's `convert("RGB")`,
             what the reference's loader does first: the colour under a transparent pixel stays,
@@ -195,6 +207,7 @@ class DataConfig:
     image_placeholder: str = r"<image\d*>"
     unplaced_images: str = "first"
 
+    image_processor: str = "qwen2_vl"
     min_pixels: int = configlib.bounded(3136, ge=1)
     max_pixels: int = configlib.bounded(1806336, ge=1)
     max_images_per_record: int = configlib.bounded(1, ge=0)
@@ -242,6 +255,8 @@ class DataConfig:
             raise ValueError(f"truncation must be skip, right or left, got {self.truncation!r}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.image_processor not in IMAGE_PROCESSORS:
+            raise ValueError(f"image_processor must be one of {sorted(IMAGE_PROCESSORS)}, got {self.image_processor!r}")
         if self.min_pixels <= 0 or self.max_pixels < self.min_pixels:
             raise ValueError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
         if self.max_images_per_record < 0:
@@ -271,6 +286,15 @@ class DataConfig:
     # ---- derived sizes -------------------------------------------------------------------
 
     @property
+    def patch_size(self) -> int:
+        return IMAGE_PROCESSORS[self.image_processor]["patch_size"]
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per row of `pixel_values`: channels x frames x patch x patch (1176, or 1536 for Qwen3-VL)."""
+        return 3 * TEMPORAL_PATCH_SIZE * self.patch_size**2
+
+    @property
     def buckets(self) -> tuple[int, ...]:
         """Padded prompt lengths, ascending; the last one is >= max_prompt_length."""
         if self.length_buckets is not None:
@@ -289,7 +313,8 @@ class DataConfig:
     def max_patches_per_image(self) -> int:
         """Patch rows of the largest grid smart-resize gives any image it accepts (see
         `max_resized_blocks`: thin images and tight bounds go above max_pixels)."""
-        return max_resized_blocks(self.min_pixels, self.max_pixels) * MERGE_SIZE * MERGE_SIZE
+        blocks = max_resized_blocks(self.min_pixels, self.max_pixels, factor=self.patch_size * MERGE_SIZE)
+        return blocks * MERGE_SIZE * MERGE_SIZE
 
     @property
     def patch_rows(self) -> int:

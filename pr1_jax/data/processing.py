@@ -8,7 +8,9 @@ What the policy sees for a record:
 2. the images through transformers' ``Qwen2VLImageProcessorPil`` (smart-resize to multiples
    of 28 within [min_pixels, max_pixels] where the rounding allows, bicubic, RGB conversion
    incl. alpha on white, rescale 1/255, CLIP mean/std, temporal duplication to 2 frames,
-   flattening to rows of 1176 in 2x2 merge-block order) -> ``pixel_values [N, 1176]``,
+   flattening to rows of 1176 in 2x2 merge-block order) -> ``pixel_values [N, 1176]``; for
+   Qwen3-VL (``DataConfig.image_processor``) the same processor with 16-pixel patches
+   (multiples of 32, rows of 1536) and mean/std 0.5, as Qwen3-VL's checkpoints configure it;
    ``image_grid_thw [n, 3]``; with ``DataConfig.image_alpha`` "drop", PIL's ``convert("RGB")``
    first, as the reference's loader does;
 3. the token ids of the rendered text with each ``<|image_pad|>`` expanded to
@@ -35,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pr1_jax.data import records as rec
-from pr1_jax.data.config import MERGE_SIZE, PATCH_SIZE, DataConfig
+from pr1_jax.data.config import IMAGE_PROCESSORS, MERGE_SIZE, DataConfig
 from pr1_jax.data.records import BadRecordError, RawRow, Record
 
 IMAGE_TOKEN = "<|image_pad|>"
@@ -83,24 +85,28 @@ def load_tokenizer(path: str | os.PathLike, chat_template_path: str | None = Non
 
 
 def make_image_processor(config: DataConfig):
-    """transformers' PIL Qwen2-VL image processor with the configured pixel bounds."""
+    """transformers' PIL Qwen2-VL image processor (Qwen3-VL's too) with the configured family's
+    patch size and normalisation and the configured pixel bounds."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    return Qwen2VLImageProcessorPil(min_pixels=config.min_pixels, max_pixels=config.max_pixels)
+    geometry = IMAGE_PROCESSORS[config.image_processor]
+    return Qwen2VLImageProcessorPil(min_pixels=config.min_pixels, max_pixels=config.max_pixels,
+                                    patch_size=geometry["patch_size"], image_mean=list(geometry["image_mean"]),
+                                    image_std=list(geometry["image_std"]))
 
 
 def resized_hw(height: int, width: int, config: DataConfig) -> tuple[int, int]:
     """The size the image processor will resize (height, width) to (HF smart_resize)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-    return smart_resize(height, width, factor=PATCH_SIZE * MERGE_SIZE,
+    return smart_resize(height, width, factor=config.patch_size * MERGE_SIZE,
                         min_pixels=config.min_pixels, max_pixels=config.max_pixels)
 
 
 def num_patches(height: int, width: int, config: DataConfig) -> int:
     """Rows of pixel_values an image of this size gives (= t*h*w of its grid, t = 1)."""
     h, w = resized_hw(height, width, config)
-    return (h // PATCH_SIZE) * (w // PATCH_SIZE)
+    return (h // config.patch_size) * (w // config.patch_size)
 
 
 # ---- prompt ------------------------------------------------------------------------------
@@ -357,7 +363,7 @@ class ExampleProcessor:
             pixel_values = np.asarray(out["pixel_values"], dtype=np.float32)
             grid = np.asarray(out["image_grid_thw"], dtype=np.int32)
         else:
-            pixel_values = np.zeros((0, 3 * 2 * PATCH_SIZE * PATCH_SIZE), np.float32)
+            pixel_values = np.zeros((0, cfg.patch_dim), np.float32)
             grid = np.zeros((0, 3), np.int32)
 
         try:

@@ -103,6 +103,14 @@ class JudgeConfig:
 
 # ---- tokens and buckets --------------------------------------------------------------------
 
+def render_chat(tokenizer, messages: list[dict]) -> str:
+    """The judge's chat rendered up to the assistant's turn. Qwen3 chat templates have a thinking
+    switch: `enable_thinking=False` closes an empty think block after the generation prompt, so
+    the judge answers directly, as the reference's Qwen2.5 judge does; templates without the
+    switch (Qwen2 / Qwen2.5) ignore the variable."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+
+
 def tokenize(tokenizer, text: str, *, plain: bool) -> list[int]:
     """Token ids of `text` without added BOS/EOS; `plain` treats special-token text as text."""
     return list(tokenizer(text, add_special_tokens=False, split_special_tokens=plain)["input_ids"])

@@ -83,7 +83,7 @@ from models.causal_lm import QwenCausalLM
 from models.qwen2 import KVCache
 from pr1_jax.data.annotations import parse_annotations, to_tagged_text
 from pr1_jax.judge.common import (JudgeConfig, JudgeOutput, answer_pair, judge_output, plan_chunks,
-                                  resolve_token_ids, tokenize)
+                                  render_chat, resolve_token_ids, tokenize)
 from pr1_jax.reference import prompts
 from pr1_jax.sharding import activation_sharding, sharding_for
 
@@ -177,7 +177,7 @@ def paper_prompt(tokenizer, max_annotations: int, vocab_size: int | None = None)
     before, rest = user.split(_KEY_INFO_SENTINEL)
     between, after = rest.split(_RESPONSE_SENTINEL)
     messages = [{"role": "system", "content": ref["judge_system_prompt"]}, {"role": "user", "content": _USER_SENTINEL}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = render_chat(tokenizer, messages)
     if text.count(_USER_SENTINEL) != 1:
         raise ValueError("the judge chat template did not keep the user content verbatim; cannot split the prompt")
     head, tail = text.split(_USER_SENTINEL)

@@ -59,7 +59,7 @@ import numpy as np
 from models.causal_lm import QwenCausalLM
 from pr1_jax.data.annotations import parse_annotations
 from pr1_jax.judge.common import (JudgeConfig, JudgeOutput, answer_pair, judge_output, plan_chunks,
-                                  resolve_token_ids, tokenize)
+                                  render_chat, resolve_token_ids, tokenize)
 
 _RESPONSE_SENTINEL = "\uE000PR1_JUDGE_RESPONSE\uE001"
 _STATEMENT_SENTINEL = "\uE000PR1_JUDGE_STATEMENT\uE001"
@@ -88,7 +88,7 @@ def prompt_pieces(tokenizer, config: JudgeConfig) -> PromptPieces:
     """Renders the chat template with sentinels and splits it into head / mid / tail."""
     user = config.question_template.replace("{response}", _RESPONSE_SENTINEL).replace(
         "{statement}", _STATEMENT_SENTINEL)
-    text = tokenizer.apply_chat_template(_messages(config, user), tokenize=False, add_generation_prompt=True)
+    text = render_chat(tokenizer, _messages(config, user))
     if text.count(_RESPONSE_SENTINEL) != 1 or text.count(_STATEMENT_SENTINEL) != 1:
         raise ValueError("the judge chat template did not keep the user content verbatim "
                          "(the response/statement placeholders were altered); cannot split the prompt")
@@ -104,7 +104,7 @@ def render_prompt(tokenizer, config: JudgeConfig, response: str, statement: str)
     before, rest = config.question_template.split("{response}")
     between, after = rest.split("{statement}")
     user = before + response + between + statement + after
-    return tokenizer.apply_chat_template(_messages(config, user), tokenize=False, add_generation_prompt=True)
+    return render_chat(tokenizer, _messages(config, user))
 
 
 def annotation_list(annotations) -> list[str]:

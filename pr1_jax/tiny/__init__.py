@@ -31,7 +31,7 @@ def prepare_run(cfg: TrainConfig) -> TrainConfig:
     (`cfg.tiny` settings), logs the judge's verdict accuracy on held-out pairs, and returns the
     config pointed at them (data, validation, policy, judge, tokenizers)."""
     t, root = cfg.tiny, Path(cfg.run_dir)
-    assets = build_tiny_assets(root, seed=t.seed)
+    assets = build_tiny_assets(root, seed=t.seed, architecture=t.architecture)
     policy = warm_start_policy(assets, root / "warm_start" / "policy", steps=t.policy_steps,
                                batch_size=t.policy_batch_size, lr=t.policy_lr, seed=t.seed, p_state=t.policy_p_state,
                                p_true=t.policy_p_true)

@@ -204,18 +204,47 @@ def _text_dict(tokenizer, *, hidden_size: int, num_layers: int, num_heads: int, 
     }
 
 
-def policy_config(tokenizer, *, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4,
-                  num_kv_heads: int = 2, intermediate_size: int = 256, vision_depth: int = 2,
+ARCHITECTURES = ("qwen2", "qwen3")
+
+
+def _special_ids(tokenizer, text: dict) -> dict:
+    return {
+            "image_token_id": _token_id(tokenizer, "<|image_pad|>"),
+            "video_token_id": _token_id(tokenizer, "<|video_pad|>"),
+            "vision_start_token_id": _token_id(tokenizer, "<|vision_start|>"),
+            "vision_end_token_id": _token_id(tokenizer, "<|vision_end|>"),
+            "eos_token_id": text["eos_token_id"],
+            "pad_token_id": text["pad_token_id"],
+            "tie_word_embeddings": False,
+    }
+
+
+def policy_config(tokenizer, *, architecture: str = "qwen2", hidden_size: int = 128, num_layers: int = 2,
+                  num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 256, vision_depth: int = 2,
                   vision_width: int = 64, vision_heads: int = 4) -> dict:
-    """HF `config.json` of a tiny Qwen2-VL (transformers 5.x layout). M-RoPE sections keep the
-    real model's 1/4 : 3/8 : 3/8 split of head_dim/2 (real: 16, 24, 24 of 64)."""
+    """HF `config.json` of a tiny Qwen2-VL, or Qwen3-VL with `architecture` "qwen3" (transformers
+    5.x layout). M-RoPE sections keep the real model's split of head_dim/2 (Qwen2-VL 1/4 : 3/8 : 3/8,
+    real 16, 24, 24 of 64; Qwen3-VL 24, 20, 20 of 64, interleaved)."""
     head_dim = hidden_size // num_heads
     half = head_dim // 2
+    text = _text_dict(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                      num_kv_heads=num_kv_heads, intermediate_size=intermediate_size)
+    if architecture == "qwen3":
+        h = half * 20 // 64
+        text.update(model_type="qwen3_vl_text", head_dim=head_dim,
+                    rope_parameters={"rope_type": "default", "mrope_section": [half - 2 * h, h, h],
+                                     "mrope_interleaved": True, "rope_theta": 10000.0})
+        # DeepStack from the first block (the real 8B: blocks 8, 16, 24 of 27); a 4x4 learned
+        # position grid (the real one is 48x48, for 768-pixel images).
+        vision = {"model_type": "qwen3_vl_vision", "depth": vision_depth, "hidden_size": vision_width,
+                  "intermediate_size": 2 * vision_width, "num_heads": vision_heads, "out_hidden_size": hidden_size,
+                  "hidden_act": "gelu_pytorch_tanh", "in_channels": 3, "patch_size": 16, "spatial_merge_size": 2,
+                  "temporal_patch_size": 2, "num_position_embeddings": 16, "deepstack_visual_indexes": [0]}
+        return {"architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl",
+                "text_config": text, "vision_config": vision, **_special_ids(tokenizer, text)}
     t = half // 4
     h = (half - t) // 2
     mrope = [t, h, half - t - h]
-    text = _text_dict(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                      num_kv_heads=num_kv_heads, intermediate_size=intermediate_size)
     text.update(model_type="qwen2_vl_text",
                 rope_parameters={"rope_type": "default", "type": "mrope", "mrope_section": mrope,
                                  "rope_theta": 10000.0})
@@ -236,23 +265,20 @@ def policy_config(tokenizer, *, hidden_size: int = 128, num_layers: int = 2, num
                     "spatial_merge_size": 2,
                     "temporal_patch_size": 2,
             },
-            "image_token_id": _token_id(tokenizer, "<|image_pad|>"),
-            "video_token_id": _token_id(tokenizer, "<|video_pad|>"),
-            "vision_start_token_id": _token_id(tokenizer, "<|vision_start|>"),
-            "vision_end_token_id": _token_id(tokenizer, "<|vision_end|>"),
-            "eos_token_id": text["eos_token_id"],
-            "pad_token_id": text["pad_token_id"],
-            "tie_word_embeddings": False,
+            **_special_ids(tokenizer, text),
     }
 
 
-def judge_config(tokenizer, *, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4,
-                 num_kv_heads: int = 2, intermediate_size: int = 256) -> dict:
-    """HF `config.json` of a tiny Qwen2 (text only) sharing the policy's tokenizer."""
+def judge_config(tokenizer, *, architecture: str = "qwen2", hidden_size: int = 128, num_layers: int = 4,
+                 num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 256) -> dict:
+    """HF `config.json` of a tiny Qwen2 or Qwen3 (`architecture`; text only) sharing the policy's tokenizer."""
     text = _text_dict(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
                       num_kv_heads=num_kv_heads, intermediate_size=intermediate_size)
-    text.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"],
+    arch = "Qwen3ForCausalLM" if architecture == "qwen3" else "Qwen2ForCausalLM"
+    text.update(model_type=architecture, architectures=[arch],
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if architecture == "qwen3":
+        text["head_dim"] = hidden_size // num_heads
     return text
 
 
@@ -264,11 +290,12 @@ class TinyAssets:
 
     root: str
     tokenizer: str  # HF tokenizer directory
-    policy: str  # HF Qwen2-VL checkpoint directory
-    judge: str  # HF Qwen2 checkpoint directory
+    policy: str  # HF Qwen2-VL (Qwen3-VL) checkpoint directory
+    judge: str  # HF Qwen2 (Qwen3) checkpoint directory
     train: str  # JSONL
     val: str  # JSONL
     image_size: int = synthetic.TaskConfig.image_size  # the task's canvas side (pixels)
+    architecture: str = "qwen2"  # see ARCHITECTURES
 
     def data_config(self, split: str = "train", **overrides) -> DataConfig:
         """A DataConfig reading one split with the tiny tokenizer (keys of the synthetic JSONL),
@@ -276,11 +303,15 @@ class TinyAssets:
         so a 56 px figure is 16 patches, 4 image tokens, instead of the paper's 9216-patch
         budget per image; the patch budget says so, since pixel bounds alone must also admit
         the thin images smart_resize could make of them) and prompts of at most 128 tokens
-        (the task's are ~90)."""
+        (the task's are ~90). Qwen3-VL resizes in 32-pixel units: the canvas rounded up to them
+        (56 -> 64 px, 16 patches too)."""
+        qwen3 = self.architecture == "qwen3"
+        side = -(-self.image_size // 32) * 32 if qwen3 else self.image_size
+        patch = 16 if qwen3 else 14
         kw = dict(paths={"train": self.train, "val": self.val}[split], tokenizer_path=self.tokenizer,
                   image_column="image", annotations_column="annotations",
-                  min_pixels=self.image_size ** 2, max_pixels=self.image_size ** 2,
-                  max_patches_per_record=(self.image_size // 14) ** 2,
+                  image_processor="qwen3_vl" if qwen3 else "qwen2_vl",
+                  min_pixels=side ** 2, max_pixels=side ** 2, max_patches_per_record=(side // patch) ** 2,
                   max_prompt_length=128, length_buckets=(64, 96, 128))
         kw.update(overrides)
         return DataConfig(**kw)
@@ -313,40 +344,44 @@ def _cached(root: Path, spec_hash: str) -> bool:
         return False
 
 
-def _paths(root: Path, task: synthetic.TaskConfig) -> TinyAssets:
+def _paths(root: Path, task: synthetic.TaskConfig, architecture: str) -> TinyAssets:
     r = root.resolve()
     return TinyAssets(root=str(r), tokenizer=str(r / "tokenizer"), policy=str(r / "policy"),
                       judge=str(r / "judge"), train=str(r / "data" / "train.jsonl"),
-                      val=str(r / "data" / "val.jsonl"), image_size=task.image_size)
+                      val=str(r / "data" / "val.jsonl"), image_size=task.image_size, architecture=architecture)
 
 
 def build_tiny_assets(run_dir: str | os.PathLike, seed: int = 0, *, task: synthetic.TaskConfig = synthetic.TaskConfig(),
                       n_train: int = 2000, n_val: int = 200, vocab_size: int = 512,
-                      corpus_size: int = 2000, policy: dict | None = None, judge: dict | None = None
-                      ) -> TinyAssets:
+                      corpus_size: int = 2000, policy: dict | None = None, judge: dict | None = None,
+                      architecture: str = "qwen2") -> TinyAssets:
     """Write (or reuse) `run_dir/tiny_assets/{tokenizer,policy,judge,data}`.
 
     policy / judge: keyword overrides for :func:`policy_config` / :func:`judge_config`.
+    architecture: "qwen2" (a Qwen2-VL policy, a Qwen2 judge) or "qwen3" (Qwen3-VL, Qwen3).
     Built in a temporary directory and moved into place, so an interrupted build never leaves
     a half-written set that looks valid; reused when `manifest.json` matches the spec and files.
     """
     import models
 
-    spec = dict(version=ASSET_VERSION, seed=int(seed), task=dataclasses.asdict(task), n_train=n_train,
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+    spec = dict(architecture=architecture, version=ASSET_VERSION, seed=int(seed), task=dataclasses.asdict(task), n_train=n_train,
                 n_val=n_val, vocab_size=vocab_size, corpus_size=corpus_size, policy=policy or {},
                 judge=judge or {})
     spec_hash = spec_hash_of(spec)
     root = Path(run_dir) / "tiny_assets"
     if _cached(root, spec_hash):
-        return _paths(root, task)
+        return _paths(root, task, architecture)
 
     tmp = Path(run_dir) / f"tiny_assets.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tok = train_tokenizer(tokenizer_corpus(seed, corpus_size, task), vocab_size)
     save_tokenizer_dir(tok, tmp / "tokenizer")
-    models.from_config(policy_config(tok, **(policy or {})), seed).save_pretrained(tmp / "policy")
-    models.from_config(judge_config(tok, **(judge or {})), seed + 1).save_pretrained(tmp / "judge")
+    policy_dict = policy_config(tok, architecture=architecture, **(policy or {}))
+    models.from_config(policy_dict, seed).save_pretrained(tmp / "policy")
+    models.from_config(judge_config(tok, architecture=architecture, **(judge or {})), seed + 1).save_pretrained(tmp / "judge")
     synthetic.write_dataset(tmp / "data", n_train, seed, "train", task)
     synthetic.write_dataset(tmp / "data", n_val, seed, "val", task)
     manifest = dict(spec_hash=spec_hash, spec=spec, files=_file_hashes(tmp))
@@ -358,7 +393,7 @@ def build_tiny_assets(run_dir: str | os.PathLike, seed: int = 0, *, task: synthe
         shutil.rmtree(tmp, ignore_errors=True)
         if not _cached(root, spec_hash):
             raise
-    return _paths(root, task)
+    return _paths(root, task, architecture)
 
 
 def param_count(path_or_model) -> int:
