@@ -274,22 +274,34 @@ def sampler_stats(mesh, policy_cfg, prompts: int, a) -> dict:
     return dict(worst, compile_s=stats["compile_s"] + segment["compile_s"])
 
 
-def judge_stats(mesh, judge_cfg, rows: int, a) -> dict:
+def _judge_setup(mesh, judge_cfg, a):
+    """(module, abstract params on the mesh, sds(shape, dtype) -> a batch-sharded abstract array)
+    of a bf16 judge."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
     from models import abstract_params
     from models.causal_lm import QwenCausalLM
-    from pr1_jax.judge import JudgeBatch, judge_forward
     from pr1_jax.sharding import batch_sharding, param_shardings
 
     module = QwenCausalLM(judge_cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention=a.attention)
     boxed = abstract_params(module)
     params = _abstract(nn.unbox(boxed), param_shardings(boxed, mesh))
+
     def sds(shape, dtype=jnp.int32):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, shape))
 
+    return module, params, sds
+
+
+def judge_stats(mesh, judge_cfg, rows: int, a) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from pr1_jax.judge import JudgeBatch, judge_forward
+
+    module, params, sds = _judge_setup(mesh, judge_cfg, a)
     k, length = a.annotations, a.judge_length
     batch = JudgeBatch(input_ids=sds((rows, length)), positions=sds((rows, length)),
                        attention_mask=sds((rows, length)), branches=sds((rows, length)),
@@ -304,22 +316,13 @@ def judge_paper_stats(mesh, judge_cfg, rows: int, a) -> dict:
     turn prefilled once, rows of `--judge-length` tokens, the constrained decode of
     `--annotations` digits. Its prompt is a stand-in of the reference's lengths (a system turn of
     1,300 tokens, 6-token tag segments): no tokenizer here."""
-    import flax.linen as nn
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from models import abstract_params
-    from models.causal_lm import QwenCausalLM
     from pr1_jax.judge.paper import PaperBatch, PaperPrompt, paper_forward
-    from pr1_jax.sharding import batch_sharding, param_shardings
 
-    module = QwenCausalLM(judge_cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention=a.attention)
-    boxed = abstract_params(module)
-    params = _abstract(nn.unbox(boxed), param_shardings(boxed, mesh))
-
-    def sds(shape, dtype=jnp.int32):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, shape))
+    module, params, sds = _judge_setup(mesh, judge_cfg, a)
 
     k, length = a.annotations, a.judge_length
     prompt = PaperPrompt(system_ids=(1,) * 1300, user_parts=("", "", ""), tail_ids=(), segments=((2,) * 6,) * k,
@@ -350,7 +353,7 @@ def worker(a) -> None:
     policy_cfg, judge_cfg = _configs(a.model, a.layers or None, a.layers or None)
     deadline = time.time() + a.budget
     for program in a.programs:
-        cfg = judge_cfg if program == "judge" else policy_cfg
+        cfg = judge_cfg if program.startswith("judge") else policy_cfg
         # Batches in multiples of the data x fsdp devices (sampler: prompts, each giving n rows). A
         # prompt count they do not divide leaves the sampler's prompt KV and its rows unsharded
         # over the data axes (pr1_jax/sampling.py: one block of rows).
