@@ -601,8 +601,11 @@ def test_sigkill_while_sampling_and_while_checkpointing_resumes_to_the_same_para
         assert ref.returncode == 0, ref_out[-3000:]
         COUNTS["faults_injected"] += 1
         logged = _train_steps_logged(run)
-        assert logged == [1], f"the kill was meant to land inside step 2, metrics say {logged}"
+        # Inside step 2, or just after its metrics line when step 1's asynchronous write outlasted
+        # step 2's compute (step 2's save waits for it): either way step 2 has no checkpoint.
+        assert logged in ([1], [1, 2]), f"the kill was meant to land inside step 2, metrics say {logged}"
         assert not (ckpt / "2").exists()
+        redone = len(logged) - 1  # step 2 logged by the killed run is trained again
 
         # -- fault 2: step 3's checkpoint in flight while step 4 trains --
         proc = reap.add(_train(_args(assets, run, *common), compile_cache, hold_save_of=3))
@@ -614,8 +617,9 @@ def test_sigkill_while_sampling_and_while_checkpointing_resumes_to_the_same_para
         assert _complete(ckpt, 2) and not (ckpt / "3").exists() and not (ckpt / "4").exists()
         assert list(ckpt.glob("3.orbax-checkpoint-tmp*")), sorted(p.name for p in ckpt.iterdir())
         logged = _train_steps_logged(run)
-        assert logged == [1, 2, 3, 4], logged  # steps 3 and 4 ran; step 3's checkpoint did not make it
-        steps_lost = 4 - 2
+        # steps 3 and 4 ran; step 3's checkpoint did not make it
+        assert sorted(set(logged)) == [1, 2, 3, 4] and len(logged) == 4 + redone, logged
+        steps_lost = 4 - 2 + redone
 
         # -- the rerun: from step 2 (the last complete checkpoint), to the end --
         proc = reap.add(_train(_args(assets, run, *common), compile_cache))
@@ -630,7 +634,7 @@ def test_sigkill_while_sampling_and_while_checkpointing_resumes_to_the_same_para
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
         logged = _train_steps_logged(run)
         assert sorted(set(logged)) == [1, 2, 3, 4]
-        assert len(logged) - 4 == steps_lost  # steps 3 and 4 were trained twice, nothing else
+        assert len(logged) - 4 == steps_lost  # steps 3 and 4 (and step 2 if it was logged) trained twice
         COUNTS["steps_lost"] += steps_lost
         print(f"SIGKILL inside step 2, and in step 4 while step 3's asynchronous checkpoint was being written; "
               f"resumed from 1, then 2; {steps_lost} steps redone; final params equal the uninterrupted run's")
