@@ -40,7 +40,7 @@ from pr1_jax.learner import Learner, TrainState
 from pr1_jax.metrics import MetricsLogger
 from pr1_jax.multihost import allgather_json
 from pr1_jax.packing import PackedBatch, pack, plan
-from pr1_jax.reward_plugins import RECORD_FIELDS
+from pr1_jax.reward_plugins import RECORD_FIELDS, SAMPLE_FIELDS
 from pr1_jax.rewards import RewardConfig, RewardScorer, combine_batch, mean_metrics
 from pr1_jax.rollout import LearnerBatch, Rollout, response_bucket, rollout, train_batch_from_samples
 from pr1_jax.sampling import Sampler
@@ -71,9 +71,14 @@ def reward_records(reward: RewardConfig, texts: list[str], batch: dict, n: int, 
     """The reward scorer's records of a batch's n samples per prompt: response, gold answer and
     what the configured rewards declare of the record's fields (a plug-in's `problem`, ...) and of
     the sample (its token count ``lengths[i]`` and the response cap, for the overlong term)."""
+    # Which fields some reward declares depends on the config only: asked once, not per sample.
+    declared = reward.declared_fields(dict.fromkeys(RECORD_FIELDS + SAMPLE_FIELDS))
+
+    def offered(i: int, k) -> dict:
+        return {**{f: batch[f][i // n] for f in RECORD_FIELDS}, "response_length": int(k), "max_length": cap}
+
     return [dict(response=text, ground_truth=batch["answer"][i // n],
-                 **reward.declared_fields({**{f: batch[f][i // n] for f in RECORD_FIELDS},
-                                           "response_length": int(k), "max_length": cap}))
+                 **{f: v for f, v in offered(i, k).items() if f in declared})
             for i, (text, k) in enumerate(zip(texts, np.asarray(lengths)))]
 
 
