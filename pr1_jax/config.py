@@ -81,6 +81,9 @@ class TrainConfig:
     resume: bool = True
     resume_step: int | None = configlib.bounded(None, ge=0)
     max_consecutive_bad_steps: int = configlib.bounded(3, ge=1)
+    # JAX's persistent compilation cache (`~` expanded): a rerun, or a run of the same shapes, reads
+    # its compiled programs instead of compiling them. JAX_COMPILATION_CACHE_DIR, when set, wins.
+    compilation_cache_dir: str | None = None
     distributed: bool = False  # jax.distributed.initialize() (multi-host pods)
     # Where no cluster is auto-detected (TPU pods, SLURM, Open MPI are): host:port of process 0, the
     # process count and this process's id. None = auto-detect.

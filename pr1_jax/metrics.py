@@ -4,6 +4,8 @@ validation's metrics, the validation samples; on process 0 only, to every tracke
 
 from __future__ import annotations
 
+import contextlib
+import time
 from pathlib import Path
 
 import jax
@@ -34,3 +36,40 @@ class MetricsLogger:
     def close(self) -> None:
         for tracker in self._trackers:
             tracker.close()
+
+
+class PhaseTimes:
+    """Wall seconds a run spends in each phase (start-up, validation, train steps, checkpoints),
+    for the one line its log ends with: where a run's time went, from its own log.
+
+        times = PhaseTimes()
+        with times("validation"):
+            ...
+        log.info("%s", times.summary())
+    """
+
+    def __init__(self):
+        self.seconds: dict[str, list[float]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(phase, time.perf_counter() - t0)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds.setdefault(phase, []).append(seconds)
+
+    def summary(self) -> str:
+        """e.g. "time: start-up 52 s; validation 21 s (7 x, the first 6 s); train step 150 s (90 x,
+        the first 11 s, then 1.56 s each); 223 s in all" (phases in the order first seen)."""
+        parts = []
+        for phase, xs in self.seconds.items():
+            part = f"{phase} {sum(xs):.0f} s"
+            if len(xs) > 1:
+                part += f" ({len(xs)} x, the first {xs[0]:.0f} s, then {sum(xs[1:]) / (len(xs) - 1):.2f} s each)"
+            parts.append(part)
+        total = sum(sum(xs) for xs in self.seconds.values())
+        return "time: " + "; ".join(parts) + f"; {total:.0f} s in all"

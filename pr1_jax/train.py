@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import itertools
 import logging
+import os
 import signal
 import sys
 import time
@@ -37,7 +38,7 @@ from pr1_jax.dynamic_sampling import fill_step
 from pr1_jax.grpo import group_advantages
 from pr1_jax.judge import Judge
 from pr1_jax.learner import Learner, TrainState
-from pr1_jax.metrics import MetricsLogger
+from pr1_jax.metrics import MetricsLogger, PhaseTimes
 from pr1_jax.multihost import allgather_json
 from pr1_jax.packing import PackedBatch, pack, plan
 from pr1_jax.reward_plugins import RECORD_FIELDS, SAMPLE_FIELDS
@@ -84,10 +85,13 @@ def reward_records(reward: RewardConfig, texts: list[str], batch: dict, n: int, 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
+        t0 = time.perf_counter()
+        self.times = PhaseTimes()
         if cfg.tiny.enabled:
             from pr1_jax.tiny import prepare_run
 
-            cfg = prepare_run(cfg)
+            with self.times("tiny assets and warm starts"):
+                cfg = prepare_run(cfg)
         elif not cfg.model.policy:
             raise configlib.ConfigError("model.policy is required (or tiny.enabled=true)")
         # seq-mean-token-sum-norm's constant defaults to the sampler's response cap.
@@ -170,6 +174,7 @@ class Trainer:
         if self.checkpointer is None:
             self.checkpointer = Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints)
         self.metrics = MetricsLogger(self.run_dir, self.total_steps, cfg.logging, configlib.to_dict(cfg))
+        self.times.add("start-up", time.perf_counter() - t0 - sum(sum(x) for x in self.times.seconds.values()))
 
     # -- set-up --
 
@@ -393,7 +398,8 @@ class Trainer:
         val = None
         try:
             if self.cfg.val_before_train and step == 0:
-                val = self.validate(step)
+                with self.times("validation"):
+                    val = self.validate(step)
             while step < self.total_steps and not self._stop_requested:
                 try:
                     batch = next(self.data)
@@ -403,16 +409,21 @@ class Trainer:
                 step += 1
                 after = self.data.get_state()
                 try:
-                    self.metrics.write(step, self.train_step(step, batch))
+                    with self.times("train step"):
+                        metrics = self.train_step(step, batch)
+                    self.metrics.write(step, metrics)
                 finally:
                     if self._steps_taken() == step:  # the update ran (also before a Stop of the NaN guard)
                         data_state = after
                 if step % self.cfg.save_freq == 0:
-                    self.save(step, data_state)
+                    with self.times("checkpoint"):
+                        self.save(step, data_state)
                 if self.cfg.val_freq and step % self.cfg.val_freq == 0:
-                    val = self.validate(step)
+                    with self.times("validation"):
+                        val = self.validate(step)
             if not self._stop_requested and self.cfg.val_freq and step % self.cfg.val_freq:
-                val = self.validate(step)
+                with self.times("validation"):
+                    val = self.validate(step)
         finally:
             taken = self._steps_taken()
             if taken is None:
@@ -420,9 +431,11 @@ class Trainer:
                           self.checkpointer.latest_step())
             elif taken not in self.checkpointer.steps():
                 self.save(taken, data_state)
-            self.checkpointer.wait()  # the last save is complete on disk before the run ends (SIGTERM too)
+            with self.times("checkpoint"):
+                self.checkpointer.wait()  # the last save is complete on disk before the run ends (SIGTERM too)
             self.scorer.close()
             self.metrics.close()
+            log.info("%s", self.times.summary())
         return val
 
 
@@ -470,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(_yaml(configlib.to_dict(cfg)), end="")
         return 0
+    if cfg.compilation_cache_dir and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compilation_cache_dir))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)  # most of the tiny run's take < 1 s
     if cfg.distributed:
         jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
                                    process_id=cfg.process_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,10 @@ def prepare_run(cfg: TrainConfig) -> TrainConfig:
     (`cfg.tiny` settings), logs the judge's verdict accuracy on held-out pairs, and returns the
     config pointed at them (data, validation, policy, judge, tokenizers)."""
     t, root = cfg.tiny, Path(cfg.run_dir)
+    t0 = time.perf_counter()
     assets = build_tiny_assets(root, seed=t.seed, architecture=t.architecture)
+    log.info("tiny assets (task, tokenizer, random-weight models) in %.0f s -> %s", time.perf_counter() - t0,
+             Path(assets.policy).parent)
     policy = warm_start_policy(assets, root / "warm_start" / "policy", steps=t.policy_steps,
                                batch_size=t.policy_batch_size, lr=t.policy_lr, seed=t.seed, p_state=t.policy_p_state,
                                p_true=t.policy_p_true)
