@@ -19,11 +19,13 @@ axis names for our sharding rules; and we still need PEFT's init, dropout only i
 PEFT's file layout, which it does not give. A dozen lines in `Dense` do the math on both paths.
 
 Sampling: the sampler runs on the merged weights, merged once per step (`merge`, jitted by the
-learner), not on base + adapters. Measured with XLA's cost analysis on CPU (`python
-bench/lora_decode.py`): at a 1.5B-class decoder, rank 64 on all seven projections, 128 rows,
-fp32, one decode step reads about 3% more bytes and does ~2x the flops with the adapters unmerged
-(their two small matmuls per projection per token), while a merge costs about one decode step's
-bytes once per rollout of hundreds of steps (docs/PERFORMANCE.md has the table).
+learner: `Learner.policy_params`), not on base + adapters in every decode step. Measured with
+XLA's cost analysis on CPU (`python bench/lora_decode.py --rows 16 --rank 64`; the decode issue's
+1.5B-class Qwen2.5-VL, fp32, 522 cache slots): a decode step reads 7.92 GB merged and 8.34 GB
+unmerged (+5.3%; +4.7% flops, 1511 kernels instead of 1119: two small matmuls per projection and
+token), a merge moves 21.3 GB once, so merging pays after 51 decode steps (17 at 128 rows, 107 at
+rank 16), fewer than one decode segment (128 steps) of a rollout. The cost: a merged copy of the
+adapted kernels in the compute dtype beside the base while the step samples (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
