@@ -561,7 +561,8 @@ def main():
     p.add_argument("--judge-length", type=int, default=2048)
     p.add_argument("--budget", type=int, default=900, help="seconds of compiling per mesh size; later points skipped")
     p.add_argument("--json", default=None, help="write the raw points here")
-    p.add_argument("--lora-rank", type=int, default=0, help="learner.lora.rank of the train step (0 = full fine-tuning)")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="learner.lora.rank of the train step (0 = full fine-tuning)")
     p.add_argument("--state", action="store_true",
                    help="only the train state per chip (params, grads, optimizer), without and with --lora-rank")
     a = p.parse_args()

@@ -107,7 +107,8 @@ def layer_stack(layer: type[nn.Module], length: int, remat: bool, num_broadcast:
     one body compiled whatever the depth. The layer's first argument is the carry, its second is
     scanned (per-layer input such as the vision blocks' full-attention flag, or None), the next
     `num_broadcast` are shared.
-    `remat` recomputes each layer's activations in the backward pass."""
+    `remat` recomputes each layer's activations in the backward pass. A "dropout" rng (LoRA's, in
+    the update) is split per layer, so each layer draws its own masks."""
     if remat:
         layer = nn.remat(layer, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
     return nn.scan(

@@ -23,6 +23,9 @@ Pieces (pure functions first, a thin shell last):
   state and counts a skipped step, all inside jit.
 - `Learner`: builds the jitted step against a mesh with explicit in/out shardings from
   `pr1_jax.sharding`, traced inside its activation rules, and donates the state.
+- LoRA (`learner.lora`, `pr1_jax.lora`): the state's params are the adapters, the frozen base
+  (compute dtype, vision tower included) is the step's third argument; the loss differentiates
+  the adapters only, so the gradients, the moments and the checkpoints are the adapters'.
 """
 
 from __future__ import annotations
@@ -587,8 +590,8 @@ class Learner:
             if self.lora is not None:
                 fn = functools.partial(lambda step, state, batch, base: step(state, batch, base=base), fn)
                 shardings += (self.policy_shardings,)
-            self._steps[key] = jax.jit(fn, in_shardings=shardings, out_shardings=(self.state_shardings, self._replicated),
-                                       donate_argnums=0)
+            self._steps[key] = jax.jit(fn, in_shardings=shardings,
+                                       out_shardings=(self.state_shardings, self._replicated), donate_argnums=0)
         return self._steps[key]
 
     def logprobs(self, params, batch: LearnerBatch):

@@ -216,8 +216,8 @@ class Trainer:
         """One rollout of a data batch and its scores: (rollout, score dicts, extra metrics)."""
         self.key, sample_key = jax.random.split(self.key)
         t0 = time.perf_counter()
-        ro = rollout(self.policy, self.learner.policy_params(self.state), self.sampler, self.tokenizer, batch, sample_key, self.mesh,
-                     self.cfg.data.patch_limit_per_record)
+        ro = rollout(self.policy, self.learner.policy_params(self.state), self.sampler, self.tokenizer, batch,
+                     sample_key, self.mesh, self.cfg.data.patch_limit_per_record)
         t_sample = time.perf_counter() - t0
         scores, extra = self._score(ro, batch)
         return ro, scores, dict(extra, sec_sample=t_sample)
@@ -373,8 +373,8 @@ class Trainer:
         return out
 
     def _greedy(self, batch: dict) -> Rollout:
-        return rollout(self.policy, self.learner.policy_params(self.state), self.greedy_sampler, self.tokenizer, batch, jax.random.key(0),
-                       self.mesh, self.cfg.data.patch_limit_per_record)
+        return rollout(self.policy, self.learner.policy_params(self.state), self.greedy_sampler, self.tokenizer,
+                       batch, jax.random.key(0), self.mesh, self.cfg.data.patch_limit_per_record)
 
     # -- the run --
 

@@ -23,8 +23,8 @@ from models.pretrained import abstract_params
 from pr1_jax import configlib, lora, train
 from pr1_jax.checkpoint import Checkpointer
 from pr1_jax.export import export, load_run_params
-from pr1_jax.learner import Learner, LearnerConfig, init_state, make_module, make_optimizer, lr_schedule, \
-    response_logprobs, train_step
+from pr1_jax.learner import (Learner, LearnerConfig, init_state, loss_and_grads, lr_schedule, make_module,
+                             make_optimizer, response_logprobs, train_step)
 from pr1_jax.sharding import global_batch, make_mesh
 from test_learner import BASE, TEMP, setup  # noqa: F401  (setup: the learner tests' module fixture)
 from test_train import _args, assets  # noqa: F401  (assets: the tiny run's session fixture; registers test_parity)
@@ -68,6 +68,23 @@ def test_adapter_math(setup):
     # Dropout only with the update's rng.
     dropped = logp(module, lora.join(params, adapters), jax.random.key(0))
     assert np.abs(np.asarray(dropped) - np.asarray(unmerged))[mask].max() > 1e-3
+
+
+def test_adapter_grads_are_the_chain_rule_of_the_kernels(setup):
+    """At B = 0 the adapted kernel is W + s A B, so dL/dB = s A^T dL/dW and dL/dA = 0: the adapters'
+    gradients from the update's own path against the full model's kernel gradients."""
+    cfg = dataclasses.replace(BASE, lora=LORA)
+    module = make_module(setup.model.config, cfg)
+    adapters = _adapters(module)
+    grads, _ = jax.jit(lambda a, p: loss_and_grads(a, setup.batch, cfg, module, temperature=TEMP, base=p))(
+        adapters, setup.model.params)
+    full, _ = setup.grads(BASE)
+    for name, g in grads["decoder"]["layers"].items():
+        a = adapters["decoder"]["layers"][name]["lora_a"]
+        dw = full["decoder"]["layers"][name]["kernel"]  # [L, in, out]
+        expected = LORA.scale * jnp.einsum("lir,lio->lro", a, dw)
+        assert float(jnp.max(jnp.abs(g["lora_b"] - expected))) <= 1e-5 * max(float(jnp.max(jnp.abs(expected))), 1.0)
+        assert float(jnp.max(jnp.abs(expected))) > 0 and not np.any(g["lora_a"]), name
 
 
 @pytest.mark.devices(8)
