@@ -99,8 +99,9 @@ def ideal_bytes(decode_params, cache) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((decode_params, cache.k, cache.v)))
 
 
-def decode_cost(config: dict, rows: int, cache_len: int, dtype: str, new_tokens: int = 256) -> dict:
-    """Compiles `decode_step` for `rows` rows on a `cache_len`-slot cache, params and compute in `dtype`."""
+def decode_cost(config: dict, rows: int, cache_len: int, dtype: str, new_tokens: int = 256, lora=None) -> dict:
+    """Compiles `decode_step` for `rows` rows on a `cache_len`-slot cache, params and compute in
+    `dtype`; with `lora` (a `pr1_jax.lora.LoraConfig`) on base + unmerged adapters."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -112,7 +113,7 @@ def decode_cost(config: dict, rows: int, cache_len: int, dtype: str, new_tokens:
 
     cfg = config_from_dict(config)
     dt = jnp.dtype(dtype)
-    module = QwenCausalLM(cfg, dtype=dt, param_dtype=dt)
+    module = QwenCausalLM(cfg, dtype=dt, param_dtype=dt, lora=lora)
     params = jax.eval_shape(module.decode_params, nn.unbox(abstract_params(module)))
     sds = jax.ShapeDtypeStruct
     t = cfg.text
@@ -131,7 +132,7 @@ def decode_cost(config: dict, rows: int, cache_len: int, dtype: str, new_tokens:
     raw = raw[0] if isinstance(raw, (list, tuple)) else raw
     accessed, ideal = int(costs.bytes_accessed()), ideal_bytes(params, cache)
     return dict(rows=rows, cache_len=cache_len, dtype=dt.name, bytes_accessed=accessed, ideal_bytes=ideal,
-                ratio=round(accessed / ideal, 3), kernels=costs.kernels(),
+                ratio=round(accessed / ideal, 3), kernels=costs.kernels(), flops=int(costs.cost("flops")),
                 xla_bytes_loops_once=int(raw["bytes accessed"]))
 
 

@@ -8,6 +8,8 @@ virtual CPU meshes, from abstract params only.
     python bench/memory.py --programs sampler --patches 0  # text-only prompts
     python bench/memory.py --devices 32 --programs train_step --prompt 4096 --response 4096 --attention pallas
     python bench/memory.py --worker 8 ...                  # one mesh size (the parent runs one per N)
+    python bench/memory.py --devices 32 --state --lora-rank 64  # params / grads / optimizer state per chip, ~1 min
+    python bench/memory.py --devices 32 --programs train_step --lora-rank 64  # the update with LoRA
 
 Nothing is materialised: params, optimizer state and batches are `jax.ShapeDtypeStruct`s carrying
 the shardings of `pr1_jax.sharding.param_shardings(models.abstract_params(module), mesh)` (the
@@ -57,6 +59,13 @@ loop). Those bytes are found in the compiled HLO and reported (`cpu_upcast`); `t
 minus them is what the batch search uses. This CPU compile is a proxy for the TPU one: XLA:TPU
 fuses, lays out and rematerialises differently, so take these as estimates of the same order,
 not TPU numbers.
+
+LoRA. `--lora-rank R` compiles the update with `learner.lora` (rank R, alpha 2R, all seven
+projections): the state is the adapters and their moments, the frozen bf16 base an argument.
+`--state` compiles nothing: per chip, the bytes of the params (full fine-tuning: fp32 master
+weights; LoRA: the bf16 base + fp32 adapters), of the gradients the update accumulates (fp32, of
+the trainable params) and of Adam's two fp32 moments, each leaf's shard as the trainer places it,
+without and with `--lora-rank` (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -64,6 +73,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -202,9 +212,16 @@ def train_step_stats(mesh, policy_cfg, seqs: int, a) -> dict:
 
     mini = max(a.mini_batch, seqs)
     cfg = LearnerConfig(lr=1e-6, weight_decay=1e-3, dtype="bfloat16", param_dtype="float32", remat=True,
-                        micro_batch_size=seqs)
+                        micro_batch_size=seqs, lora=_lora(a.lora_rank))
     learner = Learner(policy_cfg, cfg, mesh, total_steps=282, attention=a.attention)
     params = nn.unbox(__import__("models").abstract_params(learner.module))
+    base = ()
+    if a.lora_rank:
+        from pr1_jax import lora
+
+        frozen, params = lora.split(params)
+        base = (_abstract(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), frozen),
+                          learner.policy_shardings),)
     state = _abstract(jax.eval_shape(functools.partial(init_state, tx=learner.tx), params), learner.state_shardings)
     length = a.prompt + a.response
 
@@ -221,7 +238,47 @@ def train_step_stats(mesh, policy_cfg, seqs: int, a) -> dict:
                          response_mask=arr((mini, a.response), jnp.int32),
                          old_logprobs=arr((mini, a.response), jnp.float32), advantages=arr((mini,), jnp.float32),
                          vision=_vision_inputs((groups,), a.patches, policy_cfg.vision, mesh, batch_axis=True))
-    return _compile(learner.jitted_step(batch), state, batch)
+    return _compile(learner.jitted_step(batch), state, batch, *base)
+
+
+def _lora(rank: int):
+    from pr1_jax.lora import LoraConfig
+
+    return LoraConfig(rank=rank, alpha=2.0 * rank)
+
+
+def state_stats(mesh, policy_cfg, rank: int) -> dict:
+    """Per-chip GiB of the train state as the trainer places it, full fine-tuning (rank 0) or LoRA:
+    params (fp32 master weights; LoRA: bf16 base + fp32 adapters), grads (fp32, trainable only),
+    Adam's moments (fp32, trainable only). Compiles nothing."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from models import abstract_params
+    from pr1_jax import lora
+    from pr1_jax.learner import Learner, LearnerConfig
+
+    cfg = LearnerConfig(dtype="bfloat16", param_dtype="float32", lora=_lora(rank) if rank else lora.LoraConfig())
+    learner = Learner(policy_cfg, cfg, mesh, total_steps=282)
+    params = nn.unbox(abstract_params(learner.module))
+    frozen = {}
+    if rank:
+        frozen, params = lora.split(params)
+        frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), frozen)
+
+    def gib(tree, shardings):
+        return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+                   for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))) / GIB
+
+    opt = jax.eval_shape(learner.tx.init, params)
+    trainable = gib(params, learner.param_shardings)
+    out = dict(devices=len(mesh.devices.flat), lora_rank=rank,
+               trainable_params=sum(x.size for x in jax.tree.leaves(params)),
+               base_GiB=gib(frozen, learner.policy_shardings) if rank else 0.0, trainable_GiB=trainable,
+               grads_GiB=trainable, optimizer_GiB=gib(opt, learner.state_shardings.opt_state))
+    out["total_GiB"] = out["base_GiB"] + 2 * trainable + out["optimizer_GiB"]
+    return out
 
 
 def sampler_stats(mesh, policy_cfg, prompts: int, a) -> dict:
@@ -351,6 +408,10 @@ def worker(a) -> None:
     mesh = make_mesh((1, -1, a.tensor))
     data = n // a.tensor  # data x fsdp devices: the learner's and judge's rows must be multiples of this
     policy_cfg, judge_cfg = _configs(a.model, a.layers or None, a.layers or None)
+    if a.state:
+        for rank in sorted({0, a.lora_rank}):
+            print(json.dumps(dict(program="state", **state_stats(mesh, policy_cfg, rank))), flush=True)
+        return
     deadline = time.time() + a.budget
     for program in a.programs:
         cfg = judge_cfg if program.startswith("judge") else policy_cfg
@@ -453,6 +514,11 @@ def parent(a) -> None:
         results += lines
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
+    if a.state:
+        print(f"\ntrain state per chip (GiB), mesh [1, N/{a.tensor}, {a.tensor}]: full fine-tuning and LoRA rank "
+              f"{a.lora_rank} (alpha {2 * a.lora_rank}, all seven projections); total = base + params + grads + Adam\n")
+        print(table([{k: v for k, v in r.items() if k != "program"} for r in results]))
+        return
     print("\nper-device memory (XLA:CPU memory_analysis; tpu_est = peak - CPU-only f32 copies of bf16 weights)")
     print("and the largest batch whose tpu_est fits each chip (verified by a compile; (<B): B does not fit,")
     print("(+): the search stopped below the limit). train_step: sequences per micro-batch; sampler: sequences")
@@ -495,6 +561,10 @@ def main():
     p.add_argument("--judge-length", type=int, default=2048)
     p.add_argument("--budget", type=int, default=900, help="seconds of compiling per mesh size; later points skipped")
     p.add_argument("--json", default=None, help="write the raw points here")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="learner.lora.rank of the train step (0 = full fine-tuning)")
+    p.add_argument("--state", action="store_true",
+                   help="only the train state per chip (params, grads, optimizer), without and with --lora-rank")
     a = p.parse_args()
     if a.worker:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -8,6 +8,8 @@ added at the same positions to the outputs of the first decoder layers.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -44,13 +46,14 @@ class QwenCausalLM(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     attention: str = "auto"
+    lora: Any = None  # LoRA adapters on the decoder's projections (`models.layers.Dense`, `pr1_jax.lora`)
 
     def setup(self):
         text, kw = self.cfg.text, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = nn.Embed(
             text.vocab_size, text.hidden_size, embedding_init=param_init(("vocab", "embed")), **kw
         )
-        self.decoder = Qwen2Decoder(text, remat=self.remat, attention=self.attention, **kw)
+        self.decoder = Qwen2Decoder(text, remat=self.remat, attention=self.attention, lora=self.lora, **kw)
         if not text.tie_word_embeddings:
             self.lm_head = nn.Dense(
                 text.vocab_size, use_bias=False, kernel_init=param_init(("embed", "vocab")), **kw

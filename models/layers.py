@@ -25,11 +25,39 @@ def param_init(names: Sequence[str | None], init: Callable = nn.initializers.nor
     return nn.with_logical_partitioning(init, tuple(names))
 
 
+class Dense(nn.Dense):
+    """nn.Dense, and with `lora` a low-rank adapter beside its kernel (LoRA):
+    y = x W + b + (alpha / rank) * dropout(x) A B, A `lora_a` [in, rank], B `lora_b` [rank, out],
+    float32 params next to `kernel` (their logical axes: the kernel's input, resp. output axis),
+    computed in the layer's dtype. `lora`: an object with `rank`, `alpha`, `dropout`
+    (`pr1_jax.lora.LoraConfig`). Both start at zero here, so the model's own `init` is the base
+    model; `pr1_jax.lora.init_adapters` draws A as PEFT does. The dropout runs only when the
+    apply is given a "dropout" rng (the learner's update), never when sampling or scoring."""
+
+    lora: Any = None
+    axes: tuple[str | None, str | None] = (None, None)  # the kernel's logical axes
+
+    @nn.compact
+    def __call__(self, x):
+        y = super().__call__(x)
+        if self.lora is None:
+            return y
+        zeros = nn.initializers.zeros
+        a = self.param("lora_a", param_init((self.axes[0], None), zeros), (x.shape[-1], self.lora.rank), jnp.float32)
+        b = self.param("lora_b", param_init((None, self.axes[1]), zeros), (self.lora.rank, self.features), jnp.float32)
+        h = x.astype(self.dtype)
+        if self.lora.dropout and self.has_rng("dropout"):
+            h = nn.Dropout(self.lora.dropout, deterministic=False)(h)
+        delta = (h @ a.astype(self.dtype)) @ b.astype(self.dtype)
+        return y + (self.lora.alpha / self.lora.rank) * delta
+
+
 def dense(features: int, names: tuple[str | None, str | None], *, use_bias: bool = True,
-          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, name: str | None = None):
-    """nn.Dense with a `[in, out]` kernel named by logical axes `names` (bias takes `names[1]`)."""
-    return nn.Dense(
-        features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, name: str | None = None, lora: Any = None):
+    """`Dense` with a `[in, out]` kernel named by logical axes `names` (bias takes `names[1]`), and
+    an adapter when `lora` is given."""
+    return Dense(
+        features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name, lora=lora, axes=names,
         kernel_init=param_init(names), bias_init=param_init(names[1:], nn.initializers.zeros),
     )
 
@@ -79,11 +107,12 @@ def layer_stack(layer: type[nn.Module], length: int, remat: bool, num_broadcast:
     one body compiled whatever the depth. The layer's first argument is the carry, its second is
     scanned (per-layer input such as the vision blocks' full-attention flag, or None), the next
     `num_broadcast` are shared.
-    `remat` recomputes each layer's activations in the backward pass."""
+    `remat` recomputes each layer's activations in the backward pass. A "dropout" rng (LoRA's, in
+    the update) is split per layer, so each layer draws its own masks."""
     if remat:
         layer = nn.remat(layer, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
     return nn.scan(
-        layer, variable_axes={"params": 0}, split_rngs={"params": True},
+        layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
         in_axes=(0,) + (nn.broadcast,) * num_broadcast, length=length,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )

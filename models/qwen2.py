@@ -18,6 +18,8 @@ copies those, XLA:GPU without dynamic-slice fusion too) and no restacking of the
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import flax.struct
 import jax
@@ -106,6 +108,8 @@ class DecoderLayer(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention: str = "xla"  # resolved (see models.attention)
     emit_kv: bool = False
+    # LoRA: `models.layers.Dense`'s adapters on the projections named in `lora.targets`.
+    lora: Any = None
 
     @nn.compact
     def __call__(self, x, index, kv, cos, sin, mask: AttentionMask, deepstack=None):
@@ -119,12 +123,17 @@ class DecoderLayer(nn.Module):
         deepstack: None or [k, B, T, E] (visual features at image tokens, zero elsewhere): layer
         `index` < k adds row `index` to its output (Qwen3-VL)."""
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        def proj(features, names, name, use_bias=False):
+            lora = self.lora if self.lora is not None and name in self.lora.targets else None
+            return dense(features, names, use_bias=use_bias, name=name, lora=lora, **kw)
+
         b, t, _ = x.shape
         x = constrain(x, ("batch", "length", "embed"))
         h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
-        q = dense(cfg.num_heads * cfg.head_dim, ("embed", "q_heads"), use_bias=cfg.qkv_bias, name="q_proj", **kw)(h)
-        k = dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, name="k_proj", **kw)(h)
-        v = dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, name="v_proj", **kw)(h)
+        q = proj(cfg.num_heads * cfg.head_dim, ("embed", "q_heads"), "q_proj", cfg.qkv_bias)(h)
+        k = proj(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), "k_proj", cfg.qkv_bias)(h)
+        v = proj(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), "v_proj", cfg.qkv_bias)(h)
 
         def heads(a, n, name):
             # Split by whole heads right at the reshape: the projection's columns (heads x
@@ -156,13 +165,13 @@ class DecoderLayer(nn.Module):
             attn = attend(q, k, v, mask, implementation, self.dtype)
         attn = attn.swapaxes(1, 2).reshape(b, t, -1)
         attn = constrain(attn, ("batch", "length", "q_heads"))
-        x = x + dense(cfg.hidden_size, ("q_heads", "embed"), use_bias=False, name="o_proj", **kw)(attn)
+        x = x + proj(cfg.hidden_size, ("q_heads", "embed"), "o_proj")(attn)
         x = constrain(x, ("batch", "length", "embed"))
         h = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
-        gate = dense(cfg.intermediate_size, ("embed", "mlp"), use_bias=False, name="gate_proj", **kw)(h)
-        up = dense(cfg.intermediate_size, ("embed", "mlp"), use_bias=False, name="up_proj", **kw)(h)
+        gate = proj(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(h)
+        up = proj(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(h)
         hidden = constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        x = x + dense(cfg.hidden_size, ("mlp", "embed"), use_bias=False, name="down_proj", **kw)(hidden)
+        x = x + proj(cfg.hidden_size, ("mlp", "embed"), "down_proj")(hidden)
         if deepstack is not None:
             n = deepstack.shape[0]
             x = x + jnp.where(index < n, deepstack[jnp.minimum(index, n - 1)].astype(x.dtype), 0)
@@ -178,6 +187,7 @@ class Qwen2Decoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     attention: str = "auto"  # see models.attention
+    lora: Any = None  # adapters on the layers' projections (`DecoderLayer`)
 
     @nn.compact
     def __call__(self, x, positions, attention_mask, branches=None, cache_len: int | None = None, groups=None,
@@ -218,7 +228,8 @@ class Qwen2Decoder(nn.Module):
             mask = AttentionMask.right_padded(jnp.maximum(valid.sum(axis=1), 1), valid.shape[1], causal=True)
         mask = mask.prepare(implementation, self.dtype)
         stack = layer_stack(DecoderLayer, self.cfg.num_layers, self.remat, num_broadcast=5)
-        layers = stack(self.cfg, self.dtype, self.param_dtype, implementation, emit_kv=bool(cache_len), name="layers")
+        layers = stack(self.cfg, self.dtype, self.param_dtype, implementation, emit_kv=bool(cache_len), lora=self.lora,
+                       name="layers")
         x, kv = layers(x, jnp.arange(self.cfg.num_layers), None, cos, sin, mask, deepstack)
         if order is not None:
             back = jnp.argsort(order, axis=1)
@@ -248,7 +259,7 @@ class Qwen2Decoder(nn.Module):
                                  causal=True)
             layers = zip(cache.k, cache.v)
         cos, sin = rope_cos_sin(self.cfg, positions)
-        layer = DecoderLayer(self.cfg, self.dtype, self.param_dtype, "xla", parent=None)
+        layer = DecoderLayer(self.cfg, self.dtype, self.param_dtype, "xla", lora=self.lora, parent=None)
         kvs = []
         for p, kv in zip(params["layers"], layers):
             x, kv = layer.apply({"params": p}, x, None, kv, cos, sin, mask)

@@ -23,6 +23,9 @@ Pieces (pure functions first, a thin shell last):
   state and counts a skipped step, all inside jit.
 - `Learner`: builds the jitted step against a mesh with explicit in/out shardings from
   `pr1_jax.sharding`, traced inside its activation rules, and donates the state.
+- LoRA (`learner.lora`, `pr1_jax.lora`): the state's params are the adapters, the frozen base
+  (compute dtype, vision tower included) is the step's third argument; the loss differentiates
+  the adapters only, so the gradients, the moments and the checkpoints are the adapters'.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from models.causal_lm import QwenCausalLM
 from models.config import ModelConfig
 from models.pretrained import abstract_params, as_dtype
 from models.vision import VisionInputs
-from pr1_jax import configlib
+from pr1_jax import configlib, lora
 from pr1_jax.grpo import GRPOLossConfig, entropy_from_logits, grpo_loss, token_logprobs
 from pr1_jax.packing import PackedBatch, PackingMode
 from pr1_jax.rollout import LearnerBatch
@@ -95,6 +98,10 @@ class LearnerConfig:
     # `Learner.logprobs` before the first of them instead. Either way the step reports how far
     # the sampler's log-probs are from the learner's.
     recompute_old_logprobs: bool = False
+    # LoRA (`pr1_jax.lora`): rank > 0 trains adapters on the decoder's projections only; the base
+    # weights are frozen in `dtype` and the vision tower with them; adapters and their Adam
+    # moments are float32 and are all a checkpoint holds.
+    lora: lora.LoraConfig = lora.LoraConfig()
 
     def __post_init__(self):
         if self.packing not in ("off", "groups", "sequences"):
@@ -117,10 +124,14 @@ class TrainState:
     skipped: jax.Array  # [] int32, steps skipped for a non-finite loss or gradient
 
 
-def make_module(model_config: ModelConfig, cfg: LearnerConfig, attention: str = "auto") -> QwenCausalLM:
-    """attention: the run's `model.attention` (one setting for the policy's sampler and learner)."""
+def make_module(model_config: ModelConfig, cfg: LearnerConfig, attention: str = "auto",
+                adapters: bool = True) -> QwenCausalLM:
+    """attention: the run's `model.attention` (one setting for the policy's sampler and learner).
+    With `learner.lora` on, the module has its adapters unless `adapters` is False (the policy's
+    own architecture: what merged params, the base or a reference policy apply to)."""
     return QwenCausalLM(model_config, dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype),
-                        remat=cfg.remat, attention=attention)
+                        remat=cfg.remat, attention=attention,
+                        lora=cfg.lora if cfg.lora.enabled and adapters else None)
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -189,14 +200,15 @@ def rows_per_group(batch: LearnerBatch) -> int:
 
 
 def response_logprobs(module: QwenCausalLM, params, batch: LearnerBatch, temperature: float = 1.0, *,
-                      entropy_grad: bool = True, features=None):
+                      entropy_grad: bool = True, features=None, rng=None):
     """(logp [N, R], entropy [N, R]) float32 of the response tokens under
     softmax(logits / temperature); only the hidden states at T-1 .. T+R-2 go through the LM head.
     Values at masked (non-response) positions are meaningless; mask them.
     entropy_grad=False: the entropy is computed from stop-gradient logits (a metric only).
     features: [N, M, E] every row's visual tokens; default `image_features` of `batch.vision`,
-    once per group, repeated to the group's rows (then `params` need no vision tower)."""
-    apply = functools.partial(module.apply, {"params": params})
+    once per group, repeated to the group's rows (then `params` need no vision tower).
+    rng: the LoRA adapters' dropout key (the update's; None: no dropout)."""
+    apply = _applier(module, params, rng)
     if features is None and batch.vision is not None:
         features = jnp.repeat(image_features(module, params, batch.vision), rows_per_group(batch), axis=0)
     r = batch.response_mask.shape[1]
@@ -213,12 +225,13 @@ def response_logprobs(module: QwenCausalLM, params, batch: LearnerBatch, tempera
 
 
 def packed_logprobs(module: QwenCausalLM, params, batch: PackedBatch, temperature: float = 1.0, *,
-                    entropy_grad: bool = True, features=None):
+                    entropy_grad: bool = True, features=None, rng=None):
     """(logp [W, L], entropy [W, L]) float32 of every token of the packed rows (`pr1_jax.packing`)
     from the hidden state of its `sources` slot; meaningful at `response_mask` only.
     features: [G, M, E] the vision groups' visual tokens (default `image_features` of
-    `batch.vision`); each row's image tokens take theirs through `image_index`."""
-    apply = functools.partial(module.apply, {"params": params})
+    `batch.vision`); each row's image tokens take theirs through `image_index`. rng: see
+    `response_logprobs`."""
+    apply = _applier(module, params, rng)
     if features is None and batch.vision is not None:
         features = image_features(module, params, batch.vision)
     ids = batch.input_ids
@@ -238,11 +251,16 @@ def packed_logprobs(module: QwenCausalLM, params, batch: PackedBatch, temperatur
 
 
 def batch_logprobs(module: QwenCausalLM, params, batch, temperature: float = 1.0, *, entropy_grad: bool = True,
-                   features=None):
+                   features=None, rng=None):
     """`response_logprobs` of a per-sequence `LearnerBatch`, `packed_logprobs` of a `PackedBatch`
     (features: the rows' [N, M, E] resp. the groups' [G, M, E])."""
     fn = packed_logprobs if isinstance(batch, PackedBatch) else response_logprobs
-    return fn(module, params, batch, temperature, entropy_grad=entropy_grad, features=features)
+    return fn(module, params, batch, temperature, entropy_grad=entropy_grad, features=features, rng=rng)
+
+
+def _applier(module: QwenCausalLM, params, rng):
+    """`module.apply` on `params`, with the adapters' dropout stream when `rng` is given."""
+    return functools.partial(module.apply, {"params": params}, rngs=None if rng is None else {"dropout": rng})
 
 
 def sequence_count(batch) -> jax.Array:
@@ -296,11 +314,11 @@ def micro_features(features, j, num_micro: int, rows_per_group: int):
 
 
 def micro_batch_loss(params, mb: LearnerBatch, cfg: LearnerConfig, module: QwenCausalLM, num_tokens, num_seqs,
-                     temperature: float = 1.0, features=None):
+                     temperature: float = 1.0, features=None, rng=None):
     """Loss of one micro-batch normalised by the mini-batch's global counts (summable), and its
-    metrics: (sums, maxes). features: see `batch_logprobs`."""
+    metrics: (sums, maxes). features, rng: see `batch_logprobs`."""
     ent_grad = cfg.loss.entropy_coef != 0.0
-    logp, ent = batch_logprobs(module, params, mb, temperature, entropy_grad=ent_grad, features=features)
+    logp, ent = batch_logprobs(module, params, mb, temperature, entropy_grad=ent_grad, features=features, rng=rng)
     mask = mb.response_mask.astype(bool)
     sampler_logp = mb.old_logprobs
     old = jax.lax.stop_gradient(logp) if cfg.recompute_old_logprobs else sampler_logp
@@ -315,7 +333,7 @@ def micro_batch_loss(params, mb: LearnerBatch, cfg: LearnerConfig, module: QwenC
 
 
 def loss_and_grads(params, batch: LearnerBatch, cfg: LearnerConfig, module: QwenCausalLM, mesh: Mesh | None = None,
-                   temperature: float = 1.0):
+                   temperature: float = 1.0, base=None, rng=None):
     """(grads, metrics) of the mini-batch token-mean loss, accumulated over micro-batches with
     `lax.scan`. Gradients are float32 and exactly (up to summation order) those of one pass.
     A per-sequence batch splits into micro-batches of `micro_batch_size` sequences, a packed one
@@ -325,7 +343,11 @@ def loss_and_grads(params, batch: LearnerBatch, cfg: LearnerConfig, module: Qwen
     The vision tower runs once per vision group, before the scan and sharded with the groups;
     each micro-batch reads its rows' features (`micro_features`); the features' gradient,
     summed over the scan, goes back through the tower once (`jax.vjp`). With `freeze_vision` the
-    features are constants: no backward through the tower at all."""
+    features are constants: no backward through the tower at all.
+
+    LoRA: `params` are the adapters and `base` the frozen params (`pr1_jax.lora.split`); the
+    gradients are the adapters', the tower's features constants. rng: the adapters' dropout key,
+    folded with the micro-batch's index."""
     mask = batch.response_mask.astype(bool)
     num_tokens = jnp.sum(mask.astype(jnp.float32))
     num_seqs = sequence_count(batch)
@@ -342,14 +364,19 @@ def loss_and_grads(params, batch: LearnerBatch, cfg: LearnerConfig, module: Qwen
         raise ValueError(f"micro-batches of {micro} rows do not divide the batch of {n} rows")
     num_micro = n // micro
     mbs = split_micro_batches(batch.replace(vision=None), num_micro, mesh)
-    text = {k: v for k, v in params.items() if k != "visual"}
+    if base is None:
+        text, policy, frozen = {k: v for k, v in params.items() if k != "visual"}, (lambda t: t), cfg.freeze_vision
+    else:
+        base_text = {k: v for k, v in base.items() if k != "visual"}
+        text, policy, frozen = params, functools.partial(lora.join, base_text), True
+    vision_params = params if base is None else base
     on_groups = (lambda x: x) if mesh is None else (
         lambda x: jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.shape)))
     feats = pull = None
     k = 1 if batch.vision is None or packed else rows_per_group(batch)
     if batch.vision is not None:
-        if cfg.freeze_vision:
-            feats = jax.lax.stop_gradient(image_features(module, params, batch.vision))
+        if frozen:
+            feats = jax.lax.stop_gradient(image_features(module, vision_params, batch.vision))
         else:
             feats, pull = jax.vjp(lambda v: image_features(module, {**params, "visual": v}, batch.vision),
                                   params["visual"])
@@ -358,7 +385,9 @@ def loss_and_grads(params, batch: LearnerBatch, cfg: LearnerConfig, module: Qwen
     def loss_fn(text, feats, mb, j):
         # Packed rows gather their images' features from all groups (`packed_logprobs`).
         rows = feats if feats is None or packed else micro_features(feats, j, num_micro, k)
-        return micro_batch_loss(text, mb, cfg, module, num_tokens, num_seqs, temperature, features=rows)
+        key = None if rng is None else jax.random.fold_in(rng, j)
+        return micro_batch_loss(policy(text), mb, cfg, module, num_tokens, num_seqs, temperature, features=rows,
+                                rng=key)
 
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
 
@@ -424,12 +453,17 @@ def apply_update(state: TrainState, grads, metrics: dict, cfg: LearnerConfig, tx
     return new_state, metrics
 
 
+DROPOUT_SEED = 0x10A  # the adapters' dropout stream (any fixed key: the masks only need to differ per update)
+
+
 def train_step(state: TrainState, batch: LearnerBatch, cfg: LearnerConfig, module: QwenCausalLM,
                tx: optax.GradientTransformation, lr_fn: Callable, mesh: Mesh | None = None,
-               temperature: float = 1.0):
-    """One optimizer update on a mini-batch (pure; jit it with everything but state/batch bound):
-    `loss_and_grads` then `apply_update`, traced inside the mesh's activation rules.
-    `temperature`: the sampler's (`score_temperature`).
+               temperature: float = 1.0, base=None):
+    """One optimizer update on a mini-batch (pure; jit it with everything but state/batch/base
+    bound): `loss_and_grads` then `apply_update`, traced inside the mesh's activation rules.
+    `temperature`: the sampler's (`score_temperature`). LoRA: `state.params` are the adapters,
+    `base` the frozen params; the adapters' dropout key is fixed by the update's attempt count
+    (`step + skipped`), so a resumed run draws the masks it would have drawn.
 
     Returns (new_state, metrics): loss, pg_loss, clip_frac(_low/_high/_dual) and the reference's
     pg_clipfrac_higher/lower (`grpo.policy_loss`), approx_kl, ratio_mean,
@@ -439,8 +473,11 @@ def train_step(state: TrainState, batch: LearnerBatch, cfg: LearnerConfig, modul
     """
     if batch.advantages is None:
         raise ValueError("the learner batch needs advantages [N] (train_batch_from_samples(advantages=...))")
+    rng = None
+    if base is not None and cfg.lora.dropout:
+        rng = jax.random.fold_in(jax.random.key(DROPOUT_SEED), state.step + state.skipped)
     with activation_sharding(mesh):
-        grads, metrics = loss_and_grads(state.params, batch, cfg, module, mesh, temperature)
+        grads, metrics = loss_and_grads(state.params, batch, cfg, module, mesh, temperature, base, rng)
         return apply_update(state, grads, metrics, cfg, tx, lr_fn)
 
 
@@ -475,20 +512,34 @@ class Learner:
         learner = Learner(model.config, LearnerConfig(...), mesh, total_steps, temperature)
         state = learner.init_state(params)
         state, metrics = learner.step(state, sharding.global_batch(mesh, local_batch))
+        sampler(learner.policy_params(state), ...)
 
     temperature: the sampler's (`SamplingConfig.score_temperature`): the log-probs of the update,
     of a recomputed old policy and of the reference policy all use it. attention: the run's
     `model.attention` (`models.attention`).
+
+    LoRA (`cfg.lora.rank > 0`): `init_state` keeps the params it is given as the frozen base, in
+    the compute dtype, on the learner (`base`), and the state's params are fresh adapters
+    (`pr1_jax.lora.init_adapters` with `seed`); `policy_params` merges them into the base once per
+    call, which the sampler and the reference log-probs apply with the plain module.
     """
 
     def __init__(self, model_config: ModelConfig, cfg: LearnerConfig, mesh: Mesh, total_steps: int,
-                 temperature: float = 1.0, attention: str = "auto"):
-        self.cfg, self.mesh, self.temperature = cfg, mesh, temperature
+                 temperature: float = 1.0, attention: str = "auto", seed: int = 0):
+        self.cfg, self.mesh, self.temperature, self.seed = cfg, mesh, temperature, seed
         self.module = make_module(model_config, cfg, attention)
+        self.policy_module = make_module(model_config, cfg, attention, adapters=False)
+        self.lora = cfg.lora if cfg.lora.enabled else None
         self.tx = make_optimizer(cfg, total_steps, learning_rate=1.0)
         self.lr_fn = lr_schedule(cfg, total_steps)
         boxed = abstract_params(self.module)
-        self.param_shardings = param_shardings(boxed, mesh)
+        self.base = None
+        if self.lora is None:
+            self.param_shardings = self.policy_shardings = param_shardings(boxed, mesh)
+        else:
+            boxed_base, boxed = lora.split(boxed)
+            self.policy_shardings = param_shardings(boxed_base, mesh)
+            self.param_shardings = param_shardings(boxed, mesh)
         abstract = nn.unbox(boxed)
         replicated = NamedSharding(mesh, P())
         opt_shardings = _opt_state_shardings(jax.eval_shape(self.tx.init, abstract), abstract,
@@ -497,35 +548,57 @@ class Learner:
                                           skipped=replicated)
         self._replicated = replicated
         self._init = jax.jit(functools.partial(init_state, tx=self.tx), out_shardings=self.state_shardings)
+        if self.lora is not None:
+            self._adapters = jax.jit(functools.partial(lora.init_adapters, abstract=abstract),
+                                     out_shardings=self.param_shardings)
+            self._base = jax.jit(lambda p: jax.tree.map(lambda a: a.astype(as_dtype(cfg.dtype)), p),
+                                 out_shardings=self.policy_shardings)
+            self._merge = jax.jit(functools.partial(lora.merge, cfg=self.lora), out_shardings=self.policy_shardings)
         self._steps: dict = {}
         self._logprobs: dict = {}
 
     def init_state(self, params) -> TrainState:
-        params = jax.device_put(params, self.param_shardings)
-        return self._init(params)
+        """The state of a run starting from `params` (the policy's, without adapters). LoRA: they
+        become the frozen `base`, and the state holds fresh adapters."""
+        if self.lora is None:
+            return self._init(jax.device_put(params, self.param_shardings))
+        self.base = self._base(jax.device_put(params, self.policy_shardings))
+        return self._init(self._adapters(jax.random.key(self.seed)))
+
+    def policy_params(self, state: TrainState):
+        """The policy's params as the plain module (`policy_module`) applies them: the state's, or
+        with LoRA the base with the adapters merged (once per call; `pr1_jax.lora` says why)."""
+        return state.params if self.lora is None else self._merge(self.base, state.params)
 
     def _key(self, batch):
         return jax.tree.structure(batch), tuple(x.shape for x in jax.tree.leaves(batch))
 
     def step(self, state: TrainState, batch: LearnerBatch):
         """(new_state, metrics); `state` is donated."""
-        return self.jitted_step(batch)(state, batch)
+        base = () if self.lora is None else (self.base,)
+        return self.jitted_step(batch)(state, batch, *base)
 
     def jitted_step(self, batch: LearnerBatch):
         """The jitted update for the shapes of `batch` (arrays or `jax.ShapeDtypeStruct`s: benches
-        lower and compile it on abstract inputs), one per shape."""
+        lower and compile it on abstract inputs), one per shape: (state, batch) -> (state,
+        metrics), and with LoRA (state, batch, base)."""
         key = self._key(batch)
         if key not in self._steps:
             fn = functools.partial(train_step, cfg=self.cfg, module=self.module, tx=self.tx, lr_fn=self.lr_fn,
                                    mesh=self.mesh, temperature=self.temperature)
-            self._steps[key] = jax.jit(fn, in_shardings=(self.state_shardings, batch_shardings(self.mesh, batch)),
+            shardings = (self.state_shardings, batch_shardings(self.mesh, batch))
+            if self.lora is not None:
+                fn = functools.partial(lambda step, state, batch, base: step(state, batch, base=base), fn)
+                shardings += (self.policy_shardings,)
+            self._steps[key] = jax.jit(fn, in_shardings=shardings,
                                        out_shardings=(self.state_shardings, self._replicated), donate_argnums=0)
         return self._steps[key]
 
     def logprobs(self, params, batch: LearnerBatch):
-        """(logp, entropy) of the batch's responses under `params` (e.g. to recompute the old
-        policy once per rollout, or a reference policy), rows sharded over data: [N, R] of a
-        per-sequence batch, [W, L] of a packed one (the layout its own fields take)."""
+        """(logp, entropy) of the batch's responses under `params` (the plain module's, e.g. to
+        recompute the old policy once per rollout from `policy_params`, or a reference policy),
+        rows sharded over data: [N, R] of a per-sequence batch, [W, L] of a packed one (the layout
+        its own fields take)."""
         batch = batch.replace(old_logprobs=None, advantages=None, ref_logprobs=None)  # not read
         key = self._key(batch)
         if key not in self._logprobs:
@@ -533,8 +606,8 @@ class Learner:
 
             def fn(params, batch):
                 with activation_sharding(self.mesh):
-                    return batch_logprobs(self.module, params, batch, self.temperature, entropy_grad=False)
+                    return batch_logprobs(self.policy_module, params, batch, self.temperature, entropy_grad=False)
 
-            self._logprobs[key] = jax.jit(fn, in_shardings=(self.param_shardings, batch_shardings(self.mesh, batch)),
+            self._logprobs[key] = jax.jit(fn, in_shardings=(self.policy_shardings, batch_shardings(self.mesh, batch)),
                                           out_shardings=(out, out))
         return self._logprobs[key](params, batch)

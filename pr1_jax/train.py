@@ -129,9 +129,13 @@ class Trainer:
                 f"learner.max_tokens_per_micro_batch={cfg.learner.max_tokens_per_micro_batch} cannot hold a prompt of "
                 f"data.max_prompt_length + sampling.max_new_tokens = {longest} tokens")
         self.learner = Learner(model_cfg, cfg.learner, self.mesh, self.total_steps,
-                               temperature=self.sample_cfg.score_temperature, attention=cfg.model.attention)
+                               temperature=self.sample_cfg.score_temperature, attention=cfg.model.attention,
+                               seed=cfg.seed)
+        # LoRA keeps the base frozen in the compute dtype: loaded so, it is never held twice.
+        lora_on = cfg.learner.lora.enabled
         self.policy = load_model(cfg.model.policy, self.mesh, dtype=cfg.learner.dtype,
-                                 param_dtype=cfg.learner.param_dtype, attention=cfg.model.attention)
+                                 param_dtype=cfg.learner.dtype if lora_on else cfg.learner.param_dtype,
+                                 attention=cfg.model.attention)
         self.sampler = Sampler(self.policy.module, self.sample_cfg, self.mesh)
         self.greedy_sampler = Sampler(self.policy.module, dataclasses.replace(
             self.sample_cfg, temperature=0.0, top_p=1.0, top_k=0, n=1), self.mesh)
@@ -146,12 +150,14 @@ class Trainer:
         ckpt_dir = self.run_dir / "checkpoints"
         self.checkpointer = Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints) if ckpt_dir.is_dir() else None
         # The KL term's reference is the starting policy; it is reloaded from its checkpoint on
-        # resume, so it is not part of the train state.
+        # resume, so it is not part of the train state. With LoRA it is the frozen base itself.
         self.ref_params = None
-        if cfg.learner.loss.kl_coef:
+        if cfg.learner.loss.kl_coef and not lora_on:
             self.ref_params = jax.tree.map(jnp.copy, self.policy.params)
         self.state = self.learner.init_state(self.policy.params)
-        self.policy.params = None  # the learner's state owns the params now
+        if cfg.learner.loss.kl_coef and lora_on:
+            self.ref_params = self.learner.base
+        self.policy.params = None  # the learner's state (with LoRA: its adapters and base) owns the params now
         self.key = jax.random.key(cfg.seed)
         self.data_state = None
         self.consecutive_bad = 0
@@ -215,8 +221,8 @@ class Trainer:
         """One rollout of a data batch and its scores: (rollout, score dicts, extra metrics)."""
         self.key, sample_key = jax.random.split(self.key)
         t0 = time.perf_counter()
-        ro = rollout(self.policy, self.state.params, self.sampler, self.tokenizer, batch, sample_key, self.mesh,
-                     self.cfg.data.patch_limit_per_record)
+        ro = rollout(self.policy, self.learner.policy_params(self.state), self.sampler, self.tokenizer, batch,
+                     sample_key, self.mesh, self.cfg.data.patch_limit_per_record)
         t_sample = time.perf_counter() - t0
         scores, extra = self._score(ro, batch)
         return ro, scores, dict(extra, sec_sample=t_sample)
@@ -372,8 +378,8 @@ class Trainer:
         return out
 
     def _greedy(self, batch: dict) -> Rollout:
-        return rollout(self.policy, self.state.params, self.greedy_sampler, self.tokenizer, batch, jax.random.key(0),
-                       self.mesh, self.cfg.data.patch_limit_per_record)
+        return rollout(self.policy, self.learner.policy_params(self.state), self.greedy_sampler, self.tokenizer,
+                       batch, jax.random.key(0), self.mesh, self.cfg.data.patch_limit_per_record)
 
     # -- the run --
 
