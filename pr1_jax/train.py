@@ -15,6 +15,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -177,6 +178,14 @@ class Trainer:
         # fails (another model size, a bad path) leaves an existing run as it was.
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(_yaml(configlib.to_dict(cfg)))
+        if not (cfg.resume or cfg.resume_step is not None) and self.checkpointer and self.checkpointer.steps():
+            # Starting over: the run before's checkpoints would otherwise collide with this run's
+            # saves (Orbax refuses a step that exists) after its first `save_freq` steps of work.
+            log.warning("resume=false (--no-resume): starting over; removing the run before's checkpoints %s in %s",
+                        self.checkpointer.steps(), ckpt_dir)
+            self.checkpointer.close()
+            shutil.rmtree(ckpt_dir)
+            self.checkpointer = None
         if self.checkpointer is None:
             self.checkpointer = Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints)
         self.metrics = MetricsLogger(self.run_dir, self.total_steps, cfg.logging, configlib.to_dict(cfg))
