@@ -63,6 +63,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(f"{where}: {value!r} matches none of {[_type_name(a) for a in args]} ({'; '.join(errors)})")
     if origin is typing.Literal:
+        if isinstance(value, bool) and not any(isinstance(a, bool) for a in args):
+            # YAML 1.1 reads a bare off / on (no / yes) as a boolean: `packing: off` means the word.
+            value = {False: "off", True: "on"}[value] if ({"off", "on"} & set(args)) else value
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
         return value

@@ -10,6 +10,7 @@ from pr1_jax.configlib import ConfigError, apply_overrides, from_dict, load, to_
 class Inner:
     lr: float = 1e-6
     mode: Literal["hard", "soft"] = "hard"
+    switch: Literal["groups", "off"] = "groups"
     buckets: tuple[int, ...] = (64, 128)
 
 
@@ -24,9 +25,12 @@ class Outer:
 
 def test_yaml_then_overrides(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("steps: 5\ninner:\n  mode: soft\n")
+    f.write_text("steps: 5\ninner:\n  mode: soft\n  switch: off\n")  # YAML 1.1 reads a bare off as false
     cfg = load(Outer, f, ["inner.lr=3e-4", "inner.buckets=[8, 16]", "weights.b=2", "path=/x"])
-    assert cfg == Outer(steps=5, path="/x", inner=Inner(lr=3e-4, mode="soft", buckets=(8, 16)), weights={"a": 1.0, "b": 2.0})
+    assert cfg == Outer(steps=5, path="/x", inner=Inner(lr=3e-4, mode="soft", switch="off", buckets=(8, 16)),
+                        weights={"a": 1.0, "b": 2.0})
+    assert load(Outer, f, ["inner.switch=groups"]).inner.switch == "groups"
+    assert load(Outer, None, ["inner.switch=off"]).inner.switch == "off"
     assert from_dict(Outer, to_dict(cfg)) == cfg
 
 
