@@ -39,7 +39,7 @@ class CompileCounter:
 
 # Packed: the first steps' micro-batch count is the most the run needs here (a 160-token row
 # holds a prompt of <= 128 tokens and 4 responses of <= 12), and a step needing fewer pads to it.
-@pytest.mark.parametrize("packing", [[], ["learner.packing=groups", "learner.max_tokens_per_micro_batch=160"]],
+@pytest.mark.parametrize("packing", [["learner.packing=off"], ["learner.packing=groups", "learner.max_tokens_per_micro_batch=160"]],
                          ids=["off", "groups"])
 def test_no_recompilation_after_the_first_step(assets, tmp_path, packing):
     args = packing + [f"run_dir={tmp_path / 'run'}", "tiny.enabled=false", f"model.policy={assets.policy}",

@@ -98,18 +98,21 @@ def test_grpo_variants_run_and_resume_exactly(assets, tmp_path):
     rewards all tie; the parity term gives its groups something to keep."""
     variants = ("data.dynamic_sampling.enabled=true", "data.dynamic_sampling.max_rollouts=2",
                 "data.dynamic_sampling.metric=test_parity", "learner.advantage=drgrpo", "learner.loss.policy=gspo",
-                "learner.loss.loss_agg=seq-mean-token-sum-norm", "reward.weights.overlong=0.5",
+                "learner.loss.loss_agg=seq-mean-token-sum-norm", "learner.packing=off", "reward.weights.overlong=0.5",
                 "reward.weights.test_parity=1.0", "reward.options.overlong.buffer=4", "val_freq=0",
                 "val_before_train=false", "save_freq=1")
 
-    def run(run_dir, steps):
-        train.Trainer(train.parse_config(_args(assets, run_dir, f"max_steps={steps}", *variants))).fit()
+    def run(run_dir, steps, *extra):
+        train.Trainer(train.parse_config(_args(assets, run_dir, f"max_steps={steps}", *variants, *extra))).fit()
         return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
     whole = run(tmp_path / "whole", 2)
     run(tmp_path / "resumed", 1)
     resumed = run(tmp_path / "resumed", 2)
     assert [x["step"] for x in whole] == [1, 2] and resumed[-1]["step"] == 2
+    # Starting over where checkpoints exist replaces them (their steps collided with the new run's saves).
+    again = run(tmp_path / "resumed", 2, "--no-resume")
+    assert again[-1]["step"] == 2 and again[-1]["loss"] == pytest.approx(whole[-1]["loss"], rel=1e-5, abs=1e-7)
     for key in ("rollouts_per_step", "groups_dropped", "groups_surplus", "groups_short", "overlong", "clip_frac"):
         assert key in whole[-1], key
     assert 1 <= whole[-1]["rollouts_per_step"] <= 2 and whole[-1]["groups_short"] < 2
@@ -194,7 +197,7 @@ def test_sigterm_saves_a_checkpoint_before_exit(assets, tmp_path):
      "functions.mine: '/no/such/rewards.py:mine': no such file /no/such/rewards.py"),
     (["tiny.enabled=false", "model.policy=/no/such/dir", "data.dynamic_sampling.enabled=true",
       "data.dynamic_sampling.metric=acc"], "data.dynamic_sampling.metric='acc' is not a score"),
-    (["learner.loss.policy=gspo", "learner.loss.dual_clip=3.0"], "dual_clip is a PPO clip"),
+    (["learner.loss.policy=gspo", "learner.loss.dual_clip=3.0", "learner.packing=off"], "dual_clip is a PPO clip"),
 ])
 def test_config_errors_are_one_line(args, message, capsys, tmp_path):
     assert train.main([f"run_dir={tmp_path}", *args]) == 2
