@@ -43,7 +43,7 @@ from pr1_jax.rollout import rollout, train_batch_from_samples
 from pr1_jax.tiny import build_tiny_assets
 
 SIZES = {
-    "tiny": dict(policy={}, judge={}),  # policy 128 wide, 2 layers, vision 64 x 2; judge 128 x 4
+    "tiny": dict(policy={}, judge={}),  # policy 128 wide, 2 layers, vision 64 x 2; judge 128 x 2
     "small": dict(policy=dict(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2, intermediate_size=704,
                               vision_depth=4, vision_width=128),
                   judge=dict(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2, intermediate_size=704)),

@@ -269,7 +269,7 @@ def policy_config(tokenizer, *, architecture: str = "qwen2", hidden_size: int = 
     }
 
 
-def judge_config(tokenizer, *, architecture: str = "qwen2", hidden_size: int = 128, num_layers: int = 4,
+def judge_config(tokenizer, *, architecture: str = "qwen2", hidden_size: int = 128, num_layers: int = 2,
                  num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 256) -> dict:
     """HF `config.json` of a tiny Qwen2 or Qwen3 (`architecture`; text only) sharing the policy's tokenizer."""
     text = _text_dict(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
