@@ -117,7 +117,8 @@ def _options(a) -> types.SimpleNamespace:
     """The settings `bench/memory.py`'s compile functions read."""
     return types.SimpleNamespace(mini_batch=0, n=a.n, learner_vision="per_prompt", attention="auto",
                                  prompt=a.prompt, response=a.response, patches=a.patches, sampler_vision="per_row",
-                                 annotations=a.annotations, judge_length=a.judge_length, activation_rules="on")
+                                 annotations=a.annotations, judge_length=a.judge_length, activation_rules="on",
+                                 lora_rank=0)
 
 
 def _configs(kind: str, layers: int):
