@@ -49,7 +49,7 @@ class TinySection:
     # its true value (p_true, else a random one); the answers are always random.
     policy_p_state: float = 0.6
     policy_p_true: float = 0.0
-    judge_steps: int = 400
+    judge_steps: int = configlib.bounded(400, ge=0)  # 0: no judge (a run with reward.weights.visual=0 that does not measure it)
     judge_batch_size: int = 32
     judge_lr: float = 1e-3
     judge_eval_pairs: int = 200
