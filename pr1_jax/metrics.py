@@ -62,6 +62,10 @@ class PhaseTimes:
     def add(self, phase: str, seconds: float) -> None:
         self.seconds.setdefault(phase, []).append(seconds)
 
+    @property
+    def total(self) -> float:
+        return sum(sum(xs) for xs in self.seconds.values())
+
     def summary(self) -> str:
         """e.g. "time: start-up 52 s; validation 21 s (7 x, the first 6 s); train step 150 s (90 x,
         the first 11 s, then 1.56 s each); 223 s in all" (phases in the order first seen)."""
@@ -71,5 +75,4 @@ class PhaseTimes:
             if len(xs) > 1:
                 part += f" ({len(xs)} x, the first {xs[0]:.0f} s, then {sum(xs[1:]) / (len(xs) - 1):.2f} s each)"
             parts.append(part)
-        total = sum(sum(xs) for xs in self.seconds.values())
-        return "time: " + "; ".join(parts) + f"; {total:.0f} s in all"
+        return "time: " + "; ".join(parts) + f"; {self.total:.0f} s in all"

@@ -189,7 +189,7 @@ class Trainer:
         if self.checkpointer is None:
             self.checkpointer = Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints)
         self.metrics = MetricsLogger(self.run_dir, self.total_steps, cfg.logging, configlib.to_dict(cfg))
-        self.times.add("start-up", time.perf_counter() - t0 - sum(sum(x) for x in self.times.seconds.values()))
+        self.times.add("start-up", time.perf_counter() - t0 - self.times.total)
 
     # -- set-up --
 
