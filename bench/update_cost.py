@@ -5,7 +5,8 @@ FLOPs its real tokens need: does the update pay for the work or for the padding?
     python bench/update_cost.py --config 7b --lengths cap --packing off groups
 
 One JSON line per case: {"config", "sequences", "packing", "xla_flops", "ideal_flops", "ratio",
-"peak_memory"} and, for the packed layouts, "rows" and "fill" (real tokens / row slots).
+"peak_memory"} and, for the packed layouts, "rows", "fill" (real tokens / row slots) and "pairs"
+(the attention's block pairs per row, `pr1_jax.packing.block_pairs`).
 
 The update is `Learner.jitted_step` (forward, backward, remat forward, optimizer) lowered and
 compiled on one CPU device on abstract inputs (nothing allocated) for `--prompts` prompts x
@@ -65,19 +66,24 @@ def ideal_flops(config: dict, prompt: int, patches: int, lengths: np.ndarray, n:
     return fwd * (4 if remat else 3)
 
 
-def packed_shapes(prompt: int, lengths: np.ndarray, n: int, mode: str, row_tokens: int) -> tuple[int, float]:
-    """(rows, fill) of the packed layout (`pr1_jax.packing`) on one data shard."""
-    from pr1_jax.packing import micro_bucket, place
+def packed_shapes(prompt: int, lengths: np.ndarray, n: int, mode: str, row_tokens: int) -> tuple[int, float, int]:
+    """(rows, fill, attention block pairs per row) of the packed layout (`pr1_jax.packing`) on one
+    data shard."""
+    from models.attention import pair_block
+    from pr1_jax.packing import block_pairs, micro_bucket, place, row_chunks
 
-    placed = place([prompt] * (len(lengths) // n), lengths, n, mode, row_tokens)
+    prompts = [prompt] * (len(lengths) // n)
+    placed = place(prompts, lengths, n, mode, row_tokens)
     tokens = sum(prompt + lengths[seqs].sum() for row in placed for _, seqs in row)
     rows = micro_bucket(len(placed))
-    return rows, float(tokens) / (rows * row_tokens)
+    pairs = max(len(block_pairs(row_chunks(row, prompts, lengths), pair_block(row_tokens))) for row in placed)
+    return rows, float(tokens) / (rows * row_tokens), micro_bucket(pairs)
 
 
-def abstract_batch(cfg, packing: str, prompts: int, n: int, prompt: int, patches: int, length: int, rows: int):
+def abstract_batch(cfg, packing: str, prompts: int, n: int, prompt: int, patches: int, length: int, rows: int,
+                   pairs: int = 0):
     """ShapeDtypeStructs of the learner batch: per sequence [N, prompt + length], or packed
-    [rows, length]; one vision group per prompt."""
+    [rows, length] with `pairs` attention block pairs per row; one vision group per prompt."""
     import jax
     import jax.numpy as jnp
 
@@ -101,6 +107,7 @@ def abstract_batch(cfg, packing: str, prompts: int, n: int, prompt: int, patches
     i32, f32 = sds((rows, length), jnp.int32), sds((rows, length), jnp.float32)
     return PackedBatch(input_ids=i32, attention_mask=i32, positions=sds((3, rows, length), jnp.int32), groups=i32,
                        sources=i32, response_mask=i32, old_logprobs=f32, sequence=i32, image_index=i32,
+                       pairs=sds((rows, pairs, 2), jnp.int32),
                        branches=i32 if packing == "groups" else None, advantages=f32, vision=vision)
 
 
@@ -125,12 +132,12 @@ def update_cost(name: str, lengths_spec: str, packing: str, a) -> dict:
     out = dict(config=name, lengths=lengths_spec, sequences=prompts * n, packing=packing)
     if packing == "off":
         length = response_bucket(int(lengths.max()), lcfg.response_buckets, a.cap)
-        rows = prompts * n
+        rows, pairs = prompts * n, 0
     else:
         length = a.row_tokens
-        rows, fill = packed_shapes(a.prompt, lengths, n, packing, a.row_tokens)
-        out.update(rows=rows, fill=round(fill, 4))
-    batch = abstract_batch(cfg, packing, prompts, n, a.prompt, a.patches, length, rows)
+        rows, fill, pairs = packed_shapes(a.prompt, lengths, n, packing, a.row_tokens)
+        out.update(rows=rows, fill=round(fill, 4), pairs=pairs)
+    batch = abstract_batch(cfg, packing, prompts, n, a.prompt, a.patches, length, rows, pairs)
     params = nn.unbox(abstract_params(learner.module))
     state = jax.eval_shape(functools.partial(init_state, tx=learner.tx), params)
     compiled = learner.jitted_step(batch).lower(state, batch).compile()

@@ -54,6 +54,7 @@ kernel runs per shard (batch over the rules' `batch` axes, heads over `q_heads` 
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import flax.struct
@@ -69,6 +70,13 @@ _SPLASH_BLOCK = 128  # splash's default block sizes; sequences and head dims are
 # difference of two dtype minima wrong, so the masked value stays far above them.
 _CUDNN_MASKED = {jnp.dtype(jnp.bfloat16): -2.0 ** 41, jnp.dtype(jnp.float16): -2.0 ** 15}
 CAUSAL_BLOCK = 1024  # query block of the "xla" path's causal rows of at least 2 blocks
+PAIR_BLOCK = 128  # query and key block of the block-sparse path (`AttentionMask.pairs`)
+
+
+def pair_block(length: int) -> int:
+    """The block of `AttentionMask.pairs` for rows of `length` slots: PAIR_BLOCK, or the largest
+    power of 2 below it that divides `length`."""
+    return math.gcd(length, PAIR_BLOCK)
 
 
 def resolve(setting: str, dtype) -> str:
@@ -105,6 +113,11 @@ class AttentionMask:
     set (by `right_padded`) where the segments are padding at the end of each row, the form
     cuDNN takes without a bias. bias: [B, 1, T, S] in the compute dtype (0 or the masked value),
     only when `prepare` made it for "cudnn".
+    pairs: [B, P, 2] int32 or None: a self-attention (S = T) over rows whose visible keys lie in
+    few blocks (the learner's packed rows): the (query block, key block) pairs, blocks of
+    `pair_block(T)` slots, that hold every visible (query, key); a pair whose query block is
+    T // block or more is padding. With pairs the "xla" path and every mask with shared keys
+    compute only those blocks (`_block_sparse`).
     """
 
     q_segment: jax.Array
@@ -116,6 +129,7 @@ class AttentionMask:
     causal: bool = flax.struct.field(pytree_node=False, default=False)
     lengths: jax.Array | None = None
     bias: jax.Array | None = None
+    pairs: jax.Array | None = None
 
     @classmethod
     def right_padded(cls, lengths, t: int, causal: bool) -> "AttentionMask":
@@ -156,6 +170,8 @@ def padding_last(valid):
 def attend(q, k, v, mask: AttentionMask, implementation: str, dtype):
     """q [B, H, T, D], k / v [B, K, S, D] -> [B, H, T, D] in `dtype`. `implementation` resolved
     (not "auto"); see the module docstring."""
+    if mask.pairs is not None and (implementation == "xla" or mask.kv_shared is not None):
+        return _block_sparse(q, k, v, mask, dtype)
     if implementation == "pallas" and mask.kv_shared is None:
         return _splash(q, k, v, mask).astype(dtype)
     if implementation == "cudnn":
@@ -178,6 +194,55 @@ def _xla(q, k, v, mask: AttentionMask, dtype):
         outs.append(attend_part(q[:, :, start:end], k[:, :, :end], v[:, :, :end], part.dense()[:, None, None],
                                 dtype)[0])
     return jnp.concatenate(outs, axis=2)
+
+
+def _block_sparse(q, k, v, mask: AttentionMask, dtype):
+    """Self-attention over the block pairs of `mask.pairs` only: per pair the scores of a query
+    block against a key block ([B, K, G, P, blk, blk], fp32), the mask inside it from the per-token
+    vectors (`dense` of the pair's slots), and the softmax across a query's pairs with their
+    row maxima and sums scattered to the query blocks; the values' products likewise, divided by
+    the sum at the end. Exact: a key outside every pair has weight 0. FLOPs and score memory are
+    P x blk^2 per head instead of T^2 (a packed row's groups and branches leave most blocks empty);
+    a query that sees no key (padding) gets 0, not NaN."""
+    b, h, t, d = q.shape
+    kh = k.shape[1]
+    blk = pair_block(t)
+    nq = t // blk
+    qi, ki = mask.pairs[..., 0], mask.pairs[..., 1]  # [B, P]
+    live = qi < nq
+    qc = jnp.minimum(qi, nq - 1)
+
+    def take(x, i, axis):  # per row: x [B, ..., N (at axis + 1), ...] at the pairs' blocks i [B, P]
+        return jax.vmap(lambda y, j: jnp.take(y, j, axis=axis))(x, i)
+
+    def blocks(x, i):  # [B, T] -> [B * P, blk] of the pairs' blocks
+        return None if x is None else take(x.reshape(b, nq, blk), i, 0).reshape(-1, blk)
+
+    inner = AttentionMask(q_segment=blocks(mask.q_segment, qc), kv_segment=blocks(mask.kv_segment, ki),
+                          kv_shared=blocks(mask.kv_shared, ki), q_group=blocks(mask.q_group, qc),
+                          kv_group=blocks(mask.kv_group, ki)).dense().reshape(b, -1, blk, blk)
+    if mask.causal:
+        inner &= (qi[..., None, None] * blk + jnp.arange(blk)[:, None]) >= (ki[..., None, None] * blk + jnp.arange(blk))
+    allowed = (inner & live[..., None, None])[:, None, None]  # [B, 1, 1, P, blk, blk]
+    qb = q.reshape(b, kh, h // kh, nq, blk, d)
+    kb, vb = (x.reshape(b, kh, nq, blk, d) for x in (k, v))
+    qg = take(qb, qc, 2)  # [B, K, G, P, blk, D]
+    kg, vg = (take(x, ki, 1) for x in (kb, vb))  # [B, K, P, blk, D]
+    low = jnp.finfo(jnp.float32).min
+    scores = jnp.einsum("bkgpqd,bkpsd->bkgpqs", qg, kg, preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.where(allowed, scores, low)
+    scatter = lambda init, x, op: jax.vmap(  # noqa: E731  (per row: pairs' [K, G, P, ...] onto query blocks)
+        lambda z, u, i: getattr(z.at[:, :, i], op)(u, mode="drop"))(init, x, qi)
+    shape = (b, kh, h // kh, nq, blk)
+    top = jax.lax.stop_gradient(scatter(jnp.full(shape, low), scores.max(-1), "max"))
+    top = take(top, qc, 2)  # [B, K, G, P, blk]
+    weights = jnp.where(allowed, jnp.exp(scores - top[..., None]), 0.0)
+    total = scatter(jnp.zeros(shape, jnp.float32), weights.sum(-1), "add")
+    out = jnp.einsum("bkgpqs,bkpsd->bkgpqd", weights.astype(dtype), vg.astype(dtype),
+                     preferred_element_type=jnp.float32)
+    out = scatter(jnp.zeros(shape + (d,), jnp.float32), out, "add")
+    out = out / jnp.where(total > 0, total, 1.0)[..., None]
+    return out.reshape(b, h, t, d).astype(dtype)
 
 
 def attend_part(q, k, v, allowed, dtype):

@@ -81,9 +81,10 @@ class QwenCausalLM(nn.Module):
         return constrain(jnp.take(table, input_ids, axis=0), ("batch", "length", "embed"))
 
     def hidden_states(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None,
-                      cache_len: int | None = None, branches=None, image_mask=None, features=None, groups=None):
+                      cache_len: int | None = None, branches=None, image_mask=None, features=None, groups=None,
+                      pairs=None):
         """input_ids: [B, T] int; positions: [3, B, T] (VLM) or [B, T]; attention_mask: [B, T];
-        branches, groups: see `Qwen2Decoder`. vision: the batch's packed patches (`pixel_values`
+        branches, groups, pairs: see `Qwen2Decoder`. vision: the batch's packed patches (`pixel_values`
         [P, patch_dim]) or per-row patches (every field with a leading B axis). Returns final
         hidden states [B, T, E] and, with cache_len, a KVCache of that many slots holding these
         tokens (a sampler's prefill; else None).
@@ -112,7 +113,8 @@ class QwenCausalLM(nn.Module):
             if features.shape[-1] > e:
                 levels = jnp.moveaxis(features[..., e:].reshape(*features.shape[:-1], -1, e), -2, 0)
                 deepstack = jnp.stack([scatter_image_features(jnp.zeros_like(x), image_mask, f) for f in levels])
-        return self.decoder(x, positions, attention_mask, branches, cache_len, groups, deepstack=deepstack)
+        return self.decoder(x, positions, attention_mask, branches, cache_len, groups, deepstack=deepstack,
+                            pairs=pairs)
 
     def decode(self, input_ids, positions, attention_mask, cache: KVCache | SharedPrefixCache):
         """t new text tokens (input_ids [B, t], positions [3, B, t] or [B, t], attention_mask

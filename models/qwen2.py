@@ -191,7 +191,7 @@ class Qwen2Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, attention_mask, branches=None, cache_len: int | None = None, groups=None,
-                 deepstack=None):
+                 deepstack=None, pairs=None):
         """x: [B, T, E]; positions: [3, B, T] or [B, T]; attention_mask: [B, T] (0 = padding).
 
         branches: optional [B, T] int for prefix sharing in one pass: a token of branch k > 0 sees
@@ -203,6 +203,8 @@ class Qwen2Decoder(nn.Module):
         cache_len: also return a KVCache of cache_len >= T slots holding these tokens (a prefill);
         else the cache returned is None.
         deepstack: Qwen3-VL's [k, B, T, E], added to the outputs of the first k layers (see `DecoderLayer`).
+        pairs: optional [B, P, 2] int32, the (query block, key block) pairs that hold every token's
+        visible keys (`models.attention.AttentionMask.pairs`): attention computes only those.
         """
         valid = attention_mask.astype(bool)
         group = valid.astype(jnp.int32) if groups is None else jnp.where(valid, groups, 0)
@@ -214,10 +216,10 @@ class Qwen2Decoder(nn.Module):
             shared_group = None if groups is None else group
         implementation = resolve(self.attention, self.dtype)
         mask = AttentionMask(q_segment=segment, kv_segment=segment, kv_shared=shared, q_group=shared_group,
-                             kv_group=shared_group, causal=True)
+                             kv_group=shared_group, causal=True, pairs=pairs)
         cos, sin = rope_cos_sin(self.cfg, positions)
         order = None
-        if implementation == "cudnn" and branches is None:
+        if implementation == "cudnn" and branches is None and groups is None:
             # cuDNN takes padding at the end of rows as lengths, with no [B, T, S] bias: the rows
             # run with their tokens first (exact, see `padding_last`) and are put back after.
             order = padding_last(valid)

@@ -241,7 +241,7 @@ def packed_logprobs(module: QwenCausalLM, params, batch: PackedBatch, temperatur
     # Prompt tokens only (`sequence` -1 there): a generated image token was fed as text.
     image_mask = (ids == module.cfg.image_token_id) & (batch.sequence < 0) & batch.attention_mask.astype(bool)
     h, _ = apply(ids, batch.positions, batch.attention_mask, image_mask=image_mask, features=rows,
-                 branches=batch.branches, groups=batch.groups,
+                 branches=batch.branches, groups=batch.groups, pairs=batch.pairs,
                  method=QwenCausalLM.hidden_states)
     h = jnp.take_along_axis(h, batch.sources[..., None], axis=1)
     logits = apply(h, method=QwenCausalLM.logits)  # [W, L, V]

@@ -13,7 +13,10 @@ bucket: its padding is dropped here). Two modes (`LearnerConfig.packing`):
   segments: the layout verl / MaxText pack, and the one TPU splash attention runs (no shared keys).
 
 Chunks fill rows of `row_tokens` tokens best-fit (`place`; a token of one chunk never sees
-another chunk's: `groups` ids). The rows are dealt to the data shards in turn and
+another chunk's: `groups` ids). A token sees its prompt and its own response so far, a few
+contiguous ranges of the row: the attention computes only the blocks of
+`models.attention.pair_block(row_tokens)` slots that hold them (`block_pairs`, the batch's `pairs`;
+P = `micro_bucket` of the most pairs a row needs), not the row's whole causal square. The rows are dealt to the data shards in turn and
 each shard gets `micro_rows(...)` rows, a bounded set of counts (`micro_bucket`), so the update
 compiles for few shapes; micro-batch j of the update takes row j of every shard
 (`pr1_jax.learner.split_micro_batches`), i.e. `row_tokens` tokens per device per micro-batch.
@@ -42,6 +45,9 @@ sequence           [W, L]                  int32    the token's row in the per-s
                                                     (this process's), -1 on prompts and padding
 image_index        [W, L]                  int32    slot k: index into the [G * M] flattened
                                                     features of the row's k-th image token
+pairs              [W, P, 2]               int32    the (query block, key block) pairs holding
+                                                    every token's keys (`block_pairs`), padded
+                                                    with (L // block, 0)
 vision             VisionInputs | None              the per-sequence batch's G vision groups as
                                                     they are (the tower runs once per group)
 =================  ======================  =======  ===============================================
@@ -54,6 +60,7 @@ from typing import Any, Literal
 import flax.struct
 import numpy as np
 
+from models.attention import pair_block
 from models.config import ModelConfig
 from models.vision import VisionInputs
 
@@ -71,6 +78,7 @@ class PackedBatch:
     old_logprobs: Any
     sequence: Any
     image_index: Any
+    pairs: Any
     branches: Any = None
     advantages: Any = None
     ref_logprobs: Any = None
@@ -129,6 +137,42 @@ def place(prompt_lengths, response_lengths, n: int, mode: PackingMode, row_token
     return rows
 
 
+def row_chunks(row, prompt_lengths, response_lengths) -> list[tuple[tuple[int, int], list[tuple[int, int]]]]:
+    """Where `pack` lays out a row of `place`: per chunk ((prompt start, end), [(start, end) of
+    each response]), slots of the row, the chunks one after the other."""
+    at, out = 0, []
+    for b, seqs in row:
+        prompt = (at, at + int(prompt_lengths[b]))
+        at = prompt[1]
+        responses = []
+        for i in seqs:
+            responses.append((at, at + int(response_lengths[i])))
+            at = responses[-1][1]
+        out.append((prompt, responses))
+    return out
+
+
+def block_pairs(chunks, block: int) -> np.ndarray:
+    """[P, 2] int32, sorted: the (query block, key block) pairs of blocks of `block` slots that
+    hold every (token, key it sees) of a row laid out as `chunks` (`row_chunks`): a prompt token
+    sees its prompt up to itself, a response token its prompt and its response up to itself."""
+    pairs = set()
+
+    def span(a, b):  # the blocks of slots a .. b - 1
+        return range(a // block, (b - 1) // block + 1)
+
+    for prompt, responses in chunks:
+        for (start, end), shared in [(prompt, None)] + [(r, prompt) for r in responses]:
+            if end <= start:
+                continue
+            for qb in span(start, end):
+                seen = list(span(start, min(end, (qb + 1) * block)))
+                if shared is not None:
+                    seen += span(*shared)
+                pairs.update((qb, kb) for kb in seen)
+    return np.array(sorted(pairs), np.int32).reshape(-1, 2)
+
+
 def _lengths(batch):
     r = batch.response_mask.shape[1]
     t = batch.input_ids.shape[1] - r
@@ -137,27 +181,34 @@ def _lengths(batch):
 
 
 def plan(batch, n: int, mode: PackingMode, row_tokens: int, shards: int = 1):
-    """(rows of `place`, micro-batches needed: `micro_bucket` of the rows per shard) of a
-    per-sequence batch; with several processes take the largest micro-batch count of them all."""
+    """(rows of `place`, micro-batches needed: `micro_bucket` of the rows per shard, block pairs
+    needed: `micro_bucket` of the most a row needs) of a per-sequence batch; with several processes
+    take the largest counts of them all."""
     _, prompt_mask, resp_len = _lengths(batch)
-    rows = place(prompt_mask[::n].sum(-1), resp_len, n, mode, row_tokens)
-    return rows, micro_bucket(-(-len(rows) // shards))
+    prompt_len = prompt_mask[::n].sum(-1)
+    rows = place(prompt_len, resp_len, n, mode, row_tokens)
+    block = pair_block(row_tokens)
+    most = max((len(block_pairs(row_chunks(row, prompt_len, resp_len), block)) for row in rows), default=1)
+    return rows, micro_bucket(-(-len(rows) // shards)), micro_bucket(most)
 
 
 def pack(config: ModelConfig, batch, n: int, mode: PackingMode, row_tokens: int, shards: int = 1,
-         num_micro: int | None = None, first_group: int = 0) -> PackedBatch:
+         num_micro: int | None = None, first_group: int = 0, num_pairs: int | None = None) -> PackedBatch:
     """The packed batch (module docstring) of a per-sequence `LearnerBatch` of B prompts x n
-    samples, for `shards` data shards of this process's rows. num_micro: rows per shard (default
-    this batch's `plan`; pass the largest over processes so that every process packs the same
-    shape). first_group: the global index of this process's first vision group (multi-host: the
-    global batch stacks the processes' groups)."""
+    samples, for `shards` data shards of this process's rows. num_micro: rows per shard, num_pairs:
+    block pairs per row (default this batch's `plan`; pass the largest over processes so that
+    every process packs the same shape). first_group: the global index of this process's first
+    vision group (multi-host: the global batch stacks the processes' groups)."""
     if mode not in ("groups", "sequences"):
         raise ValueError(f"packing {mode!r}: pack takes 'groups' or 'sequences'")
-    rows, need = plan(batch, n, mode, row_tokens, shards)
+    rows, need, need_pairs = plan(batch, n, mode, row_tokens, shards)
     num_micro = need if num_micro is None else num_micro
+    num_pairs = need_pairs if num_pairs is None else num_pairs
     if num_micro < -(-len(rows) // shards):
         raise ValueError(f"num_micro={num_micro} rows per shard cannot hold this batch's {len(rows)} rows")
     t, prompt_mask, resp_len = _lengths(batch)
+    prompt_len = prompt_mask[::n].sum(-1)
+    block = pair_block(row_tokens)
     ids, pos = np.asarray(batch.input_ids), np.asarray(batch.positions)
     rmask = np.asarray(batch.response_mask).astype(bool)
     old = np.asarray(batch.old_logprobs)
@@ -174,29 +225,32 @@ def pack(config: ModelConfig, batch, n: int, mode: PackingMode, row_tokens: int,
                image_index=zeros(np.int32), advantages=None if adv is None else zeros(np.float32),
                ref_logprobs=None if ref is None else zeros(np.float32))
     positions = np.zeros(pos.shape[:-2] + (w, length), np.int32)
+    out["pairs"] = np.tile(np.array([length // block, 0], np.int32), (w, num_pairs, 1))
     for k, row in enumerate(rows):
         r = (k % shards) * num_micro + k // shards  # rows dealt to the shards in turn
-        at, images = 0, []
-        for g, (b, seqs) in enumerate(row, start=1):
+        images, chunks = [], row_chunks(row, prompt_len, resp_len)
+        pairs = block_pairs(chunks, block)
+        if len(pairs) > num_pairs:
+            raise ValueError(f"num_pairs={num_pairs} cannot hold row {k}'s {len(pairs)} block pairs")
+        out["pairs"][r, :len(pairs)] = pairs
+        for g, ((b, seqs), ((at, prompt_end), spans)) in enumerate(zip(row, chunks), start=1):
             first = b * n
             keep = np.flatnonzero(prompt_mask[first])
-            p = len(keep)
-            sl = slice(at, at + p)
+            sl = slice(at, prompt_end)
             out["input_ids"][r, sl] = ids[first, keep]
             positions[..., r, sl] = pos[..., first, keep]
             out["groups"][r, sl] = g
-            out["sources"][r, sl] = np.arange(at - 1, at + p - 1)
+            out["sources"][r, sl] = np.arange(at - 1, prompt_end - 1)
             group = first_group + first * groups_total // num
             images.extend(group * per_group + np.arange(int((ids[first, keep] == config.image_token_id).sum())))
-            prompt_end, at = at + p - 1, at + p
-            for branch, i in enumerate(seqs, start=1):
-                m = resp_len[i]
-                sl = slice(at, at + m)
+            for branch, (i, (at, end)) in enumerate(zip(seqs, spans), start=1):
+                m = end - at
+                sl = slice(at, end)
                 out["input_ids"][r, sl] = ids[i, t:t + m]
                 positions[..., r, sl] = pos[..., i, t:t + m]
                 out["groups"][r, sl] = g
                 out["branches"][r, sl] = branch
-                out["sources"][r, sl] = np.concatenate([[prompt_end], np.arange(at, at + m - 1)])
+                out["sources"][r, sl] = np.concatenate([[prompt_end - 1], np.arange(at, end - 1)])
                 out["response_mask"][r, sl] = 1
                 out["old_logprobs"][r, sl] = old[i, :m]
                 out["sequence"][r, sl] = i
@@ -204,8 +258,8 @@ def pack(config: ModelConfig, batch, n: int, mode: PackingMode, row_tokens: int,
                     out["advantages"][r, sl] = adv[i]
                 if ref is not None:
                     out["ref_logprobs"][r, sl] = ref[i, :m]
-                at += m
-        out["attention_mask"][r, :at] = 1
+        prompt, spans = chunks[-1]
+        out["attention_mask"][r, :(spans[-1] if spans else prompt)[1]] = 1
         out["image_index"][r, :len(images)] = images
     out["sources"] = np.maximum(out["sources"], 0)
     if mode == "sequences":

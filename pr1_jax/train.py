@@ -125,6 +125,7 @@ class Trainer:
             raise configlib.ConfigError(str(e)) from None
         longest = cfg.data.max_prompt_length + self.sample_cfg.max_new_tokens
         self._micro_high = 0  # the most micro-batches a packed step has needed (`_pack`)
+        self._pairs_high = 0  # the most attention block pairs a packed row has needed (`_pack`)
         if cfg.learner.packing != "off" and cfg.learner.max_tokens_per_micro_batch < longest:
             raise configlib.ConfigError(
                 f"learner.max_tokens_per_micro_batch={cfg.learner.max_tokens_per_micro_batch} cannot hold a prompt of "
@@ -283,18 +284,21 @@ class Trainer:
         budget (`pr1_jax.packing`), every process with the same number of rows; and the share of
         the rows' slots its real tokens fill (all processes).
 
-        The micro-batch count never falls below the largest of the run so far: a step that needs
-        fewer rows pads with empty ones instead of compiling the update for another count, so the
-        update compiles only when a step needs more micro-batches than any before it (a few times
-        early in a run: the step's tokens vary little with hundreds of responses)."""
+        The micro-batch count and the block pairs per row never fall below the largest of the run
+        so far: a step that needs fewer rows pads with empty ones (fewer pairs, with padding pairs)
+        instead of compiling the update for another shape, so the update compiles only when a step
+        needs more than any before it (a few times early in a run: the step's tokens vary little
+        with hundreds of responses)."""
         lc = self.cfg.learner
         if lc.packing == "off":
             return None
-        _, need = plan(tb, n, lc.packing, lc.max_tokens_per_micro_batch, shards)
-        num_micro = self._micro_high = max(max(allgather_json(need)), self._micro_high)
+        _, need, need_pairs = plan(tb, n, lc.packing, lc.max_tokens_per_micro_batch, shards)
+        highs = allgather_json([need, need_pairs])
+        num_micro = self._micro_high = max(max(h[0] for h in highs), self._micro_high)
+        num_pairs = self._pairs_high = max(max(h[1] for h in highs), self._pairs_high)
         groups = 0 if tb.vision is None else tb.vision.pixel_values.shape[0]
         packed = pack(self.policy.config, tb, n, lc.packing, lc.max_tokens_per_micro_batch, shards, num_micro,
-                      first_group=jax.process_index() * groups)
+                      first_group=jax.process_index() * groups, num_pairs=num_pairs)
         tokens = sum(allgather_json(int(np.asarray(packed.attention_mask).sum())))
         return packed, tokens / (packed.input_ids.size * jax.process_count())
 

@@ -4,6 +4,7 @@ path, on the masks the models build; the `auto` choice and the refused settings 
 models with each implementation against transformers' logits or the XLA path (the parity tests
 use `auto` = XLA on CPU). What the cuDNN path lowers to: tests/test_accelerator_lowering.py."""
 
+import functools
 from unittest import mock
 
 import jax
@@ -17,6 +18,7 @@ from models.attention import AttentionMask, attend, attend_part, merge_parts, pa
 from models.causal_lm import QwenCausalLM
 from models.config import config_from_dict
 from models.layers import activation_sharding
+from pr1_jax.packing import block_pairs
 from pr1_jax.sharding import RULES, make_mesh
 from reference import hf_logits, tiny_config, vlm_batch
 
@@ -230,3 +232,40 @@ def test_causal_blocks_equal_the_square(monkeypatch):
     square = attend_part(q, k, v, mask.dense()[:, None, None], jnp.float32)[0]
     np.testing.assert_allclose(attend(q, k, v, mask, "xla", jnp.float32), square, atol=2e-6)
     assert not mask.dense()[0, 12, 3] and mask.dense()[1, 9, 3]  # a prompt of its own group only
+
+
+def test_block_pairs_equal_the_square(monkeypatch):
+    """Packed learner rows through the block-sparse path (blocks of 8 slots, the pairs
+    `pr1_jax.packing.block_pairs` gives the rows' layouts, padded) equal one softmax over the
+    square, values and gradients; padding queries (no key in any pair) come out 0, not NaN."""
+    monkeypatch.setattr(attention, "PAIR_BLOCK", 8)
+    q, k, v = _qkv(np.random.default_rng(6), 2, 4, 2, 64, 16)
+    rows = [[((0, 10), [(10, 17), (17, 30)]), ((30, 35), [(35, 44)])], [((0, 20), [(20, 23), (23, 53), (53, 54)])]]
+    group, branch = np.zeros((2, 64), np.int32), np.zeros((2, 64), np.int32)
+    pairs = np.tile(np.array([8, 0], np.int32), (2, 30, 1))
+    for r, chunks in enumerate(rows):
+        for g, ((a, b), responses) in enumerate(chunks, start=1):
+            group[r, a:b] = g
+            for j, (c, e) in enumerate(responses, start=1):
+                group[r, c:e], branch[r, c:e] = g, j
+        found = block_pairs(chunks, 8)
+        pairs[r, :len(found)] = found
+    valid = jnp.asarray(group > 0)
+    seg = jnp.asarray(np.where(group > 0, group * 100 + branch + 1, 0))
+    mask = AttentionMask(q_segment=seg, kv_segment=seg, kv_shared=valid & jnp.asarray(branch == 0),
+                         q_group=jnp.asarray(group), kv_group=jnp.asarray(group), causal=True)
+    sparse = mask.replace(pairs=jnp.asarray(pairs))
+    assert (pairs[..., 0] < 8).sum(-1).max() < 36  # fewer than the causal square's blocks
+
+    def loss(fn, *x):
+        return (fn(*x) * valid[:, None, :, None] * jnp.arange(16)).sum()
+
+    square = lambda q, k, v: attend_part(q, k, v, mask.dense()[:, None, None], jnp.float32)[0]  # noqa: E731
+    blocks = lambda q, k, v: attend(q, k, v, sparse, "xla", jnp.float32)  # noqa: E731
+    out = blocks(q, k, v)
+    np.testing.assert_allclose(np.asarray(out)[np.asarray(valid)[:, None].repeat(4, 1)],
+                               np.asarray(square(q, k, v))[np.asarray(valid)[:, None].repeat(4, 1)], atol=2e-6)
+    assert np.all(np.asarray(out)[1, :, 56:] == 0)  # a padding block: no pair
+    for got, want in zip(jax.grad(functools.partial(loss, blocks), (0, 1, 2))(q, k, v),
+                         jax.grad(functools.partial(loss, square), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import load_pretrained
+from models import attention, load_pretrained
 from pr1_jax.grpo import GRPOLossConfig, group_advantages
 from pr1_jax.learner import Learner, LearnerConfig, batch_logprobs, loss_and_grads, make_module
 from pr1_jax.packing import micro_bucket, pack, plan, unpack
@@ -60,13 +60,18 @@ def _rel(a, b) -> float:
 
 
 @pytest.mark.parametrize("arch,mode", [("qwen2_vl", "groups"), ("qwen2_5_vl", "groups"), ("qwen2_vl", "sequences")])
-def test_packed_equals_padded(hf_checkpoint, arch, mode):
+def test_packed_equals_padded(hf_checkpoint, arch, mode, monkeypatch):
+    """Also the block-sparse attention: with blocks of 8 slots the rows' pairs are a fraction of
+    their causal squares, and a pair left out would change the log-probs."""
+    monkeypatch.setattr(attention, "PAIR_BLOCK", 8)
     model, batch = rollout(str(hf_checkpoint(arch)[1]), arch)
     lengths = np.asarray(batch.response_mask).sum(-1)
     assert lengths.min() <= 2 and lengths.max() >= 10, lengths  # very different lengths
     packed = pack(model.config, batch, N, mode, ROW)
-    rows, _ = plan(batch, N, mode, ROW)
+    rows, _, num_pairs = plan(batch, N, mode, ROW)
     assert len(rows) > 1 and packed.num_rows == len(rows)
+    live = (np.asarray(packed.pairs)[..., 0] < ROW // 8).sum(-1)
+    assert packed.pairs.shape[1] == num_pairs and live.max() <= num_pairs and live.max() < 8 * 9 / 2
     mask = np.asarray(batch.response_mask).astype(bool)
     prompt_tokens = np.asarray(batch.attention_mask)[:, :-mask.shape[1]].sum()
     computed = np.asarray(packed.attention_mask).sum()
@@ -93,8 +98,10 @@ def test_packed_equals_padded(hf_checkpoint, arch, mode):
 
 @pytest.mark.devices(8)
 @pytest.mark.parametrize("shape", [(2, 2, 2), (1, 4, 2)])
-def test_packed_step_on_the_mesh(hf_checkpoint, shape):
-    """A packed step on 8 devices: the unsharded padded step's loss, gradient norm and params."""
+def test_packed_step_on_the_mesh(hf_checkpoint, shape, monkeypatch):
+    """A packed step on 8 devices (block-sparse attention in blocks of 8 slots): the unsharded
+    padded step's loss, gradient norm and params."""
+    monkeypatch.setattr(attention, "PAIR_BLOCK", 8)
     model, batch = rollout(str(hf_checkpoint("qwen2_vl")[1]), "qwen2_vl")
     cfg = dataclasses.replace(CFG, lr=1e-3, eps=1e-6, warmup_ratio=0.0, packing="groups",
                               max_tokens_per_micro_batch=ROW)
@@ -121,11 +128,13 @@ def test_micro_batch_counts_are_bounded():
 
 
 def test_same_micro_count_same_shapes(hf_checkpoint):
-    """Two steps with different responses packed to the same micro-batch count have the same
-    shapes (the update compiles once)."""
+    """Two steps with different responses packed to the same micro-batch and pair counts have the
+    same shapes (the update compiles once); a pair count below a row's need is refused."""
     model, batch = rollout(str(hf_checkpoint("qwen2_vl")[1]), "qwen2_vl")
     shorter = batch.replace(response_mask=np.asarray(batch.response_mask) * (np.arange(batch.response_length) < 3))
-    a = pack(model.config, batch, N, "groups", ROW, num_micro=8)
-    b = pack(model.config, shorter, N, "groups", ROW, num_micro=8)
+    a = pack(model.config, batch, N, "groups", ROW, num_micro=8, num_pairs=4)
+    b = pack(model.config, shorter, N, "groups", ROW, num_micro=8, num_pairs=4)
     shapes = lambda x: [y.shape for y in jax.tree.leaves(x)]  # noqa: E731
     assert shapes(a) == shapes(b) and jax.tree.structure(a) == jax.tree.structure(b)
+    with pytest.raises(ValueError, match="block pairs"):
+        pack(model.config, batch, N, "groups", ROW, num_pairs=0)
