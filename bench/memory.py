@@ -241,6 +241,43 @@ def train_step_stats(mesh, policy_cfg, seqs: int, a) -> dict:
     return _compile(learner.jitted_step(batch), state, batch, *base)
 
 
+def train_step_packed_stats(mesh, policy_cfg, rows: int, a) -> dict:
+    """The update on packed rows (`learner.packing: groups`, the paper configs' layout): `rows`
+    rows (micro-batches of one row per data shard), each one prompt of `--prompt` tokens and as
+    many responses of `--response` as `--row-tokens` hold (default 2), the block-sparse attention's
+    pairs of that layout (`pr1_jax.packing.block_pairs`)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from models.attention import pair_block
+    from pr1_jax.learner import Learner, LearnerConfig, init_state
+    from pr1_jax.packing import PackedBatch, block_pairs, micro_bucket
+    from pr1_jax.sharding import batch_axis_size, batch_sharding
+
+    length = a.row_tokens or a.prompt + 2 * a.response
+    shards = batch_axis_size(mesh)
+    rows = -(-rows // shards) * shards
+    cfg = LearnerConfig(lr=1e-6, weight_decay=1e-3, dtype="bfloat16", param_dtype="float32", remat=True,
+                        lora=_lora(a.lora_rank), packing="groups", max_tokens_per_micro_batch=length)
+    learner = Learner(policy_cfg, cfg, mesh, total_steps=282, attention=a.attention)
+    params = nn.unbox(__import__("models").abstract_params(learner.module))
+    state = _abstract(jax.eval_shape(functools.partial(init_state, tx=learner.tx), params), learner.state_shardings)
+    count = (length - a.prompt) // a.response
+    responses = [(a.prompt + i * a.response, a.prompt + (i + 1) * a.response) for i in range(count)]
+    pairs = micro_bucket(len(block_pairs([((0, a.prompt), responses)], pair_block(length))))
+
+    def arr(shape, dtype, axis=0):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, shape, axis))
+
+    i32, f32 = arr((rows, length), jnp.int32), arr((rows, length), jnp.float32)
+    batch = PackedBatch(input_ids=i32, attention_mask=i32, positions=arr((3, rows, length), jnp.int32, axis=1),
+                        groups=i32, sources=i32, response_mask=i32, old_logprobs=f32, sequence=i32, image_index=i32,
+                        pairs=arr((rows, pairs, 2), jnp.int32), branches=i32, advantages=f32,
+                        vision=_vision_inputs((rows,), a.patches, policy_cfg.vision, mesh, batch_axis=True))
+    return _compile(learner.jitted_step(batch), state, batch)
+
+
 def _lora(rank: int):
     from pr1_jax.lora import LoraConfig
 
@@ -391,7 +428,8 @@ def judge_paper_stats(mesh, judge_cfg, rows: int, a) -> dict:
     return _compile(forward, params, batch)
 
 
-PROGRAMS = {"train_step": train_step_stats, "sampler": sampler_stats, "judge": judge_stats,
+PROGRAMS = {"train_step": train_step_stats, "train_step_packed": train_step_packed_stats, "sampler": sampler_stats,
+            "judge": judge_stats,
             "judge_paper": judge_paper_stats}
 
 
@@ -557,6 +595,8 @@ def main():
                         "(before issue 15)")
     p.add_argument("--mini-batch", type=int, default=0,
                    help="train step: sequences in the mini-batch (micro-batches of the searched size); 0 = one")
+    p.add_argument("--row-tokens", type=int, default=0,
+                   help="train_step_packed: tokens per packed row (0 = prompt + 2 responses)")
     p.add_argument("--annotations", type=int, default=8)
     p.add_argument("--judge-length", type=int, default=2048)
     p.add_argument("--budget", type=int, default=900, help="seconds of compiling per mesh size; later points skipped")

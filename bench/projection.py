@@ -32,8 +32,10 @@ Per step:
           tower once per prompt. "before": every sequence padded to the prompt plus the response
           bucket of the step's longest response (`learner.packing: off`), dense [T, T] attention;
           "now": the paper config's packed rows (`learner.packing: groups`, rows of
-          `max_tokens_per_micro_batch` holding whole groups, `pr1_jax.packing.place`), the XLA
-          path's causal query blocks (`models.attention.CAUSAL_BLOCK`). With `--lengths` the
+          `max_tokens_per_micro_batch` holding whole groups, `pr1_jax.packing.place`), the
+          block-sparse attention's pairs (the most a row of the step needs, bucketed, for every
+          row: `pr1_jax.packing.block_pairs`). The LM head is not rematerialised (forward +
+          backward only). With `--lengths` the
           responses' lengths are drawn (`bench/update_cost.py`), e.g. the long-tailed
           `lognormal:median=600,sigma=0.9`; the response mean of the other phases is then theirs.
 """
@@ -52,9 +54,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import response_lengths, table  # noqa: E402
 from memory import MODELS  # noqa: E402
-from models.attention import CAUSAL_BLOCK  # noqa: E402
+from models.attention import pair_block  # noqa: E402
 from pr1_jax.learner import LearnerConfig  # noqa: E402
-from pr1_jax.packing import micro_bucket, place  # noqa: E402
+from pr1_jax.packing import block_pairs, micro_bucket, place, row_chunks  # noqa: E402
 from pr1_jax.rollout import response_bucket  # noqa: E402
 
 LOGNORMAL = "lognormal:median=600,sigma=0.9,cap=4096"
@@ -190,19 +192,20 @@ def main():
     # -- update (remat: forward twice + backward = 4 forward-equivalents)
     def update_flops(rows: int, length: int, responses: int, pairs: float) -> float:
         """rows of `length` tokens, the LM head at `responses` tokens (all for packed rows), `pairs`
-        query-key pairs per row and layer; the vision tower once per prompt."""
-        return 4 * (rows * (2 * dec * length + 2 * head * responses + 4 * L * pairs * d)
-                    + b * (2 * vis * pp + 4 * vd * pp * pp * vw))
+        query-key pairs per row and layer; the vision tower once per prompt. The head is outside
+        the rematerialised layers: forward + backward."""
+        return 4 * (rows * (2 * dec * length + 4 * L * pairs * d) + b * (2 * vis * pp + 4 * vd * pp * pp * vw)) \
+            + 3 * rows * 2 * head * responses
 
     bucket_len = response_bucket(int(lengths.max()), LearnerConfig.response_buckets, a.response_max)
     seq = tp + bucket_len
     update_old = update_flops(rows_per_step, seq, bucket_len, seq * seq)
     row = learner["max_tokens_per_micro_batch"]
     shards = chips // a.tensor
-    packed_rows = micro_bucket(-(-len(place([tp] * b, lengths, a.n, learner["packing"], row)) // shards)) * shards
-    blocks = row // CAUSAL_BLOCK if row % CAUSAL_BLOCK == 0 and row >= 2 * CAUSAL_BLOCK else 0
-    pairs = CAUSAL_BLOCK ** 2 * blocks * (blocks + 1) / 2 if blocks else row * row
-    update = update_flops(packed_rows, row, row, pairs)
+    placed = place([tp] * b, lengths, a.n, learner["packing"], row)
+    packed_rows = micro_bucket(-(-len(placed) // shards)) * shards
+    most = max(len(block_pairs(row_chunks(chunks, [tp] * b, lengths), pair_block(row))) for chunks in placed)
+    update = update_flops(packed_rows, row, row, micro_bucket(most) * pair_block(row) ** 2)
 
     hours = lambda sec: sec * steps / 3600  # noqa: E731
     rows = [

@@ -14,7 +14,8 @@ says so on stderr from C++. At the paper's shapes such a copy is a whole activat
 Nothing runs and no weights exist: params, optimizer state and batches are ShapeDtypeStructs
 with the trainer's shardings, and each program is jitted as the trainer jits it (the compile
 functions of `bench/memory.py`): `train_step` (the learner's update, micro-batches of
-`--micro` sequences), `sampler` (prefill + decode of `--prompts` x n), `judge` (the yes/no
+`--micro` sequences), `train_step_packed` (the update on packed rows, the paper configs' layout:
+one prompt and two responses a row, the block-sparse attention), `sampler` (prefill + decode of `--prompts` x n), `judge` (the yes/no
 judge's prefill) and `judge_paper` (the paper judge's shared system turn + constrained decode,
 `configs/paper_*.yaml`). Paper configs: the Qwen2.5-VL-7B and Qwen2-VL-7B policies (the two
 paper configs) and the Qwen2.5-32B judge, mesh [1, N/4, 4] as the configs set it; shapes
@@ -46,7 +47,7 @@ from pathlib import Path
 import memory
 
 MARK = "[SPMD] Involuntary full rematerialization"
-PROGRAMS = ("train_step", "sampler", "judge", "judge_paper")
+PROGRAMS = ("train_step", "train_step_packed", "sampler", "judge", "judge_paper")
 
 # The tests' tiny architectures (tests/reference.py): 4 query heads, 2 KV heads, 4 vision heads.
 _TINY_TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -118,7 +119,7 @@ def _options(a) -> types.SimpleNamespace:
     return types.SimpleNamespace(mini_batch=0, n=a.n, learner_vision="per_prompt", attention="auto",
                                  prompt=a.prompt, response=a.response, patches=a.patches, sampler_vision="per_row",
                                  annotations=a.annotations, judge_length=a.judge_length, activation_rules="on",
-                                 lora_rank=0)
+                                 lora_rank=0, row_tokens=0)
 
 
 def _configs(kind: str, layers: int):

@@ -22,7 +22,8 @@ in micro-batches of `--micro` sequences; `groups` / `sequences`, rows of `--row-
 response token; per token 2 x the decoder's matmul params, the LM head at response tokens, and
 causal attention 4 x layers x keys x width (a response token's keys: its prompt and itself so
 far); the vision tower once per prompt (its matmuls and attention: window and full layers);
-forward + backward (2 x forward) + the remat forward. ratio = xla_flops / ideal_flops.
+forward + backward (2 x forward) + the remat forward of the decoder's and the tower's layers (the
+LM head runs outside the rematerialised layers: forward + backward). ratio = xla_flops / ideal_flops.
 
 Models: the 1.5B-class Qwen2.5-VL of `bench/common.py` and the Qwen2.5-VL-7B shapes of
 `bench/memory.py`, fp32 (XLA:CPU's cost analysis counts the same FLOPs whatever the dtype).
@@ -58,12 +59,13 @@ def ideal_flops(config: dict, prompt: int, patches: int, lengths: np.ndarray, n:
     prompts = len(lengths) // n
     tokens = prompts * prompt + lengths.sum()
     attn_keys = prompts * prompt * (prompt + 1) / 2 + (lengths * prompt + lengths * (lengths + 1) / 2).sum()
-    fwd = 2 * dec * tokens + 2 * head * lengths.sum() + 4 * layers * width * attn_keys
+    fwd = 2 * dec * tokens + 4 * layers * width * attn_keys
     window = (v["window_size"] // v["patch_size"]) ** 2
     full = len(v["fullatt_block_indexes"])
     vis_attn = 4 * v["hidden_size"] * patches * (full * patches + (v["depth"] - full) * window)
     fwd += prompts * (2 * vision_params(v) * patches + vis_attn)
-    return fwd * (4 if remat else 3)
+    # remat recomputes the decoder's and the tower's layers, not the LM head.
+    return fwd * (4 if remat else 3) + 3 * 2 * head * lengths.sum()
 
 
 def packed_shapes(prompt: int, lengths: np.ndarray, n: int, mode: str, row_tokens: int) -> tuple[int, float, int]:

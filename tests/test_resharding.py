@@ -38,8 +38,8 @@ def test_the_check_sees_an_involuntary_copy():
 
 @pytest.mark.devices(8)
 @pytest.mark.parametrize("shape,programs", [
-    ((2, 2, 2), ["train_step"]),
-    ((2, 1, 4), ["train_step", "sampler", "judge", "judge_paper"]),
+    ((2, 2, 2), ["train_step", "train_step_packed"]),
+    ((2, 1, 4), ["train_step", "train_step_packed", "sampler", "judge", "judge_paper"]),
 ], ids=["2x2x2-update", "2x1x4-all"])
 def test_no_involuntary_copies(shape, programs):
     records = resharding.check("tiny", shape, programs, TINY, names=["qwen2_5_vl", "judge"])
