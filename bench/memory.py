@@ -287,6 +287,7 @@ def sampler_stats(mesh, policy_cfg, prompts: int, a) -> dict:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
+    from decode_cost import HloCosts
     from models import abstract_params
     from pr1_jax.learner import LearnerConfig, make_module
     from pr1_jax.sampling import SamplingConfig, Sampler
@@ -305,7 +306,8 @@ def sampler_stats(mesh, policy_cfg, prompts: int, a) -> dict:
         logical[axis] = "batch"
         return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep if packed else sharding_for(logical, shape, mesh))
 
-    cfg = SamplingConfig(max_new_tokens=a.response, eos_ids=(151645,), pad_id=151643, temperature=1.0, n=a.n)
+    cfg = SamplingConfig(max_new_tokens=a.response, eos_ids=(151645,), pad_id=151643, temperature=1.0, n=a.n,
+                         gather_weights=a.gather_weights == "on")
     sampler = Sampler(module, cfg, mesh)
     t = a.prompt
     vision = None
@@ -326,9 +328,13 @@ def sampler_stats(mesh, policy_cfg, prompts: int, a) -> dict:
                             for x in xs)  # noqa: E731
     cache = state.decode.cache
     state = state.replace(decode=state.decode.replace(cache=cache.replace(k=grow(cache.k), v=grow(cache.v))))
-    segment = _compile(sampler._segment, decode_params, state, cfg)
+    segment, compiled = _compile(sampler._segment, decode_params, state, cfg, keep=True)
     worst = max(stats, segment, key=lambda r: r["tpu_est"])
-    return dict(worst, compile_s=stats["compile_s"] + segment["compile_s"])
+    # The weight all-gathers: per decode step (in the segment's loop), per segment, per call (prefill).
+    per_step, per_segment = HloCosts(compiled.as_text(), None).all_gathered()
+    per_call = sum(HloCosts(prefill.as_text(), None).all_gathered())
+    return dict(worst, compile_s=stats["compile_s"] + segment["compile_s"], gathered_per_step=per_step,
+                gathered_per_segment=per_segment, gathered_per_call=per_call)
 
 
 def _judge_setup(mesh, judge_cfg, a):
@@ -546,6 +552,9 @@ def main():
     p.add_argument("--sampler-vision", default="per_row", choices=["per_row", "packed"],
                    help="the sampler's image layout: per row, sharded with the prompts (the rollout's), or "
                         "packed over the batch and replicated (before the fix)")
+    p.add_argument("--gather-weights", default="on", choices=["on", "off"],
+                   help="the sampler's decode weights gathered over fsdp once per call (sampling.gather_weights) "
+                        "or left split (all-gathered in the decode program)")
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "pallas"],
                    help="the models' attention; on CPU auto = xla, and pallas compiles splash attention in Pallas' "
                         "interpreter (a stand-in for the TPU kernel's memory: blocks, no [T, S] scores)")

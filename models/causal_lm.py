@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from models.config import ModelConfig
 from models.layers import Dtype, constrain, param_init
@@ -120,18 +121,34 @@ class QwenCausalLM(nn.Module):
         it with `decode_params(params)`, not the stacked params."""
         return self.decoder.decode(self.embed(input_ids), positions, attention_mask, cache)
 
-    def decode_params(self, params) -> dict:
+    def decode_params(self, params, shardings=None) -> dict:
         """The params a decode step reads, made once per sampler call (outside its loop): every
         weight in the compute dtype and the decoder's stacked [L, ...] layers split into a tuple
         of L per-layer trees, so that a step reads each weight once, where it lies (no per-step
         slice or cast of the stacked arrays). Costs one copy of the text weights in the compute
-        dtype while sampling. The vision tower is left out."""
-        cast = lambda a: a.astype(self.dtype)  # noqa: E731
-        out = {k: jax.tree.map(cast, v) for k, v in params.items() if k not in ("decoder", "visual")}
+        dtype while sampling. The vision tower is left out.
+
+        shardings: a tree like `params` of NamedShardings to lay the decode params out with, each
+        weight cast first (so a gather moves compute-dtype bytes), a layer's weights at their
+        stacked array's sharding less its leading `layers` axis (the sampler's weights gathered
+        once per call: `pr1_jax.sharding.gathered_shardings`); None: where XLA propagates them
+        from `params`."""
+        if shardings is None:
+            shardings = jax.tree.map(lambda _: None, params)
+
+        def cast(a, sharding):
+            a = a.astype(self.dtype)
+            return a if sharding is None else jax.lax.with_sharding_constraint(a, sharding)
+
+        def layer(sharding):  # a stacked [L, ...] weight's sharding -> one layer's
+            return sharding and NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+
+        out = {k: jax.tree.map(cast, v, shardings[k]) for k, v in params.items() if k not in ("decoder", "visual")}
         layers = params["decoder"]["layers"]
         out["decoder"] = {
-            "layers": tuple(jax.tree.map(lambda a: cast(a[i]), layers) for i in range(self.cfg.text.num_layers)),
-            "norm": jax.tree.map(cast, params["decoder"]["norm"]),
+            "layers": tuple(jax.tree.map(lambda a, s: cast(a[i], layer(s)), layers, shardings["decoder"]["layers"])
+                            for i in range(self.cfg.text.num_layers)),
+            "norm": jax.tree.map(cast, params["decoder"]["norm"], shardings["decoder"]["norm"]),
         }
         return out
 
