@@ -71,7 +71,7 @@ class SamplingConfig:
     eos_tokens: tuple[str, ...] = ("<|im_end|>",)
     # Hold the decode weights gathered over the `fsdp` mesh axis for the whole call (the module
     # docstring): no weight all-gather per decode step, for one copy of the text weights in the
-    # compute dtype split over `tensor` only, per chip (7B in bf16 at tensor 4: 3.8 GB) instead
+    # compute dtype split over `tensor` only, per chip (the 7B in bf16 at tensor 4: 3.5 GiB) instead
     # of over fsdp x tensor. Off: the weights stay split, for models whose gathered copy does not
     # fit beside the KV cache. Nothing changes without a mesh or with fsdp = 1.
     gather_weights: bool = True
