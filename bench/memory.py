@@ -333,7 +333,8 @@ def sampler_stats(mesh, policy_cfg, prompts: int, a) -> dict:
     # The weight all-gathers: per decode step (in the segment's loop), per segment, per call (prefill).
     per_step, per_segment = HloCosts(compiled.as_text(), None).all_gathered()
     per_call = sum(HloCosts(prefill.as_text(), None).all_gathered())
-    return dict(worst, compile_s=stats["compile_s"] + segment["compile_s"], gathered_per_step=per_step,
+    return dict(worst, compile_s=stats["compile_s"] + segment["compile_s"], prefill_tpu_est=stats["tpu_est"],
+                segment_tpu_est=segment["tpu_est"], gathered_per_step=per_step,
                 gathered_per_segment=per_segment, gathered_per_call=per_call)
 
 

@@ -29,7 +29,7 @@ step reads every weight, so a loop on FSDP-split weights all-gathers all of them
 every step (XLA hoists no collective out of a while loop): on the paper's 7B run that all-gather
 over ICI, not HBM, bounds the decode. With `SamplingConfig.gather_weights` (the default) the
 decode params are gathered once per sampler call, by the prefill, and held split over `tensor`
-only (`pr1_jax.sharding.gathered_shardings`) for every segment of the call.
+only (`pr1_jax.sharding.gather_layouts`) for every segment of the call.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from models.attention import SharedPrefixMask
 from models.qwen2 import KVCache, SharedPrefixCache
 from models.vision import VisionInputs
 from pr1_jax import configlib
-from pr1_jax.sharding import activation_sharding, batch_axis_size, gathered_shardings, sharding_for
+from pr1_jax.sharding import activation_sharding, batch_axis_size, gather_layouts, sharding_for
 
 CHUNK = 128  # response slots added per decode segment; a segment runs this many steps
 
@@ -287,7 +287,7 @@ def _decode_params(module: QwenCausalLM, params, cfg: SamplingConfig, mesh: Mesh
     """The weights the decode loop reads (`QwenCausalLM.decode_params`), gathered over `fsdp`
     with `cfg.gather_weights` (the module docstring)."""
     gather = cfg.gather_weights and mesh is not None
-    return module.decode_params(params, gathered_shardings(module, mesh) if gather else None)
+    return module.decode_params(params, gather_layouts(module, mesh) if gather else None)
 
 
 def _row_keys(key, prompt_ids, b: int, n: int):

@@ -114,11 +114,13 @@ def without_axis(rules=RULES, axis: str = "fsdp", keep: Sequence[str] = ("batch"
     return tuple((name, mesh_axes if name in keep else drop(mesh_axes)) for name, mesh_axes in rules)
 
 
-def gathered_shardings(module, mesh: Mesh, rules=RULES, axis: str = "fsdp") -> Any:
-    """Tree of NamedShardings of `module`'s params gathered over `axis` (kept split over the
-    others, e.g. `tensor`): where the sampler holds its decode weights for a whole call
-    (`QwenCausalLM.decode_params`), so that no decode step all-gathers them again."""
-    return param_shardings(abstract_params(module), mesh, without_axis(rules, axis))
+def gather_layouts(module, mesh: Mesh, rules=RULES, axis: str = "fsdp") -> tuple[Any, Any]:
+    """(where `module`'s params lie under `rules`, where they lie gathered over `axis` and split
+    as before over the other axes, e.g. `tensor`): two trees of NamedShardings, the layouts the
+    sampler moves its decode weights between once per call (`QwenCausalLM.decode_params`), so
+    that no decode step all-gathers them again."""
+    boxed = abstract_params(module)
+    return param_shardings(boxed, mesh, rules), param_shardings(boxed, mesh, without_axis(rules, axis))
 
 
 def placer(shardings: Any):
