@@ -36,7 +36,11 @@ sequences (prompts x n, n = 8) decoded together, judge = rows per device call
 tokens holding one image of `--patches` patches (1024 = a 448 x 448 px figure, 256 visual
 tokens; `--patches 0` for text-only prompts), response `--response` tokens, judge rows of
 `--judge-length` tokens. The sampler's figure is the larger of its prefill and its largest decode
-segment (every row live at the `--response` cap: prompt KV per prompt, response KV per row).
+segment (every row live at the `--response` cap: prompt KV per prompt, response KV per row);
+each is also reported apart (`prefill_tpu_est`, `segment_tpu_est`), with the bytes the programs'
+all-gathers produce per chip (`gathered_per_step` in the decode loop, `gathered_per_segment`
+elsewhere in the segment, `gathered_per_call` in the prefill: `decode_cost.HloCosts.all_gathered`).
+`--gather-weights off` leaves the decode weights split over fsdp (`sampling.gather_weights`).
 
 Attention and activation sharding. `--attention` sets the models' attention (`models.attention`;
 on CPU `auto` is the XLA path with fp32 [T, S] scores per layer; `pallas` compiles splash attention

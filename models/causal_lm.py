@@ -146,7 +146,8 @@ class QwenCausalLM(nn.Module):
         def layer(sharding):  # a stacked [L, ...] weight's sharding -> one layer's
             return sharding and NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
 
-        out = {k: jax.tree.map(cast, v, source[k], dest[k]) for k, v in params.items() if k not in ("decoder", "visual")}
+        out = {k: jax.tree.map(cast, v, source[k], dest[k])
+               for k, v in params.items() if k not in ("decoder", "visual")}
         layers, src, dst = (t["decoder"]["layers"] for t in (params, source, dest))
         out["decoder"] = {
             "layers": tuple(jax.tree.map(lambda a, s, d: cast(a[i], layer(s), layer(d)), layers, src, dst)

@@ -25,11 +25,12 @@ bucket, group bucket) met, a bounded set. `sample` is the whole-cache sampler in
 live sampler is tested against, and the baseline `bench/rollout_cost.py` measures.
 
 Weights: the policy's params are split FSDP-style (`embed` over the `fsdp` mesh axis). A decode
-step reads every weight, so a loop on FSDP-split weights all-gathers all of them over `fsdp` at
-every step (XLA hoists no collective out of a while loop): on the paper's 7B run that all-gather
-over ICI, not HBM, bounds the decode. With `SamplingConfig.gather_weights` (the default) the
-decode params are gathered once per sampler call, by the prefill, and held split over `tensor`
-only (`pr1_jax.sharding.gather_layouts`) for every segment of the call.
+step reads every weight, so a loop on FSDP-split weights all-gathers all of them over `fsdp`, at
+every step or, where XLA hoists the gathers out of the loop (XLA:CPU does), once per segment;
+priced per step, that all-gather over ICI, not HBM, bounds the paper run's decode
+(`bench/projection.py`). With `SamplingConfig.gather_weights` (the default) the prefill gathers
+the decode params once per sampler call and every segment reads them, held split over `tensor`
+only (`pr1_jax.sharding.gather_layouts`).
 """
 
 from __future__ import annotations
