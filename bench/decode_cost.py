@@ -34,6 +34,8 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -89,6 +91,39 @@ class HloCosts:
         name = name or self.entry
         ops = re.findall(r"^\s*(?:ROOT )?%\S+ = .*?\s([a-z][\w-]*)\(", self.comps[name], re.M)
         return sum(op not in _NOT_KERNELS for op in ops) + sum(n * self.kernels(b) for b, n in self._loops(name))
+
+
+    def _called(self, name: str) -> set[str]:
+        """`name` and every computation it calls, transitively (loop bodies included)."""
+        seen, todo = set(), [name]
+        while todo:
+            n = todo.pop()
+            if n not in seen:
+                seen.add(n)
+                todo += [c for c in re.findall(r"%([\w.\-]+)", self.comps[n]) if c in self.comps and c != n]
+        return seen
+
+    def all_gathered(self) -> tuple[int, int]:
+        """Bytes (per device) that the program's all-gathers produce: (in the bodies of the entry's
+        while loops, once per iteration, e.g. per decode step; outside them, once per call).
+        XLA:CPU's are synchronous `all-gather`s; an async pair is counted at its `-done`."""
+        def gathered(names):
+            text = "\n".join(self.comps[n] for n in names)
+            results = re.findall(r"= (\([^=]*?\)|\S+) all-gather(?:-done)?\(", text)
+            return sum(_array_bytes(r) for r in results)
+
+        loops = set().union(*[self._called(b) for b, _ in self._loops(self.entry)])
+        return gathered(loops), gathered(self._called(self.entry) - loops)
+
+
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+             "s64": 8, "u64": 8, "f64": 8}
+
+
+def _array_bytes(hlo_type: str) -> int:
+    """Bytes of an HLO result type: `f32[64,16]{1,0}` or a tuple of such."""
+    return sum(_ITEMSIZE[t] * int(np.prod([int(d) for d in dims.split(",") if d]))
+               for t, dims in re.findall(r"(\w+)\[([\d,]*)\]", hlo_type))
 
 
 def ideal_bytes(decode_params, cache) -> int:

@@ -36,7 +36,11 @@ sequences (prompts x n, n = 8) decoded together, judge = rows per device call
 tokens holding one image of `--patches` patches (1024 = a 448 x 448 px figure, 256 visual
 tokens; `--patches 0` for text-only prompts), response `--response` tokens, judge rows of
 `--judge-length` tokens. The sampler's figure is the larger of its prefill and its largest decode
-segment (every row live at the `--response` cap: prompt KV per prompt, response KV per row).
+segment (every row live at the `--response` cap: prompt KV per prompt, response KV per row);
+each is also reported apart (`prefill_tpu_est`, `segment_tpu_est`), with the bytes the programs'
+all-gathers produce per chip (`gathered_per_step` in the decode loop, `gathered_per_segment`
+elsewhere in the segment, `gathered_per_call` in the prefill: `decode_cost.HloCosts.all_gathered`).
+`--gather-weights off` leaves the decode weights split over fsdp (`sampling.gather_weights`).
 
 Attention and activation sharding. `--attention` sets the models' attention (`models.attention`;
 on CPU `auto` is the XLA path with fp32 [T, S] scores per layer; `pallas` compiles splash attention
@@ -324,6 +328,7 @@ def sampler_stats(mesh, policy_cfg, prompts: int, a) -> dict:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
+    from decode_cost import HloCosts
     from models import abstract_params
     from pr1_jax.learner import LearnerConfig, make_module
     from pr1_jax.sampling import SamplingConfig, Sampler
@@ -342,7 +347,8 @@ def sampler_stats(mesh, policy_cfg, prompts: int, a) -> dict:
         logical[axis] = "batch"
         return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep if packed else sharding_for(logical, shape, mesh))
 
-    cfg = SamplingConfig(max_new_tokens=a.response, eos_ids=(151645,), pad_id=151643, temperature=1.0, n=a.n)
+    cfg = SamplingConfig(max_new_tokens=a.response, eos_ids=(151645,), pad_id=151643, temperature=1.0, n=a.n,
+                         gather_weights=a.gather_weights == "on")
     sampler = Sampler(module, cfg, mesh)
     t = a.prompt
     vision = None
@@ -363,9 +369,14 @@ def sampler_stats(mesh, policy_cfg, prompts: int, a) -> dict:
                             for x in xs)  # noqa: E731
     cache = state.decode.cache
     state = state.replace(decode=state.decode.replace(cache=cache.replace(k=grow(cache.k), v=grow(cache.v))))
-    segment = _compile(sampler._segment, decode_params, state, cfg)
+    segment, compiled = _compile(sampler._segment, decode_params, state, cfg, keep=True)
     worst = max(stats, segment, key=lambda r: r["tpu_est"])
-    return dict(worst, compile_s=stats["compile_s"] + segment["compile_s"])
+    # The weight all-gathers: per decode step (in the segment's loop), per segment, per call (prefill).
+    per_step, per_segment = HloCosts(compiled.as_text(), None).all_gathered()
+    per_call = sum(HloCosts(prefill.as_text(), None).all_gathered())
+    return dict(worst, compile_s=stats["compile_s"] + segment["compile_s"], prefill_tpu_est=stats["tpu_est"],
+                segment_tpu_est=segment["tpu_est"], gathered_per_step=per_step,
+                gathered_per_segment=per_segment, gathered_per_call=per_call)
 
 
 def _judge_setup(mesh, judge_cfg, a):
@@ -584,6 +595,9 @@ def main():
     p.add_argument("--sampler-vision", default="per_row", choices=["per_row", "packed"],
                    help="the sampler's image layout: per row, sharded with the prompts (the rollout's), or "
                         "packed over the batch and replicated (before the fix)")
+    p.add_argument("--gather-weights", default="on", choices=["on", "off"],
+                   help="the sampler's decode weights gathered over fsdp once per call (sampling.gather_weights) "
+                        "or left split (all-gathered in the decode program)")
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "pallas"],
                    help="the models' attention; on CPU auto = xla, and pallas compiles splash attention in Pallas' "
                         "interpreter (a stand-in for the TPU kernel's memory: blocks, no [T, S] scores)")

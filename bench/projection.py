@@ -14,13 +14,19 @@ response at the cap, an upper bound), prompts of `--prompt` tokens with one `--p
 Per step:
   sample  prefill (shared by the n samples) + vision tower, then decode. Decode is a roofline:
           each step costs max(FLOPs / (chips x peak x mfu), HBM bytes / bandwidth, ICI bytes /
-          ICI bandwidth). HBM bytes = a sampler's measured ratio (`bench/rollout_cost.py`, 7B,
-          1,024 rows, the same lengths: `MEASURED_RATIOS`, or `--decode-ratios`) x the bytes
-          the step must read: the params once (fp32: the trainer samples with the learner's fp32
-          state), each live group's prompt KV once and each live row's response KV so far (bf16).
+          ICI bandwidth). HBM bytes per chip = the decode weights (bf16, the compute dtype
+          `QwenCausalLM.decode_params` casts to) split over `tensor` only, as every chip's rows
+          multiply all of them (however they are held: all-gathered for the step or gathered for
+          the call), plus a sampler's measured ratio (`bench/rollout_cost.py`, 7B, 1,024 rows,
+          the same lengths: `MEASURED_RATIOS`, or `--decode-ratios`) x the chip's share of the
+          KV the step must read: each live group's prompt KV once and each live row's response
+          KV so far (bf16). The ratios are measured on the weights and KV together, their excess
+          is the KV's (chunk and bucket padding, fp32 attention scores) and the per-row logits'.
           The whole-cache sampler (before issue 24) computes every row until the longest stops,
           the live sampler the live rows. The FSDP weight all-gather (bf16) is received per chip
-          at every step (also shown: gathered once per sampler call).
+          at every step, or once per sampler call where the config's `sampling.gather_weights`
+          is on (the paper configs; `--gather-weights` overrides): "now" is the config's, and
+          both are shown.
           The sampler's vision tower runs per row ("now"); before, it attended over all
           prompts' patches at once ([P, P], P = prompts x patches), whose memory capped a
           sampler call at `--sampler-max-prompts` prompts, so a step decoded in several calls
@@ -58,6 +64,7 @@ from models.attention import pair_block  # noqa: E402
 from pr1_jax.learner import LearnerConfig  # noqa: E402
 from pr1_jax.packing import block_pairs, micro_bucket, place, row_chunks  # noqa: E402
 from pr1_jax.rollout import response_bucket  # noqa: E402
+from pr1_jax.sampling import SamplingConfig  # noqa: E402
 
 LOGNORMAL = "lognormal:median=600,sigma=0.9,cap=4096"
 # bytes accessed / bytes needed of a rollout's decode, (whole-cache sampler, live sampler):
@@ -117,6 +124,9 @@ def main():
     p.add_argument("--lengths", default=LOGNORMAL, help="response lengths (bench/rollout_cost.py's --lengths)")
     p.add_argument("--decode-ratios", type=float, nargs=2, default=None, metavar=("WHOLE_CACHE", "LIVE"),
                    help="bytes accessed / needed of the two samplers (default: MEASURED_RATIOS for --lengths)")
+    p.add_argument("--gather-weights", default="config", choices=["config", "on", "off"],
+                   help="the sampler's decode weights gathered once per call or all-gathered per step "
+                        "(default: the config's sampling.gather_weights)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--annotations", type=int, default=8)
     p.add_argument("--judge-overhead", type=int, default=120, help="system + template tokens of a judge row")
@@ -151,6 +161,11 @@ def main():
     vis_packed_attn = 4 * vd * (b * pp) ** 2 * vw  # one [P, P] over the whole batch's patches
     vis_per_image_attn = 4 * vd * pp * pp * vw * b
     fsdp = chips // a.tensor
+    # bf16 decode weights a chip receives to hold them split over `tensor` only
+    gather_bytes = 2 * (dec + head) / a.tensor * (fsdp - 1) / fsdp
+    gather = {"on": True, "off": False}.get(a.gather_weights,
+                                          yaml.safe_load(config.read_text())["sampling"].get(
+                                              "gather_weights", SamplingConfig.gather_weights))
 
     def decode(lengths, ratio: float, live: bool, gather_per_step: bool = True) -> tuple[float, float]:
         """(seconds, FLOPs) of one sampler call decoding rows (groups of n) that stop at `lengths`:
@@ -165,15 +180,18 @@ def main():
             n_live, g_live = int(alive.sum()), int(alive.reshape(-1, a.n).any(-1).sum())
             f = (n_live * (2 * (dec + head) + 4 * L * (tp + s) * d) if live
                  else rows * (2 * (dec + head) + 4 * L * (tp + cap) * d))
-            need = 4 * (dec + head) + (g_live * tp + n_live * (s + 1)) * L * 2 * kvd * 2  # bf16 K and V
-            hbm = ratio * need / chips
-            ici = 2 * (dec + head) / a.tensor * (fsdp - 1) / fsdp if gather_per_step else 0.0
+            kv = (g_live * tp + n_live * (s + 1)) * L * 2 * kvd * 2  # bf16 K and V
+            hbm = 2 * (dec + head) / a.tensor + ratio * kv / chips
+            ici = gather_bytes if gather_per_step else 0.0
             t_sum += max(f / flops_s, hbm / V5P["hbm_bw"], ici / V5P["ici_bw"])
             f_sum += f
+        if not gather_per_step:  # the one gather of the call
+            t_sum += gather_bytes / V5P["ici_bw"]
         return t_sum, f_sum
 
-    decode_t, decode_f = decode(lengths, live_ratio, live=True)
+    decode_step_t, decode_f = decode(lengths, live_ratio, live=True)
     decode_once_t = decode(lengths, live_ratio, live=True, gather_per_step=False)[0]
+    decode_t = decode_once_t if gather else decode_step_t
     whole_t, whole_f = decode(lengths, whole_ratio, live=False)
     whole_once_t = decode(lengths, whole_ratio, live=False, gather_per_step=False)[0]
     # Before per-row vision the packed vision attention capped a sampler call at
@@ -215,11 +233,12 @@ def main():
              s_per_step=vis_packed_attn / flops_s),
         dict(phase=f"sample: decode, whole-cache sampler (before issue 24, ratio {whole_ratio})", pflop=whole_f / 1e15,
              s_per_step=whole_t),
-        dict(phase=f"sample: decode, live sampler (now, ratio {live_ratio})", pflop=decode_f / 1e15,
-             s_per_step=decode_t),
+        dict(phase=f"sample: decode, live sampler (ratio {live_ratio}), weights all-gathered per step"
+                   f"{'' if gather else ' (now)'}", pflop=decode_f / 1e15, s_per_step=decode_step_t),
         dict(phase="sample: decode, whole cache, weights gathered once", pflop=whole_f / 1e15,
              s_per_step=whole_once_t),
-        dict(phase="sample: decode, live, weights gathered once", pflop=decode_f / 1e15, s_per_step=decode_once_t),
+        dict(phase=f"sample: decode, live, weights gathered once per call{' (now)' if gather else ''}",
+             pflop=decode_f / 1e15, s_per_step=decode_once_t),
         dict(phase=f"sample: decode, whole cache, {calls} calls of <= {a.sampler_max_prompts} prompts (before)",
              pflop=whole_f / 1e15, s_per_step=decode_chunked_t),
         dict(phase=f"judge: rows of {jrow} -> bucket {jlen_old} (before)", pflop=judge_old / 1e15,
@@ -248,7 +267,9 @@ def main():
           f"buckets): {total_whole:.0f} s = {hours(total_whole):.1f} h, {hours(total_whole) * chips:.0f} chip-hours")
     print(f"total per step now (the live sampler, packed update): {total:.0f} s = {hours(total):.1f} h, "
           f"{hours(total) * chips:.0f} chip-hours; decode {hours(whole_t):.2f} h -> {hours(decode_t):.2f} h (weights "
-          f"gathered once per call: {hours(whole_once_t):.2f} h -> {hours(decode_once_t):.2f} h)")
+          f"{'gathered once per call' if gather else 'all-gathered per step'}: sampling.gather_weights "
+          f"{'on' if gather else 'off'}; all-gathered per step {hours(decode_step_t):.2f} h, gathered once "
+          f"{hours(decode_once_t):.2f} h)")
     print(f"reference: 16 A800 x 16 h = 256 GPU-hours, {ref_flops / 1e18:.0f} EFLOP of bf16 peak; this run's "
           f"{flops_run / 1e18:.0f} EFLOP would be {flops_run / ref_flops:.0%} of it")
 

@@ -119,7 +119,7 @@ def _options(a) -> types.SimpleNamespace:
     return types.SimpleNamespace(mini_batch=0, n=a.n, learner_vision="per_prompt", attention="auto",
                                  prompt=a.prompt, response=a.response, patches=a.patches, sampler_vision="per_row",
                                  annotations=a.annotations, judge_length=a.judge_length, activation_rules="on",
-                                 lora_rank=0, row_tokens=0)
+                                 lora_rank=0, row_tokens=0, gather_weights="on")
 
 
 def _configs(kind: str, layers: int):

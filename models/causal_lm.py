@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from models.config import ModelConfig
 from models.layers import Dtype, constrain, param_init
@@ -122,18 +123,38 @@ class QwenCausalLM(nn.Module):
         it with `decode_params(params)`, not the stacked params."""
         return self.decoder.decode(self.embed(input_ids), positions, attention_mask, cache)
 
-    def decode_params(self, params) -> dict:
+    def decode_params(self, params, layouts=None) -> dict:
         """The params a decode step reads, made once per sampler call (outside its loop): every
         weight in the compute dtype and the decoder's stacked [L, ...] layers split into a tuple
         of L per-layer trees, so that a step reads each weight once, where it lies (no per-step
         slice or cast of the stacked arrays). Costs one copy of the text weights in the compute
-        dtype while sampling. The vision tower is left out."""
-        cast = lambda a: a.astype(self.dtype)  # noqa: E731
-        out = {k: jax.tree.map(cast, v) for k, v in params.items() if k not in ("decoder", "visual")}
-        layers = params["decoder"]["layers"]
+        dtype while sampling. The vision tower is left out.
+
+        layouts: (where the params lie, where the decode params go), two trees like `params` of
+        NamedShardings (a layer's weights take their stacked array's less its leading `layers`
+        axis): each weight is cast where it lies, then moved, so that a gather moves compute-dtype
+        bytes (constrained to the destination only, XLA may gather the params' dtype and cast
+        after). The sampler's weights gathered once per call: `pr1_jax.sharding.gather_layouts`.
+        None: where XLA propagates them from `params`."""
+        nothing = jax.tree.map(lambda _: None, params)
+        source, dest = layouts or (nothing, nothing)
+
+        def cast(a, src, dst):
+            a = a.astype(self.dtype)
+            for sharding in (src, dst):
+                a = a if sharding is None else jax.lax.with_sharding_constraint(a, sharding)
+            return a
+
+        def layer(sharding):  # a stacked [L, ...] weight's sharding -> one layer's
+            return sharding and NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+
+        out = {k: jax.tree.map(cast, v, source[k], dest[k])
+               for k, v in params.items() if k not in ("decoder", "visual")}
+        layers, src, dst = (t["decoder"]["layers"] for t in (params, source, dest))
         out["decoder"] = {
-            "layers": tuple(jax.tree.map(lambda a: cast(a[i]), layers) for i in range(self.cfg.text.num_layers)),
-            "norm": jax.tree.map(cast, params["decoder"]["norm"]),
+            "layers": tuple(jax.tree.map(lambda a, s, d: cast(a[i], layer(s), layer(d)), layers, src, dst)
+                            for i in range(self.cfg.text.num_layers)),
+            "norm": jax.tree.map(cast, *(t["decoder"]["norm"] for t in (params, source, dest))),
         }
         return out
 

@@ -23,6 +23,14 @@ costing reads a segment later. Compiled variants: one segment program per (live 
 bucket, group bucket) met, a bounded set. `sample` is the whole-cache sampler in one program
 (every row's copy of its prompt and all `max_new_tokens` slots read every step): the reference the
 live sampler is tested against, and the baseline `bench/rollout_cost.py` measures.
+
+Weights: the policy's params are split FSDP-style (`embed` over the `fsdp` mesh axis). A decode
+step reads every weight, so a loop on FSDP-split weights all-gathers all of them over `fsdp`, at
+every step or, where XLA hoists the gathers out of the loop (XLA:CPU does), once per segment;
+priced per step, that all-gather over ICI, not HBM, bounds the paper run's decode
+(`bench/projection.py`). With `SamplingConfig.gather_weights` (the default) the prefill gathers
+the decode params once per sampler call and every segment reads them, held split over `tensor`
+only (`pr1_jax.sharding.gather_layouts`).
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from models.attention import SharedPrefixMask
 from models.qwen2 import KVCache, SharedPrefixCache
 from models.vision import VisionInputs
 from pr1_jax import configlib
-from pr1_jax.sharding import activation_sharding, batch_axis_size, sharding_for
+from pr1_jax.sharding import activation_sharding, batch_axis_size, gather_layouts, sharding_for
 
 CHUNK = 128  # response slots added per decode segment; a segment runs this many steps
 
@@ -62,6 +70,12 @@ class SamplingConfig:
     top_k: int = configlib.bounded(0, ge=0)  # 0 = off
     n: int = configlib.bounded(1, ge=1)  # samples per prompt, sharing one prefill
     eos_tokens: tuple[str, ...] = ("<|im_end|>",)
+    # Hold the decode weights gathered over the `fsdp` mesh axis for the whole call (the module
+    # docstring): no weight all-gather per decode step, for one copy of the text weights in the
+    # compute dtype split over `tensor` only, per chip (the 7B in bf16 at tensor 4: 3.5 GiB) instead
+    # of over fsdp x tensor. Off: the weights stay split, for models whose gathered copy does not
+    # fit beside the KV cache. Nothing changes without a mesh or with fsdp = 1.
+    gather_weights: bool = True
 
     @property
     def score_temperature(self) -> float:
@@ -245,7 +259,7 @@ def sample(module: QwenCausalLM, params, input_ids, positions, attention_mask, v
                            tokens=jnp.full((rows, new), cfg.pad_id, jnp.int32),
                            logprobs=jnp.zeros((rows, new), jnp.float32), done=jnp.zeros((rows,), bool), cache=cache,
                            hidden=hidden)
-        decode_params = module.decode_params(params)
+        decode_params = _decode_params(module, params, cfg, mesh)
         final = jax.lax.while_loop(lambda s: (s.step < new) & ~jnp.all(s.done),
                                    lambda s: decode_step(module, decode_params, s, row_keys, next_pos, cfg), init)
         return _output(final.tokens, final.logprobs, final.step, cfg, mesh)
@@ -268,6 +282,13 @@ def _output(tokens, logps, steps, cfg: SamplingConfig, mesh: Mesh | None) -> Sam
 def _check(cfg: SamplingConfig):
     if not cfg.eos_ids or cfg.pad_id is None:
         raise ValueError("SamplingConfig needs eos_ids and pad_id (SamplingConfig.with_tokenizer resolves them)")
+
+
+def _decode_params(module: QwenCausalLM, params, cfg: SamplingConfig, mesh: Mesh | None):
+    """The weights the decode loop reads (`QwenCausalLM.decode_params`), gathered over `fsdp`
+    with `cfg.gather_weights` (the module docstring)."""
+    gather = cfg.gather_weights and mesh is not None
+    return module.decode_params(params, gather_layouts(module, mesh) if gather else None)
 
 
 def _row_keys(key, prompt_ids, b: int, n: int):
@@ -356,7 +377,7 @@ def prefill(module: QwenCausalLM, params, input_ids, positions, attention_mask, 
                           next_pos=jnp.repeat(attention_mask.sum(-1).astype(jnp.int32) + rope_deltas, n),
                           tokens=jnp.full((rows, new), cfg.pad_id, jnp.int32),
                           logprobs=jnp.zeros((rows, new), jnp.float32))
-        return module.decode_params(params), _constrain_live(out, mesh)
+        return _decode_params(module, params, cfg, mesh), _constrain_live(out, mesh)
 
 
 def segment(module: QwenCausalLM, decode_params, state: LiveRollout, cfg: SamplingConfig, mesh: Mesh | None = None):

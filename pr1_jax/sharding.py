@@ -103,6 +103,26 @@ def param_shardings(boxed_abstract: Any, mesh: Mesh, rules=RULES) -> Any:
     return jax.tree.map(one, boxed_abstract, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
+def without_axis(rules=RULES, axis: str = "fsdp", keep: Sequence[str] = ("batch",)):
+    """`rules` with the mesh axis `axis` dropped from every logical axis but `keep`'s: a weight
+    placed with them is whole over `axis` and split as before over the others."""
+    def drop(mesh_axes):
+        axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+        axes = tuple(a for a in axes if a != axis)
+        return axes[0] if len(axes) == 1 else axes or None
+
+    return tuple((name, mesh_axes if name in keep else drop(mesh_axes)) for name, mesh_axes in rules)
+
+
+def gather_layouts(module, mesh: Mesh, rules=RULES, axis: str = "fsdp") -> tuple[Any, Any]:
+    """(where `module`'s params lie under `rules`, where they lie gathered over `axis` and split
+    as before over the other axes, e.g. `tensor`): two trees of NamedShardings, the layouts the
+    sampler moves its decode weights between once per call (`QwenCausalLM.decode_params`), so
+    that no decode step all-gathers them again."""
+    boxed = abstract_params(module)
+    return param_shardings(boxed, mesh, rules), param_shardings(boxed, mesh, without_axis(rules, axis))
+
+
 def placer(shardings: Any):
     """`place(flax_path, host_array)` for `models.load_pretrained`: each leaf straight to its shards."""
     flat = {tuple(k.key for k in kp): s for kp, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
