@@ -28,7 +28,10 @@ Implementations:
   self-attention over a long row (the learner's packed rows) runs in query blocks of
   `CAUSAL_BLOCK`, each over the keys up to its own end: the keys above the diagonal are never
   scored (about half the FLOPs and score memory of the square at 8 blocks), and since their
-  softmax weight is exactly 0 the result is the same.
+  softmax weight is exactly 0 the result is the same. A mask with `pairs` (the learner's packed
+  rows: a token sees its prompt and its own response, a few blocks of a long row) computes only
+  those (query block, key block) pairs (`_block_sparse`), on every backend when the mask has
+  shared keys (splash and cuDNN's lengths cannot express a groups mask).
 - "cudnn": cuDNN's fused flash attention (GPU, bf16 / fp16), the kernel behind
   `jax.nn.dot_product_attention(implementation="cudnn")`: no [T, S] scores in memory; causality
   in the kernel. Padding at the end of each row (`AttentionMask.lengths`, what the decoder makes
