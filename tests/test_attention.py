@@ -176,19 +176,25 @@ def test_padding_last_is_exact():
 def test_models_on_the_cudnn_path_match_xla(hf_checkpoint, arch):
     """Finding 1's programs (a bf16 VLM forward with per-row vision groups, a prefill's cache) with
     `attention="cudnn"` and cuDNN's kernel stood in for, against the XLA path in bf16 (left
-    padding: the decoder's padding-last order and its way back, the cache included)."""
+    padding: the decoder's padding-last order and its way back, the cache included); and rows
+    packed with several sequences (`groups`, `learner.packing: sequences`), which cuDNN takes
+    with a bias, not as padding."""
     _, path = hf_checkpoint(arch)
     ids, mask, _, pv, thw = vlm_batch([[(1, 6, 10)], [(1, 4, 4)]], [(2, 3), (5, 1)], np.random.default_rng(2))
+    groups = jnp.asarray(1 + (np.arange(ids.shape[1]) >= ids.shape[1] // 2))[None].repeat(2, 0)
     out = {}
     for attention in ("xla", "cudnn"):
         with cudnn_stand_in():
             model = load_pretrained(path, dtype=jnp.bfloat16, attention=attention)
             inputs = model.prepare_inputs(ids, mask, pv, thw, per_row=True)
-            h, cache = model.module.apply({"params": model.params}, inputs["input_ids"], inputs["positions"],
-                                          inputs["attention_mask"], inputs["vision"], ids.shape[1] + 2,
+            args = inputs["input_ids"], inputs["positions"], inputs["attention_mask"], inputs["vision"]
+            h, cache = model.module.apply({"params": model.params}, *args, ids.shape[1] + 2,
                                           method=QwenCausalLM.hidden_states)
-        out[attention] = [np.asarray(x, np.float32) for x in (h, cache.k[0], cache.v[1])]
+            packed, _ = model.module.apply({"params": model.params}, *args, groups=groups,
+                                           method=QwenCausalLM.hidden_states)
+        out[attention] = [np.asarray(x, np.float32) for x in (h, cache.k[0], cache.v[1], packed)]
     valid = mask.astype(bool)
+    assert np.abs(out["xla"][3] - out["xla"][0])[valid].max() > 0.1  # the groups change the result
     for a, b in zip(out["xla"], out["cudnn"]):
         a, b = (x[valid] if x.ndim == 3 else x[:, :, :valid.shape[1]].swapaxes(1, 2)[valid] for x in (a, b))
         assert np.abs(a - b).max() <= 0.05 * max(1.0, np.abs(a).max())
