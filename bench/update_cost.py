@@ -162,7 +162,8 @@ def main():
     p.add_argument("--patches", type=int, default=1024)
     p.add_argument("--cap", type=int, default=4096, help="the sampler's max_new_tokens")
     p.add_argument("--micro", type=int, default=8, help="sequences per micro-batch of the padded layout")
-    p.add_argument("--row-tokens", type=int, default=16384, help="max_tokens_per_micro_batch of the packed layouts")
+    p.add_argument("--row-tokens", type=int, default=17408,
+                   help="max_tokens_per_micro_batch of the packed layouts (default: the paper configs')")
     p.add_argument("--no-remat", dest="remat", action="store_false")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
