@@ -15,11 +15,12 @@ bucket: its padding is dropped here). Two modes (`LearnerConfig.packing`):
 Chunks fill rows of `row_tokens` tokens best-fit (`place`; a token of one chunk never sees
 another chunk's: `groups` ids). A token sees its prompt and its own response so far, a few
 contiguous ranges of the row: the attention computes only the blocks of
-`models.attention.pair_block(row_tokens)` slots that hold them (`block_pairs`, the batch's `pairs`;
-P = `micro_bucket` of the most pairs a row needs), not the row's whole causal square. The rows are dealt to the data shards in turn and
-each shard gets `micro_rows(...)` rows, a bounded set of counts (`micro_bucket`), so the update
-compiles for few shapes; micro-batch j of the update takes row j of every shard
-(`pr1_jax.learner.split_micro_batches`), i.e. `row_tokens` tokens per device per micro-batch.
+`models.attention.pair_block(row_tokens)` slots that hold them (`block_pairs`, the batch's
+`pairs`; P = `micro_bucket` of the most pairs a row needs), not the row's whole causal square.
+The rows are dealt to the data shards in turn and each shard gets the same number of rows
+(`plan`: a bounded set of counts, `micro_bucket`), so the update compiles for few shapes;
+micro-batch j of the update takes row j of every shard (`pr1_jax.learner.split_micro_batches`),
+i.e. `row_tokens` tokens per device per micro-batch.
 
 The packed batch (W rows = micro-batches x shards, L = row_tokens; host numpy, every array's
 batch axis first but positions'):
