@@ -78,6 +78,8 @@ class LearnerConfig:
     # groups, each prompt once with its samples' responses as branches; "sequences", the same
     # rows holding prompt + response per sequence. Packed, a micro-batch is one row per data
     # shard (micro_batch_size is not read) and their number follows from the step's tokens.
+    # The attention of a packed row runs in blocks of `models.attention.pair_block` slots (128,
+    # or the largest power of 2 dividing the budget): a multiple of 8 is required, of 128 best.
     packing: PackingMode = "off"
     max_tokens_per_micro_batch: int | None = configlib.bounded(None, ge=1)  # tokens per device per micro-batch (packed)
     # The response lengths the update compiles for: each step pads its responses to the smallest
@@ -109,6 +111,10 @@ class LearnerConfig:
         if self.packing != "off" and not self.max_tokens_per_micro_batch:
             raise ValueError(f"packing {self.packing!r} needs max_tokens_per_micro_batch (tokens per device per "
                              "micro-batch, at least the longest prompt + max_new_tokens)")
+        if self.packing != "off" and self.max_tokens_per_micro_batch % 8:
+            # Blocks of 1 to 4 slots would make the block pairs ~ the square's slot count.
+            raise ValueError(f"max_tokens_per_micro_batch={self.max_tokens_per_micro_batch}: packed rows' attention "
+                             "runs in blocks of up to 128 slots; use a multiple of 8 (of 128 for long rows)")
         # A packed row holds many sequences: the per-row sequence reductions of the other
         # aggregations and of GSPO's ratio would mix them.
         if self.packing != "off" and (self.loss.loss_agg != "token-mean" or self.loss.policy == "gspo"):

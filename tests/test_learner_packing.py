@@ -129,7 +129,8 @@ def test_micro_batch_counts_are_bounded():
 
 def test_same_micro_count_same_shapes(hf_checkpoint):
     """Two steps with different responses packed to the same micro-batch and pair counts have the
-    same shapes (the update compiles once); a pair count below a row's need is refused."""
+    same shapes (the update compiles once); a pair count below a row's need is refused, and so is
+    a token budget the attention's blocks cannot divide."""
     model, batch = rollout(str(hf_checkpoint("qwen2_vl")[1]), "qwen2_vl")
     shorter = batch.replace(response_mask=np.asarray(batch.response_mask) * (np.arange(batch.response_length) < 3))
     a = pack(model.config, batch, N, "groups", ROW, num_micro=8, num_pairs=4)
@@ -138,3 +139,5 @@ def test_same_micro_count_same_shapes(hf_checkpoint):
     assert shapes(a) == shapes(b) and jax.tree.structure(a) == jax.tree.structure(b)
     with pytest.raises(ValueError, match="block pairs"):
         pack(model.config, batch, N, "groups", ROW, num_pairs=0)
+    with pytest.raises(ValueError, match="multiple of 8"):  # blocks of a slot or two: a budget's typo
+        LearnerConfig(packing="groups", max_tokens_per_micro_batch=9217)
