@@ -40,7 +40,7 @@ Per step:
           "now": the paper config's packed rows (`learner.packing: groups`, rows of
           `max_tokens_per_micro_batch` holding whole groups, `pr1_jax.packing.place`), the
           block-sparse attention's pairs (the most a row of the step needs, bucketed, for every
-          row: `pr1_jax.packing.block_pairs`). The LM head is not rematerialised (forward +
+          row: `pr1_jax.packing.layout`). The LM head is not rematerialised (forward +
           backward only). With `--lengths` the
           responses' lengths are drawn (`bench/update_cost.py`), e.g. the long-tailed
           `lognormal:median=600,sigma=0.9`; the response mean of the other phases is then theirs.
@@ -62,7 +62,7 @@ from common import response_lengths, table  # noqa: E402
 from memory import MODELS  # noqa: E402
 from models.attention import pair_block  # noqa: E402
 from pr1_jax.learner import LearnerConfig  # noqa: E402
-from pr1_jax.packing import block_pairs, micro_bucket, place, row_chunks  # noqa: E402
+from pr1_jax.packing import layout, micro_bucket  # noqa: E402
 from pr1_jax.rollout import response_bucket  # noqa: E402
 from pr1_jax.sampling import SamplingConfig  # noqa: E402
 
@@ -220,10 +220,9 @@ def main():
     update_old = update_flops(rows_per_step, seq, bucket_len, seq * seq)
     row = learner["max_tokens_per_micro_batch"]
     shards = chips // a.tensor
-    placed = place([tp] * b, lengths, a.n, learner["packing"], row)
+    placed, pairs = layout([tp] * b, lengths, a.n, learner["packing"], row)
     packed_rows = micro_bucket(-(-len(placed) // shards)) * shards
-    most = max(len(block_pairs(row_chunks(chunks, [tp] * b, lengths), pair_block(row))) for chunks in placed)
-    update = update_flops(packed_rows, row, row, micro_bucket(most) * pair_block(row) ** 2)
+    update = update_flops(packed_rows, row, row, micro_bucket(max(map(len, pairs))) * pair_block(row) ** 2)
 
     hours = lambda sec: sec * steps / 3600  # noqa: E731
     rows = [

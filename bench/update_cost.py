@@ -6,7 +6,7 @@ FLOPs its real tokens need: does the update pay for the work or for the padding?
 
 One JSON line per case: {"config", "sequences", "packing", "xla_flops", "ideal_flops", "ratio",
 "peak_memory"} and, for the packed layouts, "rows", "fill" (real tokens / row slots) and "pairs"
-(the attention's block pairs per row, `pr1_jax.packing.block_pairs`).
+(the attention's block pairs per row, `pr1_jax.packing.layout`).
 
 The update is `Learner.jitted_step` (forward, backward, remat forward, optimizer) lowered and
 compiled on one CPU device on abstract inputs (nothing allocated) for `--prompts` prompts x
@@ -71,15 +71,12 @@ def ideal_flops(config: dict, prompt: int, patches: int, lengths: np.ndarray, n:
 def packed_shapes(prompt: int, lengths: np.ndarray, n: int, mode: str, row_tokens: int) -> tuple[int, float, int]:
     """(rows, fill, attention block pairs per row) of the packed layout (`pr1_jax.packing`) on one
     data shard."""
-    from models.attention import pair_block
-    from pr1_jax.packing import block_pairs, micro_bucket, place, row_chunks
+    from pr1_jax.packing import layout, micro_bucket
 
-    prompts = [prompt] * (len(lengths) // n)
-    placed = place(prompts, lengths, n, mode, row_tokens)
+    placed, pairs = layout([prompt] * (len(lengths) // n), lengths, n, mode, row_tokens)
     tokens = sum(prompt + lengths[seqs].sum() for row in placed for _, seqs in row)
     rows = micro_bucket(len(placed))
-    pairs = max(len(block_pairs(row_chunks(row, prompts, lengths), pair_block(row_tokens))) for row in placed)
-    return rows, float(tokens) / (rows * row_tokens), micro_bucket(pairs)
+    return rows, float(tokens) / (rows * row_tokens), micro_bucket(max(map(len, pairs)))
 
 
 def abstract_batch(cfg, packing: str, prompts: int, n: int, prompt: int, patches: int, length: int, rows: int,

@@ -56,7 +56,7 @@ vision             VisionInputs | None              the per-sequence batch's G v
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import flax.struct
 import numpy as np
@@ -181,35 +181,51 @@ def _lengths(batch):
     return t, prompt_mask, np.asarray(batch.response_mask).astype(bool).sum(-1)
 
 
-def plan(batch, n: int, mode: PackingMode, row_tokens: int, shards: int = 1):
-    """(rows of `place`, micro-batches needed: `micro_bucket` of the rows per shard, block pairs
-    needed: `micro_bucket` of the most a row needs) of a per-sequence batch; with several processes
-    take the largest counts of them all."""
-    _, prompt_mask, resp_len = _lengths(batch)
-    prompt_len = prompt_mask[::n].sum(-1)
-    rows = place(prompt_len, resp_len, n, mode, row_tokens)
+class Plan(NamedTuple):
+    """A batch's packing (`plan`): the rows of `place`, each row's `block_pairs`, and the counts the
+    update compiles for: micro-batches (`micro_bucket` of the rows per shard) and block pairs per
+    row (`micro_bucket` of the most a row needs). With several processes, `pack` takes the largest
+    counts of them all."""
+
+    rows: list[list[tuple[int, list[int]]]]
+    pairs: list[np.ndarray]
+    num_micro: int
+    num_pairs: int
+
+
+def layout(prompt_lengths, response_lengths, n: int, mode: PackingMode, row_tokens: int
+           ) -> tuple[list[list[tuple[int, list[int]]]], list[np.ndarray]]:
+    """(the rows of `place`, each row's `block_pairs` in blocks of `pair_block(row_tokens)`)."""
+    rows = place(prompt_lengths, response_lengths, n, mode, row_tokens)
     block = pair_block(row_tokens)
-    most = max((len(block_pairs(row_chunks(row, prompt_len, resp_len), block)) for row in rows), default=1)
-    return rows, micro_bucket(-(-len(rows) // shards)), micro_bucket(most)
+    return rows, [block_pairs(row_chunks(row, prompt_lengths, response_lengths), block) for row in rows]
+
+
+def plan(batch, n: int, mode: PackingMode, row_tokens: int, shards: int = 1) -> Plan:
+    """The `Plan` of a per-sequence batch for `shards` data shards."""
+    _, prompt_mask, resp_len = _lengths(batch)
+    rows, pairs = layout(prompt_mask[::n].sum(-1), resp_len, n, mode, row_tokens)
+    return Plan(rows, pairs, micro_bucket(-(-len(rows) // shards)), micro_bucket(max(map(len, pairs), default=1)))
 
 
 def pack(config: ModelConfig, batch, n: int, mode: PackingMode, row_tokens: int, shards: int = 1,
-         num_micro: int | None = None, first_group: int = 0, num_pairs: int | None = None) -> PackedBatch:
+         num_micro: int | None = None, first_group: int = 0, num_pairs: int | None = None,
+         planned: Plan | None = None) -> PackedBatch:
     """The packed batch (module docstring) of a per-sequence `LearnerBatch` of B prompts x n
     samples, for `shards` data shards of this process's rows. num_micro: rows per shard, num_pairs:
     block pairs per row (default this batch's `plan`; pass the largest over processes so that
     every process packs the same shape). first_group: the global index of this process's first
-    vision group (multi-host: the global batch stacks the processes' groups)."""
+    vision group (multi-host: the global batch stacks the processes' groups). planned: this
+    batch's `plan`, where the caller made it already."""
     if mode not in ("groups", "sequences"):
         raise ValueError(f"packing {mode!r}: pack takes 'groups' or 'sequences'")
-    rows, need, need_pairs = plan(batch, n, mode, row_tokens, shards)
+    rows, row_pairs, need, need_pairs = plan(batch, n, mode, row_tokens, shards) if planned is None else planned
     num_micro = need if num_micro is None else num_micro
     num_pairs = need_pairs if num_pairs is None else num_pairs
     if num_micro < -(-len(rows) // shards):
         raise ValueError(f"num_micro={num_micro} rows per shard cannot hold this batch's {len(rows)} rows")
     t, prompt_mask, resp_len = _lengths(batch)
     prompt_len = prompt_mask[::n].sum(-1)
-    block = pair_block(row_tokens)
     ids, pos = np.asarray(batch.input_ids), np.asarray(batch.positions)
     rmask = np.asarray(batch.response_mask).astype(bool)
     old = np.asarray(batch.old_logprobs)
@@ -226,11 +242,10 @@ def pack(config: ModelConfig, batch, n: int, mode: PackingMode, row_tokens: int,
                image_index=zeros(np.int32), advantages=None if adv is None else zeros(np.float32),
                ref_logprobs=None if ref is None else zeros(np.float32))
     positions = np.zeros(pos.shape[:-2] + (w, length), np.int32)
-    out["pairs"] = np.tile(np.array([length // block, 0], np.int32), (w, num_pairs, 1))
-    for k, row in enumerate(rows):
+    out["pairs"] = np.tile(np.array([length // pair_block(length), 0], np.int32), (w, num_pairs, 1))
+    for k, (row, pairs) in enumerate(zip(rows, row_pairs)):
         r = (k % shards) * num_micro + k // shards  # rows dealt to the shards in turn
         images, chunks = [], row_chunks(row, prompt_len, resp_len)
-        pairs = block_pairs(chunks, block)
         if len(pairs) > num_pairs:
             raise ValueError(f"num_pairs={num_pairs} cannot hold row {k}'s {len(pairs)} block pairs")
         out["pairs"][r, :len(pairs)] = pairs

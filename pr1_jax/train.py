@@ -292,13 +292,13 @@ class Trainer:
         lc = self.cfg.learner
         if lc.packing == "off":
             return None
-        _, need, need_pairs = plan(tb, n, lc.packing, lc.max_tokens_per_micro_batch, shards)
-        highs = allgather_json([need, need_pairs])
+        planned = plan(tb, n, lc.packing, lc.max_tokens_per_micro_batch, shards)
+        highs = allgather_json([planned.num_micro, planned.num_pairs])
         num_micro = self._micro_high = max(max(h[0] for h in highs), self._micro_high)
         num_pairs = self._pairs_high = max(max(h[1] for h in highs), self._pairs_high)
         groups = 0 if tb.vision is None else tb.vision.pixel_values.shape[0]
         packed = pack(self.policy.config, tb, n, lc.packing, lc.max_tokens_per_micro_batch, shards, num_micro,
-                      first_group=jax.process_index() * groups, num_pairs=num_pairs)
+                      first_group=jax.process_index() * groups, num_pairs=num_pairs, planned=planned)
         tokens = sum(allgather_json(int(np.asarray(packed.attention_mask).sum())))
         return packed, tokens / (packed.input_ids.size * jax.process_count())
 

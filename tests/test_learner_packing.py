@@ -68,7 +68,7 @@ def test_packed_equals_padded(hf_checkpoint, arch, mode, monkeypatch):
     lengths = np.asarray(batch.response_mask).sum(-1)
     assert lengths.min() <= 2 and lengths.max() >= 10, lengths  # very different lengths
     packed = pack(model.config, batch, N, mode, ROW)
-    rows, _, num_pairs = plan(batch, N, mode, ROW)
+    rows, _, _, num_pairs = plan(batch, N, mode, ROW)
     assert len(rows) > 1 and packed.num_rows == len(rows)
     live = (np.asarray(packed.pairs)[..., 0] < ROW // 8).sum(-1)
     assert packed.pairs.shape[1] == num_pairs and live.max() <= num_pairs and live.max() < 8 * 9 / 2
